@@ -1,0 +1,207 @@
+"""The selection engine: loss of M mixed models and its gradient w.r.t. the mixing weights.
+
+For mixing weights ``A`` (M, k) over the snapshot matrix ``Θ`` (k, P):
+
+    W = A Θ                         one matrix product (chunked over P for compact storage)
+    G = ∂/∂W (1/M) Σ_j L(f(W_j))    M forward/backward passes, vmapped over j
+    ∂L/∂A = G Θᵀ                    one more matrix product
+
+so the cost is two reads of ``Θ`` plus the model's own compute, and no autograd graph ever
+spans the snapshots.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from .trajectory import Trajectory
+
+__all__ = ["MixedLoss", "cycle_batches", "to_device", "functional_forward", "selection_model"]
+
+_CHUNK_BYTES = 1 << 22  # float32 scratch per chunk when converting compact storage: cache-sized
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """Moves tensors nested in tuples, lists and dicts to ``device``."""
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def functional_forward(model: nn.Module, params: dict[str, Tensor], inputs: Any) -> Any:
+    """Calls ``model`` with ``params`` on a tensor, a tuple of positional inputs, or a dict of
+    keyword inputs."""
+    if isinstance(inputs, dict):
+        return functional_call(model, params, (), inputs)
+    if isinstance(inputs, (tuple, list)):
+        return functional_call(model, params, tuple(inputs))
+    return functional_call(model, params, (inputs,))
+
+
+def cycle_batches(batches: Iterable[Any]) -> Iterator[Any]:
+    """Yields batches forever, re-iterating ``batches`` (cached if it is a one-shot iterator)."""
+    if iter(batches) is batches:
+        batches = list(batches)
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the selection split has no batches: pass a non-empty iterable of (inputs, targets)")
+
+
+def _split_batch(batch: Any) -> tuple[Any, Any]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}")
+    return batch[0], batch[1]
+
+
+def selection_model(model: nn.Module, batch_stats: bool, device: torch.device) -> nn.Module:
+    """A private copy of ``model`` for functional calls: eval mode, no grads, and BatchNorm
+    layers on batch statistics when ``batch_stats`` (running statistics of mixed weights are
+    meaningless)."""
+    model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    if batch_stats:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.track_running_stats = False
+                m.running_mean = None
+                m.running_var = None
+                m.num_batches_tracked = None
+    return model
+
+
+class MixedLoss:
+    """``(A, batch) -> (loss, ∂loss/∂A)`` for mixing weights ``A`` (M, k) over a trajectory.
+
+    Args:
+        trajectory: The snapshots; its rows are read in place (moved once if ``device``
+            differs).
+        model: Defines the architecture; copied.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        batch_stats: BatchNorm on batch statistics.
+        vectorize: ``True``: vmap over M; ``False``: loop; ``None``: vmap when it works.
+        device: Compute device (default: the trajectory's).
+    """
+
+    def __init__(
+        self,
+        trajectory: Trajectory,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        *,
+        batch_stats: bool = True,
+        vectorize: bool | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        trajectory.check_compatible(model)
+        rows, order = trajectory.matrix()
+        self.device = torch.device(device) if device is not None else rows.device
+        self.rows = rows.to(self.device)
+        self.order = order.to(self.device)
+        self.inverse = torch.empty_like(self.order)
+        self.inverse[self.order] = torch.arange(len(order), device=self.device)
+        self.names = trajectory.names
+        self.views = trajectory.views
+        self.model = selection_model(model, batch_stats, self.device)
+        self.loss_fn = loss_fn
+        self.vectorize = vectorize
+        self._checked = False
+        self._mixed: Tensor | None = None
+        self._scratch: Tensor | None = None
+
+    # -- the two matrix passes -------------------------------------------------------
+    def _chunks(self) -> Iterator[slice]:
+        p = self.rows.shape[1]
+        step = p if self.rows.dtype == torch.float32 else max(1024, _CHUNK_BYTES // (4 * self.rows.shape[0]))
+        for start in range(0, p, step):
+            yield slice(start, min(p, start + step))
+
+    def _float_rows(self, cols: slice) -> Tensor:
+        block = self.rows[:, cols]
+        if block.dtype == torch.float32:
+            return block
+        width = cols.stop - cols.start
+        if self._scratch is None or self._scratch.shape[1] < width:
+            self._scratch = torch.empty(self.rows.shape[0], width, device=self.device)
+        scratch = self._scratch[:, :width]
+        scratch.copy_(block)
+        return scratch
+
+    def mix(self, a_rows: Tensor) -> Tensor:
+        """``W = A Θ`` (M, P) in float32, into a buffer reused across steps."""
+        m, p = a_rows.shape[0], self.rows.shape[1]
+        if self._mixed is None or self._mixed.shape[0] != m:
+            self._mixed = torch.empty(m, p, device=self.device)
+        out = self._mixed
+        for cols in self._chunks():
+            if cols.stop - cols.start == p:
+                torch.mm(a_rows, self._float_rows(cols), out=out)
+            else:
+                out[:, cols] = a_rows @ self._float_rows(cols)
+        return out
+
+    def grad_mix(self, g: Tensor) -> Tensor:
+        """``∂L/∂A = G Θᵀ`` (M, k)."""
+        out = torch.zeros(g.shape[0], self.rows.shape[0], device=self.device)
+        for cols in self._chunks():
+            out.addmm_(g[:, cols], self._float_rows(cols).T)
+        return out
+
+    # -- the model -------------------------------------------------------------------
+    def _loss(self, flat: Tensor, inputs: Any, targets: Any) -> Tensor:
+        params = dict(zip(self.names, self.views(flat), strict=True))
+        return self.loss_fn(functional_forward(self.model, params, inputs), targets)
+
+    def _check(self, flat: Tensor, inputs: Any, targets: Any) -> None:
+        loss = self._loss(flat, inputs, targets)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar tensor, got {shape}: reduce it with .mean()")
+        if self.vectorize is None:
+            try:
+                vmap(grad_and_value(self._loss), in_dims=(0, None, None))(flat[None].clone(), inputs, targets)
+                self.vectorize = True
+            except Exception:  # an op without a batching rule: loop over samples instead
+                self.vectorize = False
+        self._checked = True
+
+    def model_grad(self, mixed: Tensor, inputs: Any, targets: Any) -> tuple[Tensor, Tensor]:
+        """Per-sample losses (M,) and gradients ``∂L_j/∂W_j`` (M, P)."""
+        if not self._checked:
+            with torch.no_grad():
+                self._check(mixed[0], inputs, targets)
+        if self.vectorize:
+            grads, losses = vmap(grad_and_value(self._loss), in_dims=(0, None, None))(mixed, inputs, targets)
+            return losses.reshape(-1), grads
+        grads = torch.empty_like(mixed)
+        losses = torch.empty(mixed.shape[0], device=self.device)
+        for j in range(mixed.shape[0]):
+            flat = mixed[j].detach().requires_grad_(True)
+            loss = self._loss(flat, inputs, targets)
+            (grads[j],) = torch.autograd.grad(loss.reshape(()), flat)
+            losses[j] = loss.detach()
+        return losses, grads
+
+    def __call__(self, mix: Tensor, batch: Any) -> tuple[float, Tensor]:
+        """Mean loss over the M mixed models and its gradient w.r.t. ``mix`` (M, k), oldest
+        snapshot first."""
+        inputs, targets = _split_batch(batch)
+        inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        a_rows = mix[:, self.inverse].to(self.device, torch.float32)
+        mixed = self.mix(a_rows)
+        losses, grads = self.model_grad(mixed, inputs, targets)
+        grads.div_(mix.shape[0])  # L = mean over samples
+        g_rows = self.grad_mix(grads)
+        return float(losses.mean()), g_rows[:, self.order].to(mix.device, mix.dtype)

@@ -1,0 +1,273 @@
+"""SeWA: learn which snapshots to average (Wang et al. 2025, arXiv 2502.10119).
+
+Each held snapshot ``θ_i`` gets a selection probability ``s_i = sigmoid(φ_i)``. A relaxed
+binary mask is drawn with the binary Gumbel-softmax
+
+    m_i = exp((log s_i + g_i1)/τ) / (exp((log s_i + g_i1)/τ) + exp((log(1-s_i) + g_i0)/τ))
+        = sigmoid((φ_i + g_i1 - g_i0) / τ),        g ~ Gumbel(0, 1),
+
+and the masked average is ``w(m) = Σ_i m_i θ_i / Σ_i m_i``. ``φ`` descends the Monte-Carlo
+estimate ``(1/M) Σ_j L(w(m_j))`` over ``M`` mask samples per step while ``τ`` anneals from
+``tau_start`` to ``tau_end``. By default ``s`` is projected after every step onto the budget
+``{0 < s_i < 1, Σ_i s_i = K}``; at the end the top-``K`` snapshots by ``s`` are averaged.
+
+The step is fast by construction: with ``a_j = m_j / Σ m_j`` stacked into ``A`` (M, k) and the
+snapshot matrix ``Θ`` (k, P), the mixed parameters are one product ``W = A Θ``. The model's
+forward and backward give ``G = ∂L/∂W`` (M, P), and ``∂L/∂A = G Θᵀ`` is one more product: no
+autograd graph ever spans the snapshots. See :mod:`sewa._engine`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._engine import MixedLoss, cycle_batches
+from .trajectory import Trajectory, TrajectoryError
+from .weights import from_indices
+
+__all__ = ["Selection", "select", "trainable_average", "project_budget", "tau_schedule"]
+
+
+@dataclass
+class Selection:
+    """What :func:`select` learned.
+
+    Attributes:
+        indices: Positions (oldest first, 0-based) of the chosen top-K snapshots, ascending.
+        probabilities: The learned selection probabilities ``s`` (length k).
+        weights: ``1/K`` on the chosen snapshots: pass to :func:`sewa.average`.
+        steps: Training steps of the chosen snapshots.
+        history: Per selection step: ``loss``, ``tau`` and ``entropy`` (of ``s``, in nats).
+        seconds: Wall-clock time of the selection.
+        config: The settings used.
+    """
+
+    indices: list[int]
+    probabilities: Tensor
+    weights: Tensor
+    steps: list[int]
+    history: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {
+            "indices": self.indices,
+            "probabilities": self.probabilities.tolist(),
+            "weights": self.weights.tolist(),
+            "steps": self.steps,
+            "history": self.history,
+            "seconds": self.seconds,
+            "config": self.config,
+        }
+
+
+def tau_schedule(step: int, steps: int, tau_start: float, tau_end: float) -> float:
+    """Exponential annealing ``τ_t = τ_start · (τ_end/τ_start)^(t/(T-1))``."""
+    if steps <= 1 or tau_start == tau_end:
+        return float(tau_end)
+    return float(tau_start * (tau_end / tau_start) ** (step / (steps - 1)))
+
+
+@torch.no_grad()
+def project_budget(logits: Tensor, budget: float, iters: int = 60) -> Tensor:
+    """Shifts ``logits`` in place so that ``Σ sigmoid(logits) = budget``.
+
+    The sum is increasing in the shift ``c``, so ``c`` is found by bisection; one shift keeps
+    the order of ``s`` and every ``0 < s_i < 1``.
+    """
+    k = logits.numel()
+    if not 0 < budget < k:
+        raise ValueError(f"budget must lie in (0, {k}), got {budget}")
+    x = logits.double()
+    lo, hi = -float(x.max()) - 40.0, -float(x.min()) + 40.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if float(torch.sigmoid(x + mid).sum()) < budget:
+            lo = mid
+        else:
+            hi = mid
+    logits.add_(0.5 * (lo + hi))
+    return logits
+
+
+def _entropy(s: Tensor) -> float:
+    s = s.clamp(1e-12, 1 - 1e-12)
+    return float(-(s * s.log() + (1 - s) * (1 - s).log()).sum())
+
+
+def _prepare(trajectory: Trajectory, top_k: int, steps: int, samples: int) -> None:
+    n = len(trajectory)
+    if n == 0:
+        raise TrajectoryError("the trajectory holds no snapshots: record some before selecting")
+    if not isinstance(top_k, int) or not 1 <= top_k <= n:
+        raise ValueError(f"top_k must be an integer in [1, {n}] (the number of snapshots held), got {top_k!r}")
+    if steps < 1 or samples < 1:
+        raise ValueError(f"steps and samples must be >= 1, got steps={steps}, samples={samples}")
+    rows, order = trajectory.matrix()
+    finite = torch.isfinite(rows).all(dim=1)
+    if not bool(finite.all()):
+        bad_row = int((~finite).nonzero()[0])
+        step = trajectory.steps[order.tolist().index(bad_row)]
+        raise TrajectoryError(f"the snapshot at step {step} holds NaN or Inf: drop it before selecting")
+
+
+def select(
+    trajectory: Trajectory,
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    batches: Iterable[Any],
+    *,
+    top_k: int = 10,
+    samples: int = 4,
+    steps: int = 200,
+    tau_start: float = 1.0,
+    tau_end: float = 0.1,
+    lr: float = 0.05,
+    optimizer: str = "adam",
+    budget: bool = True,
+    seed: int = 0,
+    batch_stats: bool = True,
+    vectorize: bool | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    distributed: Any = None,
+) -> Selection:
+    """Learns selection probabilities over the held snapshots and picks the top ``K``.
+
+    Args:
+        trajectory: The recorded snapshots (the window, paper's ``k``).
+        model: A model of the trajectory's architecture; only its structure is used (it is
+            copied, never modified).
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar tensor.
+        batches: ``(inputs, targets)`` pairs of the selection split, cycled one per step. A
+            validation split is the usual choice; a training split also works.
+        top_k: How many snapshots to average at the end (paper's ``K``).
+        samples: Monte-Carlo mask samples per step (paper's ``M``).
+        steps: Gradient steps on ``φ = logit(s)``.
+        tau_start: Gumbel-softmax temperature at the first step.
+        tau_end: Temperature at the last step (annealed exponentially; equal values fix τ).
+        lr: Learning rate for ``φ``.
+        optimizer: ``"adam"`` or ``"sgd"``.
+        budget: Project ``s`` onto ``Σ s_i = K`` after every step (recommended). Without it,
+            ``s`` saturates and the top-K is close to arbitrary.
+        seed: Seeds the mask noise: the same seed gives the same selection.
+        batch_stats: Evaluate BatchNorm layers with batch statistics (their running statistics
+            do not match mixed weights). With ``False`` the newest snapshot's are used.
+        vectorize: Run the ``M`` forward passes with ``torch.func.vmap`` (``None``: try, and
+            fall back to a loop when the model does not support it).
+        device: Where to compute; defaults to the trajectory's device.
+        progress: Show a progress bar.
+        distributed: Internal hook for :mod:`sewa.distributed`: an object with
+            ``engine(...)`` (a :class:`~sewa._engine.MixedLoss` look-alike whose gradient is
+            reduced over ranks) and ``shard_batches(batches)``.
+
+    Returns:
+        The :class:`Selection`.
+    """
+    _prepare(trajectory, top_k, steps, samples)
+    n = len(trajectory)
+    if budget and top_k == n:
+        budget = False  # Σ s = k has no interior point; every snapshot is chosen anyway
+    config = dict(top_k=top_k, samples=samples, steps=steps, tau_start=tau_start, tau_end=tau_end,
+                  lr=lr, optimizer=optimizer, budget=budget, seed=seed, batch_stats=batch_stats)
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(int(seed))
+    logits = torch.full((n,), math.log(top_k / n) - math.log1p(-top_k / n) if top_k < n else 0.0,
+                        dtype=torch.float64, requires_grad=True)
+    opt = _optimizer(optimizer, logits, lr)
+    history: dict[str, list[float]] = {"loss": [], "tau": [], "entropy": []}
+    with trajectory.reading():
+        # A distributed helper (sewa.distributed) supplies an engine whose gradient is already
+        # reduced over ranks, and this rank's share of the batches.
+        make_engine = MixedLoss if distributed is None else distributed.engine
+        engine = make_engine(trajectory, model, loss_fn, batch_stats=batch_stats, vectorize=vectorize, device=device)
+        feed = cycle_batches(batches if distributed is None else distributed.shard_batches(batches))
+        for t in _progress(range(steps), progress, "selecting"):
+            tau = tau_schedule(t, steps, tau_start, tau_end)
+            # g_1 - g_0 of two Gumbel(0,1) draws is Logistic(0,1): log u - log(1-u).
+            u = torch.rand(samples, n, generator=gen, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+            noise = u.log() - (-u).log1p()
+            log_m = nn.functional.logsigmoid((logits + noise) / tau)
+            mix = torch.softmax(log_m, dim=1)  # a_j = m_j / Σ_i m_ij, computed in log space
+            loss, grad_mix = engine(mix.detach(), next(feed))
+            opt.zero_grad()
+            mix.backward(grad_mix.to(mix.dtype))
+            opt.step()
+            if budget:
+                project_budget(logits.data, float(top_k))
+            s = torch.sigmoid(logits.detach())
+            history["loss"].append(loss)
+            history["tau"].append(tau)
+            history["entropy"].append(_entropy(s))
+    probs = torch.sigmoid(logits.detach()).float()
+    # Ties (e.g. steps too few to move s) break towards newer snapshots.
+    key = probs.double() + torch.arange(n, dtype=torch.float64) * 1e-12
+    indices = sorted(torch.topk(key, top_k).indices.tolist())
+    return Selection(
+        indices=indices,
+        probabilities=probs,
+        weights=from_indices(n, indices),
+        steps=[trajectory.steps[i] for i in indices],
+        history=history,
+        seconds=time.perf_counter() - start,
+        config=config,
+    )
+
+
+def trainable_average(
+    trajectory: Trajectory,
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    batches: Iterable[Any],
+    *,
+    steps: int = 200,
+    lr: float = 0.05,
+    batch_stats: bool = True,
+    vectorize: bool | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Dense averaging weights ``softmax(α)`` learned on ``batches`` (in the spirit of TWA).
+
+    A baseline for SeWA: the same engine and selection split, but every snapshot keeps a
+    learned weight instead of a hard top-K choice. Returns the weights, oldest first.
+    """
+    _prepare(trajectory, 1, steps, 1)
+    n = len(trajectory)
+    alpha = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([alpha], lr=lr)
+    with trajectory.reading():
+        engine = MixedLoss(trajectory, model, loss_fn, batch_stats=batch_stats, vectorize=vectorize, device=device)
+        feed = cycle_batches(batches)
+        for _ in _progress(range(steps), progress, "trainable average"):
+            mix = torch.softmax(alpha, dim=0)[None]
+            _, grad_mix = engine(mix.detach(), next(feed))
+            opt.zero_grad()
+            mix.backward(grad_mix.to(mix.dtype))
+            opt.step()
+    return torch.softmax(alpha.detach(), dim=0)
+
+
+def _optimizer(name: str, param: Tensor, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam([param], lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD([param], lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}: use 'adam' or 'sgd'")
+
+
+def _progress(it: Iterable[int], enabled: bool, desc: str) -> Iterable[int]:
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, leave=False)

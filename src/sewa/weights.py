@@ -1,0 +1,113 @@
+"""Weight rules: pure functions that give mixing weights over the ``n`` held snapshots.
+
+Every averaging method in sewa is a rule followed by one weighted average
+(:func:`sewa.average`). Snapshots are indexed oldest first: index ``n - 1`` is the newest.
+Every rule returns a float64 vector of length ``n``, non-negative, summing to 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["last", "uniform", "lawa", "ema", "random_k", "greedy_soup", "from_indices", "check_weights"]
+
+
+def _check_n(n: int) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"need at least one snapshot, got n={n!r}")
+
+
+def _check_top_k(n: int, top_k: int) -> None:
+    _check_n(n)
+    if not isinstance(top_k, int) or not 1 <= top_k <= n:
+        raise ValueError(f"top_k must be an integer in [1, {n}] (the number of snapshots held), got {top_k!r}")
+
+
+def from_indices(n: int, indices: Sequence[int] | Tensor) -> Tensor:
+    """``1/K`` on each of the ``K`` distinct ``indices``, 0 elsewhere."""
+    _check_n(n)
+    idx = torch.as_tensor(indices, dtype=torch.long).flatten().unique()
+    if idx.numel() == 0:
+        raise ValueError("need at least one index")
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise ValueError(f"indices must lie in [0, {n}), got {idx.tolist()}")
+    w = torch.zeros(n, dtype=torch.float64)
+    w[idx] = 1.0 / idx.numel()
+    return w
+
+
+def last(n: int) -> Tensor:
+    """One-hot on the newest snapshot: no averaging."""
+    _check_n(n)
+    return from_indices(n, [n - 1])
+
+
+def uniform(n: int) -> Tensor:
+    """``1/n`` on every snapshot: SWA over the window (Izmailov et al. 2018)."""
+    _check_n(n)
+    return torch.full((n,), 1.0 / n, dtype=torch.float64)
+
+
+def lawa(n: int, top_k: int) -> Tensor:
+    """``1/K`` on the newest ``K`` snapshots: latest weight averaging (Kaddour 2022)."""
+    _check_top_k(n, top_k)
+    return from_indices(n, range(n - top_k, n))
+
+
+def ema(n: int, decay: float = 0.9) -> Tensor:
+    """Exponential moving average, renormalised over the window.
+
+    ``w_i ∝ (1 - decay) · decay^(n - 1 - i)``: the newest snapshot has age 0.
+    """
+    _check_n(n)
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must lie in [0, 1), got {decay!r}")
+    age = torch.arange(n - 1, -1, -1, dtype=torch.float64)
+    w = (1.0 - decay) * decay**age
+    return w / w.sum()
+
+
+def random_k(n: int, top_k: int, seed: int = 0) -> Tensor:
+    """``1/K`` on ``K`` snapshots drawn uniformly without replacement with ``seed``."""
+    _check_top_k(n, top_k)
+    g = torch.Generator().manual_seed(int(seed))
+    return from_indices(n, torch.randperm(n, generator=g)[:top_k])
+
+
+def greedy_soup(n: int, evaluate: Callable[[Tensor], float]) -> Tensor:
+    """Greedy soup (Wortsman et al. 2022) over the snapshots.
+
+    Ingredients are ranked by their own score, best first; each is kept if the uniform
+    average of the soup with it scores no worse than without it.
+
+    Args:
+        n: Number of snapshots.
+        evaluate: Maps a weight vector to a loss on the selection split (lower is better).
+    """
+    _check_n(n)
+    scores = [float(evaluate(from_indices(n, [i]))) for i in range(n)]
+    ranked = sorted(range(n), key=lambda i: (scores[i], -i))
+    soup = [ranked[0]]
+    best = scores[ranked[0]]
+    for i in ranked[1:]:
+        score = float(evaluate(from_indices(n, soup + [i])))
+        if score <= best:
+            soup.append(i)
+            best = score
+    return from_indices(n, soup)
+
+
+def check_weights(weights: Tensor | Sequence[float], n: int) -> Tensor:
+    """Validates a weight vector over ``n`` snapshots and returns it as float64."""
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if w.numel() != n:
+        raise ValueError(f"got {w.numel()} weights for {n} snapshots")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("weights must be finite and non-negative")
+    total = float(w.sum())
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"weights must sum to 1, they sum to {total:.6g}")
+    return w

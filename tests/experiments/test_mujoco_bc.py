@@ -1,0 +1,115 @@
+"""Fast tests of the MuJoCo behaviour-cloning data substrate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mujoco")
+pytest.importorskip("gymnasium")
+
+from sewa.experiments import mujoco_bc as mb  # noqa: E402
+
+
+def test_normalized_score_closed_form() -> None:
+    for env, (lo, hi) in mb.REF_SCORES.items():
+        assert mb.normalized_score(env, lo) == pytest.approx(0.0)
+        assert mb.normalized_score(env, hi) == pytest.approx(100.0)
+        mid = lo + 0.25 * (hi - lo)
+        assert mb.normalized_score(env, mid) == pytest.approx(25.0)
+    assert mb.normalized_score("hopper", 1000.0) == pytest.approx(
+        100 * (1000.0 + 20.272305) / (3234.3 + 20.272305))
+
+
+def test_policy_save_load_roundtrip(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    pol = mb.LinearPolicy(rng.normal(size=(3, 11)), rng.normal(size=11), rng.random(11) + 0.5,
+                          {"env": "hopper", "eval_return": 1.5})
+    pol.save(tmp_path / "p.npz")
+    back = mb.LinearPolicy.load(tmp_path / "p.npz")
+    assert back.meta == pol.meta
+    obs = rng.normal(size=(4, 11))
+    np.testing.assert_allclose(back.act(obs), pol.act(obs))
+    assert np.all(np.abs(pol.act(obs)) <= 1.0)
+
+
+@pytest.mark.parametrize("env", ["hopper", "halfcheetah"])
+def test_committed_expert_beats_random(env: str) -> None:
+    path = mb.policy_path(env, "expert")
+    if not path.exists():
+        pytest.skip(f"{path} not generated")
+    pol = mb.LinearPolicy.load(path)
+    assert pol.meta["env"] == env and pol.meta["kind"] == "expert"
+    ret, _ = mb.evaluate_policy(env, pol.act, episodes=2, seed=1, max_steps=150)
+    rng = np.random.default_rng(0)
+    rand, _ = mb.evaluate_policy(env, lambda o: rng.uniform(-1, 1, (len(o), pol.weights.shape[0])),
+                                 episodes=2, seed=1, max_steps=150)
+    assert ret > rand + 150.0
+
+
+def test_collect_shapes_and_dtypes() -> None:
+    env, _ = mb._make("hopper")
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    pol = mb.LinearPolicy(np.zeros((act_dim, obs_dim)), np.zeros(obs_dim), np.ones(obs_dim))
+    n = 300
+    data = mb.collect("hopper", pol, n, seed=0, action_noise=0.3)
+    assert data["observations"].shape == (n, obs_dim)
+    assert data["next_observations"].shape == (n, obs_dim)
+    assert data["actions"].shape == (n, act_dim)
+    for k in ("rewards", "terminals", "timeouts"):
+        assert data[k].shape == (n,)
+    assert data["observations"].dtype == np.float32 and data["rewards"].dtype == np.float32
+    assert data["terminals"].dtype == bool and data["timeouts"].dtype == bool
+    assert np.all(np.abs(data["actions"]) <= 1.0) and data["actions"].std() > 0.1
+    assert data["terminals"].any()  # the zero policy falls over within 300 steps
+    assert data["timeouts"][-1] or data["terminals"][-1]
+    assert not np.any(data["terminals"] & data["timeouts"])
+    # Within an episode, next_observations[t] == observations[t + 1].
+    cont = ~(data["terminals"] | data["timeouts"])[:-1]
+    np.testing.assert_array_equal(data["next_observations"][:-1][cont],
+                                  data["observations"][1:][cont])
+
+
+def _fake_experts(tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for kind, scale in (("medium", 0.1), ("expert", 0.3)):
+        mb.LinearPolicy(scale * rng.normal(size=(6, 17)), np.zeros(17), np.ones(17),
+                        {"env": "halfcheetah", "kind": kind}).save(
+            mb.policy_path("halfcheetah", kind, tmp_path))
+    return tmp_path
+
+
+def test_medium_expert_is_concatenation_and_cache_reused(tmp_path, monkeypatch) -> None:
+    experts, cache = _fake_experts(tmp_path / "experts"), tmp_path / "cache"
+    kw = dict(seed=3, cache_dir=cache, experts_dir=experts)
+    me = mb.make_dataset("halfcheetah", "medium-expert", 201, **kw)
+    med = mb.make_dataset("halfcheetah", "medium", 100, **kw)
+    exp = mb.make_dataset("halfcheetah", "expert", 101, **kw)
+    for k in mb.KEYS:
+        np.testing.assert_array_equal(me[k], np.concatenate([med[k], exp[k]]))
+    assert len(list(cache.glob("*.npz"))) == 2
+
+    def boom(*a, **k):
+        raise AssertionError("cache not reused")
+
+    monkeypatch.setattr(mb, "collect", boom)
+    again = mb.make_dataset("halfcheetah", "medium-expert", 201, **kw)
+    for k in mb.KEYS:
+        np.testing.assert_array_equal(again[k], me[k])
+    with pytest.raises(AssertionError):
+        mb.make_dataset("halfcheetah", "expert", 50, **kw)
+
+
+def test_torch_act_fn_matches_linear_policy() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    w, mean, std = rng.normal(size=(3, 11)), rng.normal(size=11), rng.random(11) + 0.5
+    lin = torch.nn.Linear(11, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
+    act = mb.torch_act_fn(torch.nn.Sequential(lin, torch.nn.Hardtanh()), mean, std)
+    obs = rng.normal(size=(5, 11))
+    np.testing.assert_allclose(act(obs), mb.LinearPolicy(w, mean, std).act(obs), atol=1e-5)
+    ret, sd = mb.evaluate_policy("hopper", act, episodes=2, seed=0, max_steps=20)
+    assert np.isfinite(ret) and sd >= 0.0
