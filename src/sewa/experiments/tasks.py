@@ -1,0 +1,218 @@
+"""The paper's three task families on the real data available here, as small declarative specs.
+
+Each :class:`Spec` says how to load the data, build the model, train it, and score a model.
+Presets (``quick``/``full``) only change sizes; the code path is the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import data as D
+from . import models
+
+Split = tuple[Any, Tensor]
+
+
+@dataclass
+class TaskData:
+    """Loaded splits plus what the model and the scorer need to know."""
+
+    train: Split
+    val: Split
+    test: Split
+    source: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Spec:
+    """One experiment: data, model, training and scoring settings.
+
+    Attributes:
+        family: ``image``, ``text`` or ``bc``.
+        epochs: Training epochs; the last ``window · every`` optimizer steps are recorded.
+        window: Snapshots kept for the main table (paper's k).
+        record_window: Snapshots recorded (>= window; the window ablation uses the tail).
+        every: Optimizer steps between snapshots.
+        train_subset: Use only this many training items (None: all).
+        label_noise: Fraction of training labels replaced at random (classification only).
+    """
+
+    name: str
+    family: str
+    load: Callable[[dict[str, Any]], TaskData]
+    build: Callable[[TaskData], nn.Module]
+    loss: Callable[[Any, Tensor], Tensor]
+    metric_name: str
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    window: int = 100
+    record_window: int = 100
+    every: int = 1
+    train_subset: int | None = None
+    eval_batch: int = 1000
+    sel_batch: int = 256
+    sel_steps: int = 200
+    sel_samples: int = 4
+    bn_batches: int = 50
+    episodes: int = 10
+    seeds: int = 3
+    ablations: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def with_preset(self, preset: str) -> Spec:
+        """The spec shrunk for ``quick`` (a smoke run in minutes) or kept as is for ``full``."""
+        if preset == "full":
+            return self
+        if preset != "quick":
+            raise ValueError(f"unknown preset {preset!r}: use 'quick' or 'full'")
+        return replace(self, epochs=2, window=20, record_window=24, every=1, train_subset=min(self.train_subset or 2000, 2000),
+                       sel_steps=30, sel_samples=2, bn_batches=5, episodes=2, seeds=1, ablations=self.ablations,
+                       options=self.options | {"quick": True})
+
+
+def accuracy(outputs: Tensor, targets: Tensor) -> float:
+    """Top-1 accuracy (higher is better)."""
+    return float((outputs.argmax(-1) == targets).float().mean())
+
+
+def _noisy(y: Tensor, fraction: float, classes: int, seed: int) -> Tensor:
+    if fraction <= 0:
+        return y
+    g = torch.Generator().manual_seed(seed)
+    flip = torch.rand(len(y), generator=g) < fraction
+    return torch.where(flip, torch.randint(0, classes, y.shape, generator=g), y)
+
+
+def _subset(split: Split, n: int | None, seed: int) -> Split:
+    x, y = split
+    if n is None or n >= len(y):
+        return split
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return (x[idx], y[idx])
+
+
+# --------------------------------------------------------------------------- image
+def _load_fashion(opts: dict[str, Any]) -> TaskData:
+    d = D.fashion_mnist(opts.get("data_path"))
+    train = _subset(d["train"], opts.get("train_subset"), 0)
+    train = (train[0], _noisy(train[1], opts.get("label_noise", 0.0), 10, 1))
+    return TaskData(train, d["val"], d["test"], d["source"], {"classes": 10, "channels": 1})
+
+
+def _load_cifar100(opts: dict[str, Any]) -> TaskData:
+    if not opts.get("data_path"):
+        raise ValueError("cifar100 needs --data PATH: a folder holding cifar-100-python/ (the torchvision format)")
+    d = D.cifar100(opts["data_path"])
+    return TaskData(_subset(d["train"], opts.get("train_subset"), 0), d["val"], d["test"], d["source"], {"classes": 100, "channels": 3})
+
+
+# --------------------------------------------------------------------------- text
+def _load_text(loader: Callable[..., dict[str, Any]]) -> Callable[[dict[str, Any]], TaskData]:
+    def load(opts: dict[str, Any]) -> TaskData:
+        d = loader(opts["data_path"]) if opts.get("data_path") else loader()
+        enc, vocab = D.encode_text_splits(d, max_size=20000, max_len=64)
+        train = _subset(enc["train"], opts.get("train_subset"), 0)
+        train = (train[0], _noisy(train[1], opts.get("label_noise", 0.0), len(d["classes"]), 1))
+        return TaskData(train, enc["val"], enc["test"], d["source"], {"classes": len(d["classes"]), "vocab": len(vocab)})
+
+    return load
+
+
+# --------------------------------------------------------------------------- behaviour cloning
+def _load_bc(env: str) -> Callable[[dict[str, Any]], TaskData]:
+    def load(opts: dict[str, Any]) -> TaskData:
+        from . import mujoco_bc as bc
+
+        kind = opts.get("dataset", "medium-expert")
+        n = int(opts.get("transitions", 100_000))
+        if opts.get("data_path"):
+            raw = bc.load_d4rl_hdf5(opts["data_path"])
+            source = f"D4RL hdf5 file {opts['data_path']}"
+        else:
+            raw = bc.make_dataset(env, kind, n, seed=0)
+            source = (f"D4RL-style {env}-{kind}, {n} transitions generated here in MuJoCo ({bc.ENVS[env]}) "
+                      "from the project's ARS policies (sewa/experiments/experts)")
+        obs = torch.as_tensor(raw["observations"], dtype=torch.float32)
+        act = torch.as_tensor(raw["actions"], dtype=torch.float32).clamp(-1, 1)
+        mean, std = obs.mean(0), obs.std(0) + 1e-3
+        obs = (obs - mean) / std
+        perm = torch.randperm(len(obs), generator=torch.Generator().manual_seed(0))
+        n_val = max(1000, len(obs) // 20)
+        val, train = perm[:n_val], perm[n_val:]
+        tr = _subset((obs[train], act[train]), opts.get("train_subset"), 0)
+        return TaskData(tr, (obs[val], act[val]), (obs[val], act[val]), source,
+                        {"env": env, "obs_mean": mean.numpy(), "obs_std": std.numpy(), "obs_dim": obs.shape[1], "act_dim": act.shape[1]})
+
+    return load
+
+
+def bc_score(model: nn.Module, data: TaskData, episodes: int, seed: int) -> dict[str, float]:
+    """Mean return over ``episodes`` rollouts in MuJoCo, and its D4RL-normalised score."""
+    from . import mujoco_bc as bc
+
+    env = data.info["env"]
+    act = bc.torch_act_fn(model.eval(), data.info["obs_mean"], data.info["obs_std"])
+    mean, std = bc.evaluate_policy(env, act, episodes=episodes, seed=10_000 + seed)
+    return {"return": mean, "return_std": std, "normalized_score": bc.normalized_score(env, mean)}
+
+
+def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
+    return F.mse_loss(outputs, targets)
+
+
+SPECS: dict[str, Spec] = {
+    "fashion_mnist": Spec("fashion_mnist", "image", _load_fashion, lambda d: models.resnet8(10, 1), F.cross_entropy, "accuracy",
+                          epochs=6, lr=0.1, batch_size=128, window=100, record_window=200, every=2, train_subset=20000,
+                          sel_batch=256, options={"label_noise": 0.2}),
+    "cifar100": Spec("cifar100", "image", _load_cifar100, lambda d: models.resnet8(100, 3), F.cross_entropy, "accuracy",
+                     epochs=30, lr=0.1, window=100, record_window=100, every=10),
+    "ag_news": Spec("ag_news", "text", _load_text(D.ag_news), lambda d: models.TextClassifier(d.info["vocab"], d.info["classes"]),
+                    F.cross_entropy, "accuracy", epochs=12, lr=0.5, momentum=0.9, weight_decay=0.0, batch_size=32,
+                    window=100, record_window=200, every=4, seeds=5, ablations=True, options={"label_noise": 0.1}),
+    "bbc_news": Spec("bbc_news", "text", _load_text(D.bbc_news), lambda d: models.TextClassifier(d.info["vocab"], d.info["classes"]),
+                     F.cross_entropy, "accuracy", epochs=30, lr=0.5, weight_decay=0.0, batch_size=32,
+                     window=100, record_window=100, every=2, seeds=5, options={"label_noise": 0.1}),
+}
+for _env in ("hopper", "halfcheetah", "walker2d"):
+    SPECS[_env] = Spec(_env, "bc", _load_bc(_env), lambda d: models.bc_mlp(d.info["obs_dim"], d.info["act_dim"]), _mse,
+                       "normalized_score", epochs=4, lr=1e-3, optimizer="adam", weight_decay=0.0, batch_size=256,
+                       window=100, record_window=100, every=10, seeds=5, sel_batch=1024)
+
+
+def loader(split: Split, batch_size: int, shuffle: bool, seed: int) -> Iterator[Split]:
+    """``(inputs, targets)`` mini-batches of a split."""
+    return D.batches(split[0], split[1], batch_size, shuffle=shuffle, seed=seed)
+
+
+def evaluate(model: nn.Module, split: Split, loss: Callable[[Any, Tensor], Tensor], batch_size: int) -> tuple[float, float]:
+    """Mean loss and accuracy-style metric over a split (weighted by batch size)."""
+    model.eval()
+    total, correct, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for x, y in loader(split, batch_size, False, 0):
+            out = model(x)
+            total += float(loss(out, y)) * len(y)
+            if out.dim() == 2 and y.dtype == torch.long:
+                correct += float((out.argmax(-1) == y).float().sum())
+            count += len(y)
+    return total / count, (correct / count if correct or count else float("nan"))
+
+
+def describe(spec: Spec) -> dict[str, Any]:
+    """The JSON-ready settings of a spec."""
+    skip = {"load", "build", "loss"}
+    return {k: v for k, v in vars(spec).items() if k not in skip} | {"loss": getattr(spec.loss, "__name__", str(spec.loss))}
+
+

@@ -1,0 +1,209 @@
+"""Hugging Face ``transformers`` Trainer callback: record snapshots during ``train()``, average
+them when training ends.
+
+Example:
+    >>> from sewa.integrations.transformers import SeWACallback
+    >>> trainer = Trainer(model, args, train_dataset=train, eval_dataset=val)
+    >>> cb = SeWACallback(window=20, top_k=5, every=10, start=0.5).attach(trainer)
+    >>> trainer.train()
+    >>> cb.selection.steps  # the chosen snapshots; their average is now in ``trainer.model``
+
+Requires the ``transformers`` extra (``pip install "sewa[transformers]"``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import transformers
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..trajectory import Trajectory
+from . import AveragingCallbackBase, Batches, LossFn, MappedBatches
+
+__all__ = ["SeWACallback", "model_loss", "logits_cross_entropy"]
+
+
+def model_loss(outputs: Any, targets: Any) -> Tensor:
+    """The loss the model computed itself from the labels left in its inputs (``outputs.loss``):
+    right for every task head (classification, regression, causal LM with its shift, ...)."""
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    if loss is None:
+        raise ValueError("the model returned no loss: its inputs carry no labels (see label_names), or pass "
+                         "SeWACallback(loss_fn=...) with loss_fn(outputs, labels) -> scalar")
+    return loss  # type: ignore[no-any-return]
+
+
+def logits_cross_entropy(outputs: Any, labels: Tensor) -> Tensor:
+    """Cross-entropy of ``outputs.logits`` (..., C) against ``labels`` (...), ignoring ``-100``:
+    sequence and token classification. (A causal LM needs the shift its own loss applies.)"""
+    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+class SeWACallback(AveragingCallbackBase, transformers.TrainerCallback):
+    """Records the model into a :class:`sewa.Trajectory` during ``Trainer.train()``; at the end
+    of training, chooses snapshots (SeWA by default) on the Trainer's eval dataset, loads their
+    average into the model and recomputes BatchNorm statistics (if it has any).
+
+    A snapshot is taken in ``on_step_end``, called once per optimizer step (after gradient
+    accumulation), when ``state.global_step`` is at least the start step and a multiple of
+    ``every``. Its step in the trajectory is that ``global_step``.
+
+    A ``TrainerCallback`` is not given the Trainer, so use :meth:`attach` (or ``trainer=``) to
+    let it read the eval dataset; or pass ``selection_batches``.
+
+    Batches are Hugging Face dicts. For the selection each becomes an ``(inputs, targets)`` pair:
+    by default the inputs keep their labels and the loss is the model's own (:func:`model_loss`);
+    with a ``loss_fn`` the labels (``label_names``) move to the targets, and the model is called
+    without them. Batches that already are pairs are used as they are.
+
+    Args:
+        window: Snapshots kept (paper's ``k``); older ones are dropped.
+        trainer: The Trainer, to read its eval dataset (same as :meth:`attach`, which also
+            registers the callback).
+        loss_fn: ``loss_fn(outputs, labels) -> scalar`` (e.g. :func:`logits_cross_entropy`);
+            default: the model's own loss.
+        selection_batches: The selection split (dict batches or pairs); default: the Trainer's
+            eval dataloader.
+        bn_batches: Batches for BatchNorm recomputation; default: the training dataloader.
+        eval_dataset_name: Which eval dataset when ``eval_dataset`` is a dict (default: the
+            first).
+        label_names: Label keys of a batch; default: the Trainer's (``["labels"]`` for most
+            models).
+        top_k: Snapshots averaged at the end (paper's ``K``). Lowered to the number recorded,
+            with a warning, if fewer were.
+        every: Record every ``every`` optimizer steps.
+        start: First step to record: a step (int), or a fraction (float in ``[0, 1)``) of
+            ``state.max_steps``.
+        dtype: Storage dtype of the trajectory (``float32``, ``bfloat16``, ``float16``).
+        buffers: Also record floating-point buffers.
+        device: Where the trajectory lives (and, by default, where the selection computes).
+        method: ``"sewa"``, any name in :data:`sewa.METHODS` as a baseline, or ``None`` to only
+            record.
+        seed: Seed of SeWA (and of ``random``).
+        ema_decay: Decay per snapshot of ``method="ema"``.
+        select_options: More keyword arguments for :func:`sewa.select` (``steps``, ``samples``,
+            ``vectorize``, ``device``, ...).
+        load: Load the average into the model (else only :attr:`result` is set).
+        bn: Recompute BatchNorm statistics after loading, when the model has BatchNorm.
+        bn_max_batches: Use at most this many training batches for that (default: all).
+        trajectory: Record into this trajectory instead of a new one per run.
+
+    Attributes:
+        trajectory: The recorded :class:`sewa.Trajectory`.
+        selection: The :class:`sewa.Selection` when ``method="sewa"``, else ``None``.
+        result: The :class:`sewa.MethodResult` of any method.
+    """
+
+    def __init__(
+        self,
+        window: int = 20,
+        *,
+        trainer: transformers.Trainer | None = None,
+        loss_fn: LossFn | None = None,
+        selection_batches: Iterable[Any] | None = None,
+        bn_batches: Iterable[Any] | None = None,
+        eval_dataset_name: str | None = None,
+        label_names: list[str] | None = None,
+        top_k: int = 5,
+        every: int = 1,
+        start: int | float = 0,
+        dtype: torch.dtype | str = torch.float32,
+        buffers: bool = False,
+        device: torch.device | str = "cpu",
+        method: str | None = "sewa",
+        seed: int = 0,
+        ema_decay: float = 0.9,
+        select_options: dict[str, Any] | None = None,
+        load: bool = True,
+        bn: bool = True,
+        bn_max_batches: int | None = None,
+        trajectory: Trajectory | None = None,
+    ) -> None:
+        super().__init__(window, top_k=top_k, every=every, start=start, dtype=dtype, buffers=buffers, device=device,
+                         method=method, seed=seed, ema_decay=ema_decay, select_options=select_options, load=load,
+                         bn=bn, bn_max_batches=bn_max_batches, trajectory=trajectory)
+        self.trainer = trainer
+        self.loss_fn = loss_fn
+        self.selection_batches = selection_batches
+        self.bn_batches = bn_batches
+        self.eval_dataset_name = eval_dataset_name
+        self.label_names = label_names
+
+    def attach(self, trainer: transformers.Trainer) -> SeWACallback:
+        """Registers this callback with ``trainer`` and lets it read the eval dataset; returns it."""
+        self.trainer = trainer
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        return self
+
+    # ----------------------------------------------------------------- hooks
+    def on_train_begin(self, args: transformers.TrainingArguments, state: transformers.TrainerState,
+                       control: transformers.TrainerControl, model: nn.Module | None = None, **kwargs: Any) -> None:
+        if model is None:
+            raise ValueError("the Trainer passed no model to the callback")
+        self._begin(model, lambda: state.max_steps)
+        # Fail now, not after the whole run.
+        if self.needs_evaluation and self.selection_batches is None:
+            if self.trainer is None:
+                raise ValueError(f"method={self.method!r} selects on the eval dataset, but the callback has no Trainer: "
+                                 "use SeWACallback(...).attach(trainer), or pass selection_batches=...")
+            if self.trainer.eval_dataset is None:
+                raise ValueError("the Trainer has no eval_dataset to select on: give it one, or pass selection_batches=...")
+        if self.load and args.load_best_model_at_end:
+            warnings.warn("sewa: load_best_model_at_end=True and the SeWA callback both set the final weights; "
+                          "the callback's average, loaded last, wins", stacklevel=2)
+
+    def on_step_end(self, args: transformers.TrainingArguments, state: transformers.TrainerState,
+                    control: transformers.TrainerControl, model: nn.Module | None = None, **kwargs: Any) -> None:
+        assert model is not None
+        self._record(model, state.global_step)
+
+    def on_train_end(self, args: transformers.TrainingArguments, state: transformers.TrainerState,
+                     control: transformers.TrainerControl, model: nn.Module | None = None,
+                     train_dataloader: Iterable[Any] | None = None, **kwargs: Any) -> None:
+        assert model is not None
+        self._finish(
+            model,
+            loss_fn=lambda: self.loss_fn or model_loss,
+            selection_batches=lambda: self._pairs(self.selection_batches or self._eval_dataloader()),
+            bn_batches=lambda: self._pairs(self.bn_batches or train_dataloader or self._train_dataloader()),
+        )
+
+    # ----------------------------------------------------------------- batches
+    def _eval_dataloader(self) -> Iterable[Any]:
+        assert self.trainer is not None
+        name = self.eval_dataset_name
+        if name is None and isinstance(self.trainer.eval_dataset, Mapping):
+            name = next(iter(self.trainer.eval_dataset))
+        return self.trainer.get_eval_dataloader(name)  # type: ignore[no-any-return]
+
+    def _train_dataloader(self) -> Iterable[Any]:
+        if self.trainer is None:
+            raise ValueError("no training dataloader to recompute BatchNorm statistics: pass bn_batches=...")
+        return self.trainer.get_train_dataloader()  # type: ignore[no-any-return]
+
+    def _labels(self) -> list[str]:
+        if self.label_names is not None:
+            return self.label_names
+        return list(getattr(self.trainer, "label_names", None) or ["labels"])
+
+    def _pairs(self, batches: Iterable[Any]) -> Batches:
+        return MappedBatches(batches, self._pair)
+
+    def _pair(self, batch: Any) -> tuple[Any, Any]:
+        if not isinstance(batch, Mapping):
+            return batch  # type: ignore[no-any-return]
+        inputs = dict(batch)  # a plain dict: the engine passes dicts as keyword arguments
+        if self.loss_fn is None:  # the model's own loss reads the labels from its inputs
+            return inputs, None
+        labels = [inputs.pop(k) for k in self._labels() if k in inputs]
+        if not labels:
+            raise ValueError(f"a batch has none of the label keys {self._labels()} (its keys: {list(batch)}): "
+                             "pass label_names=[...]")
+        return inputs, labels[0] if len(labels) == 1 else tuple(labels)

@@ -1,0 +1,125 @@
+"""Reports: summaries over runs, tables, Markdown, plots that decode, and folder safety."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+from matplotlib.image import imread
+
+from sewa.report import (
+    PLOTS,
+    format_table,
+    load_results,
+    markdown,
+    runs_of,
+    summarise,
+    write_report,
+)
+
+
+def _run(seed: int, metric: float | None, loss: float, k: int = 6) -> dict[str, Any]:
+    """A results run shaped like ``sewa compare``'s output (values chosen by the test)."""
+    uniform = [1.0 / k] * k
+    sewa_w = [0.0] * (k - 2) + [0.5, 0.5]
+    return {
+        "seed": seed, "top_k": 2, "split": "test", "objective": "val", "samples": 4, "steps": 5,
+        "checkpoints": [f"c{i}.pt" for i in range(k)], "checkpoint_steps": [10 * (i + 1) for i in range(k)],
+        "metric_name": "accuracy" if metric is not None else None,
+        "methods": {
+            "uniform": {"weights": uniform, "test_loss": loss + 0.1, "test_metric": None if metric is None else metric - 0.01,
+                        "seconds": 0.0, "num_averaged": k},
+            "sewa": {"weights": sewa_w, "test_loss": loss, "test_metric": metric, "seconds": 1.0 + seed, "num_averaged": 2,
+                     "probabilities": [0.1, 0.2, 0.1, 0.2, 0.7, 0.7][:k], "indices": [k - 2, k - 1],
+                     "history": {"loss": [1.0, 0.9, 0.8, 0.85, 0.7], "tau": [1.0, 0.6, 0.4, 0.2, 0.1], "entropy": [1] * 5}},
+        },
+    }
+
+
+def test_summary_is_mean_and_sample_std_over_runs() -> None:
+    results = {"runs": [_run(0, 0.8, 0.5), _run(1, 0.9, 0.3), _run(2, 0.85, 0.4)], "metric_name": "accuracy"}
+    row = summarise(results)["sewa"]
+    assert math.isclose(row["test_metric_mean"], 0.85) and math.isclose(row["test_metric_std"], statistics.stdev([0.8, 0.9, 0.85]))
+    assert math.isclose(row["test_loss_mean"], 0.4) and math.isclose(row["seconds_mean"], 2.0)
+    assert row["num_averaged_mean"] == 2 and row["runs"] == 3
+    single = summarise(_run(0, 0.8, 0.5))["uniform"]
+    assert single["test_metric_std"] is None and math.isclose(single["test_metric_mean"], 0.79)
+    table = format_table(results)
+    assert "0.8500 ± 0.0500" in table and "test accuracy" in table and "over 3 runs" in table
+
+
+def test_table_without_metric_has_no_metric_column() -> None:
+    table = format_table(_run(0, None, 0.5))
+    assert "metric" not in table.splitlines()[0] and "test loss" in table and "n/a" not in table
+
+
+def test_markdown_states_the_setup() -> None:
+    results = _run(3, 0.8, 0.5) | {"task": "task.py", "environment": {"platform": "Linux-x", "cpu_count": 2, "torch": "2.x",
+                                                                       "git_commit": "abc123"}}
+    text = markdown(results, list(PLOTS))
+    for fact in ("task.py", "Linux-x", "abc123", "| sewa |", "steps [50, 60]", "seeds: 3", "(selection_probabilities.png)"):
+        assert fact in text, fact
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_write_report_plots_decode(tmp_path: Path, multi: bool) -> None:
+    results: dict[str, Any] = {"runs": [_run(0, 0.8, 0.5), _run(1, 0.9, 0.3)]} if multi else _run(0, None, 0.5)
+    written = write_report(results, tmp_path / "r")
+    names = {p.name for p in written}
+    assert names == {"report.md", "results.json", *PLOTS}
+    for name in PLOTS:
+        path = tmp_path / "r" / name
+        assert path.stat().st_size > 1000
+        image = imread(path)
+        assert image.ndim == 3 and min(image.shape[:2]) > 100 and float(image[..., :3].std()) > 0.01
+    assert json.loads((tmp_path / "r" / "results.json").read_text()) == results
+
+
+def test_report_without_sewa_skips_its_plots(tmp_path: Path) -> None:
+    run = _run(0, 0.8, 0.5)
+    del run["methods"]["sewa"]
+    names = {p.name for p in write_report(run, tmp_path / "r")}
+    assert names == {"report.md", "results.json", "test_metric.png"}
+    assert "selection_probabilities.png" not in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_existing_folder_needs_force_and_keeps_other_files(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    write_report(_run(0, 0.8, 0.5), out)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--force"):
+        write_report(_run(0, 0.8, 0.5), out)
+    write_report(_run(1, 0.7, 0.5), out, force=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "results.json").read_text())["seed"] == 1
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError, match="is a file"):
+        write_report(_run(0, 0.8, 0.5), tmp_path / "file", force=True)
+
+
+def test_regenerating_in_place_keeps_the_results_file(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    write_report(_run(0, 0.8, 0.5), out)
+    source = out / "results.json"
+    before = source.read_bytes()
+    written = write_report(load_results(source), out, force=True, results_path=source)
+    assert source not in written and source.read_bytes() == before
+
+
+def test_load_results_rejects_bad_files(tmp_path: Path) -> None:
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "empty_runs.json").write_text(json.dumps({"runs": []}))
+    (tmp_path / "bad_method.json").write_text(json.dumps({"methods": {"sewa": {"weights": [1.0]}}}))
+    with pytest.raises(ValueError, match="not a results object"):
+        load_results(tmp_path / "list.json")
+    with pytest.raises(ValueError, match="empty 'runs'"):
+        load_results(tmp_path / "empty_runs.json")
+    with pytest.raises(ValueError, match="lacks 'weights' or 'test_loss'"):
+        load_results(tmp_path / "bad_method.json")
+    with pytest.raises(FileNotFoundError):
+        load_results(tmp_path / "absent.json")
+    assert len(runs_of({"runs": [_run(0, 0.8, 0.5)] * 2})) == 2

@@ -1,0 +1,414 @@
+"""Tests of sewa.select: the fast engine against the slow reference, learning, determinism, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+
+import pytest
+import reference as ref
+import torch
+from torch import Tensor, nn
+
+import sewa
+from sewa import TrajectoryError
+from sewa._engine import MixedLoss
+
+KINDS = ["mlp", "cnn_bn", "tied"]
+
+
+def fast_logit_grad(engine: MixedLoss, logits: Tensor, noise: Tensor, tau: float, batch: ref.Batch) -> Tensor:
+    """∂loss/∂φ of one step through the fast path: the relaxation exactly as ``select`` writes it,
+    then ``MixedLoss`` for ∂loss/∂mix, then autograd back through the masks only."""
+    phi = logits.clone().requires_grad_(True)
+    mix = torch.softmax(nn.functional.logsigmoid((phi + noise) / tau), dim=1)
+    _, grad_mix = engine(mix.detach(), batch)
+    mix.backward(grad_mix.to(mix.dtype))
+    assert phi.grad is not None
+    return phi.grad
+
+
+def spread_logits(n: int, top_k: int) -> Tensor:
+    """Logits away from the symmetric start, so every snapshot gets a different mask."""
+    return ref.initial_logits(n, top_k) + torch.linspace(-1.0, 1.0, n, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------- reference semantics
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_loss_of_one_snapshot_is_the_model_loss(kind: str) -> None:
+    """The reference mixes like loading a state dict: a one-hot mask gives the loss of a real
+    model loaded with that snapshot (train mode: BatchNorm on batch statistics)."""
+    model, traj, batches = ref.make_problem(kind, n=4)
+    x, y = batches[0]
+    net = ref.reference_model(model)
+    snaps = ref.snapshots(traj)
+    for i in range(len(traj)):
+        loaded = ref.MODELS[kind]().double()
+        loaded.load_state_dict(traj.snapshot(i))
+        loaded.train()
+        expected = ref.cross_entropy(loaded(ref.as_float64(x)), y)
+        a = torch.zeros(1, len(traj), dtype=torch.float64)
+        a[0, i] = 1.0
+        got = ref.mixed_loss(a, snaps, net, ref.cross_entropy, (ref.as_float64(x), y), traj.aliases)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------- fast path == reference
+@pytest.mark.parametrize("kind", KINDS)
+def test_step_gradient_matches_reference_float32(kind: str) -> None:
+    """End to end through ``MixedLoss.__call__`` (which computes in float32) against the
+    float64 reference on the same stored snapshots."""
+    model, traj, batches = ref.make_problem(kind, n=5)
+    samples, tau = 3, 0.7
+    noise = ref.noise_stream(0, samples, len(traj))()
+    logits = spread_logits(len(traj), 2)
+    engine = MixedLoss(traj, model, ref.cross_entropy)
+    x, y = batches[0]
+    fast = fast_logit_grad(engine, logits, noise, tau, (x, y))
+    _, slow = ref.step_grad(logits, noise, tau, ref.snapshots(traj), ref.reference_model(model),
+                            ref.cross_entropy, (ref.as_float64(x), y), traj.aliases)
+    assert float(slow.abs().max()) > 1e-3  # a gradient worth comparing
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_step_gradient_matches_reference_float64(kind: str) -> None:
+    """The engine's own pieces (``mix``, ``model_grad``, ``grad_mix``) run in float64 against
+    the float64 reference, within 1e-5.
+
+    ``MixedLoss.__call__`` casts the masks to float32 and allocates float32 buffers, so float64
+    cannot pass through it. Here the default dtype is float64 while the pieces run (their
+    buffers follow it) and the snapshot rows are widened; ``__call__``'s own few lines of glue
+    are repeated. A ``dtype`` argument on ``MixedLoss`` would make this test direct.
+    """
+    model, traj, batches = ref.make_problem(kind, n=5, model_dtype=torch.float64)
+    samples, tau = 3, 0.7
+    noise = ref.noise_stream(1, samples, len(traj))()
+    logits = spread_logits(len(traj), 2)
+    engine = MixedLoss(traj, model, ref.cross_entropy)
+    x, y = batches[0]
+    phi = logits.clone().requires_grad_(True)
+    mix = torch.softmax(nn.functional.logsigmoid((phi + noise) / tau), dim=1)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        engine.rows = engine.rows.double()
+        mixed = engine.mix(mix.detach()[:, engine.inverse])
+        losses, grads = engine.model_grad(mixed, x, y)
+        grad_mix = engine.grad_mix(grads / samples)[:, engine.order]
+    finally:
+        torch.set_default_dtype(previous)
+    assert mixed.dtype == grads.dtype == grad_mix.dtype == torch.float64
+    mix.backward(grad_mix)
+    loss, slow = ref.step_grad(logits, noise, tau, ref.snapshots(traj), ref.reference_model(model),
+                               ref.cross_entropy, (x, y), traj.aliases)
+    assert float(losses.mean()) == pytest.approx(loss, rel=1e-12)
+    assert float(slow.abs().max()) > 1e-3
+    torch.testing.assert_close(phi.grad, slow, rtol=0, atol=1e-5)
+    torch.testing.assert_close(phi.grad, slow, rtol=1e-9, atol=1e-12)  # in fact far tighter
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+def test_compact_storage_in_chunks_matches_reference(storage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compact storage is widened chunk by chunk; the chunks must add up to the whole."""
+    monkeypatch.setattr("sewa._engine._CHUNK_BYTES", 1)  # 1024 columns per chunk: 3 chunks here
+    model, traj, batches = ref.make_problem("wide_mlp", n=4, storage=storage)
+    assert traj.num_params == 2703
+    samples, tau = 2, 0.5
+    noise = ref.noise_stream(2, samples, len(traj))()
+    logits = spread_logits(len(traj), 2)
+    engine = MixedLoss(traj, model, ref.cross_entropy)
+    assert len(list(engine._chunks())) == 3
+    x, y = batches[0]
+    fast = fast_logit_grad(engine, logits, noise, tau, (x, y))
+    _, slow = ref.step_grad(logits, noise, tau, ref.snapshots(traj), ref.reference_model(model),
+                            ref.cross_entropy, (ref.as_float64(x), y), traj.aliases)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_loop_and_vmap_agree() -> None:
+    model, traj, batches = ref.make_problem("cnn_bn", n=5)
+    noise = ref.noise_stream(0, 3, len(traj))()
+    logits = spread_logits(len(traj), 2)
+    grads = []
+    for vectorize in (True, False):
+        engine = MixedLoss(traj, model, ref.cross_entropy, vectorize=vectorize)
+        grads.append(fast_logit_grad(engine, logits, noise, 0.7, batches[0]))
+        assert engine.vectorize is vectorize
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_select_step_matches_reference(kind: str) -> None:
+    """One plain-SGD step of ``select`` with lr 1 and no budget moves φ by -∂loss/∂φ."""
+    model, traj, batches = ref.make_problem(kind, n=5)
+    n, top_k, samples, tau = len(traj), 2, 3, 0.6
+    sel = sewa.select(traj, model, ref.cross_entropy, batches, top_k=top_k, samples=samples, steps=1,
+                      tau_start=tau, tau_end=tau, lr=1.0, optimizer="sgd", budget=False, seed=5)
+    logits = ref.initial_logits(n, top_k)
+    noise = ref.noise_stream(5, samples, n)()
+    x, y = batches[0]
+    loss, grad = ref.step_grad(logits, noise, tau, ref.snapshots(traj), ref.reference_model(model),
+                               ref.cross_entropy, (ref.as_float64(x), y), traj.aliases)
+    assert sel.history["loss"][0] == pytest.approx(loss, rel=1e-5)
+    assert sel.history["tau"] == [tau]
+    torch.testing.assert_close(sel.probabilities.double(), torch.sigmoid(logits - grad), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_multi_step_select_matches_reference(kind: str) -> None:
+    """Adam, the annealed τ and the budget projection over 12 steps, cycling 3 batches."""
+    model, traj, batches = ref.make_problem(kind, n=6, num_batches=3)
+    options = dict(top_k=2, samples=3, steps=12, seed=4)
+    sel = sewa.select(traj, model, ref.cross_entropy, batches, **options)
+    indices, probs = ref.reference_select(traj, model, ref.cross_entropy, batches, **options)
+    assert float(probs.max() - probs.min()) > 0.05  # the steps moved s
+    torch.testing.assert_close(sel.probabilities.double(), probs, rtol=0, atol=1e-5)
+    assert sel.indices == indices
+
+
+def test_multi_step_select_without_budget_matches_reference() -> None:
+    model, traj, batches = ref.make_problem("mlp", n=6, num_batches=3)
+    options = dict(top_k=2, samples=3, steps=12, seed=4, budget=False, tau_start=0.5, tau_end=0.5)
+    sel = sewa.select(traj, model, ref.cross_entropy, batches, **options)
+    indices, probs = ref.reference_select(traj, model, ref.cross_entropy, batches, **options)
+    torch.testing.assert_close(sel.probabilities.double(), probs, rtol=0, atol=1e-5)
+    assert sel.indices == indices
+
+
+# ----------------------------------------------------------------- the Selection
+def test_selection_fields_and_budget() -> None:
+    model, traj, batches = ref.make_problem("mlp", n=6)
+    sel = sewa.select(traj, model, ref.cross_entropy, batches, top_k=3, samples=2, steps=10,
+                      tau_start=2.0, tau_end=0.5)
+    assert len(sel.indices) == 3 and sel.indices == sorted(set(sel.indices))
+    assert torch.equal(sel.weights, sewa.weights.from_indices(6, sel.indices))
+    assert sel.steps == [traj.steps[i] for i in sel.indices]
+    top = torch.topk(sel.probabilities, 3).indices.tolist()
+    assert sorted(top) == sel.indices
+    assert float(sel.probabilities.double().sum()) == pytest.approx(3.0, abs=1e-5)  # the budget
+    assert bool(((sel.probabilities > 0) & (sel.probabilities < 1)).all())
+    assert {k: len(v) for k, v in sel.history.items()} == {"loss": 10, "tau": 10, "entropy": 10}
+    assert sel.history["tau"][0] == 2.0 and sel.history["tau"][-1] == pytest.approx(0.5)
+    assert all(a > b for a, b in zip(sel.history["tau"], sel.history["tau"][1:]))
+    assert sel.config["top_k"] == 3 and sel.config["budget"] is True and sel.seconds > 0
+    json.dumps(sel.to_dict())
+
+
+def test_tau_schedule_closed_form() -> None:
+    assert sewa.tau_schedule(0, 5, 1.0, 0.0625) == 1.0
+    assert sewa.tau_schedule(2, 5, 1.0, 0.0625) == pytest.approx(0.25)  # (1/16)^(2/4)
+    assert sewa.tau_schedule(4, 5, 1.0, 0.0625) == pytest.approx(0.0625)
+    assert sewa.tau_schedule(3, 5, 0.3, 0.3) == 0.3
+    assert sewa.tau_schedule(0, 1, 1.0, 0.1) == 0.1
+
+
+def test_project_budget() -> None:
+    logits = torch.tensor([-3.0, 0.0, 2.0, 5.0], dtype=torch.float64)
+    before = logits.clone()
+    sewa.project_budget(logits, 1.5)
+    assert float(torch.sigmoid(logits).sum()) == pytest.approx(1.5, abs=1e-9)
+    shift = logits - before
+    torch.testing.assert_close(shift, shift[0].expand(4))  # one common shift keeps the order
+    with pytest.raises(ValueError, match=r"budget must lie in \(0, 4\), got 4"):
+        sewa.project_budget(logits, 4)
+
+
+def test_budget_off_when_every_snapshot_is_chosen() -> None:
+    model, traj, batches = ref.make_problem("mlp", n=3)
+    sel = sewa.select(traj, model, ref.cross_entropy, batches, top_k=3, samples=2, steps=2)
+    assert sel.indices == [0, 1, 2] and sel.config["budget"] is False
+
+
+def test_exact_ties_break_towards_the_newest() -> None:
+    model, traj, batches = ref.make_problem("mlp", n=5)
+    sel = sewa.select(traj, model, ref.cross_entropy, batches, top_k=2, samples=2, steps=3, lr=0.0)
+    assert torch.equal(sel.probabilities, torch.full((5,), 0.4))
+    assert sel.indices == [3, 4]
+
+
+def test_compact_storage_select_runs() -> None:
+    model, traj, batches = ref.make_problem("mlp", n=5, storage="bfloat16")
+    sel = sewa.select(traj, model, ref.cross_entropy, batches, top_k=2, samples=2, steps=5)
+    assert len(sel.indices) == 2
+
+
+# ----------------------------------------------------------------- determinism
+def test_same_seed_same_selection() -> None:
+    model, traj, batches = ref.make_problem("cnn_bn", n=6)
+    options = dict(top_k=2, samples=3, steps=15)
+    a = sewa.select(traj, model, ref.cross_entropy, batches, seed=11, **options)
+    b = sewa.select(traj, model, ref.cross_entropy, batches, seed=11, **options)
+    assert torch.equal(a.probabilities, b.probabilities)  # bitwise
+    assert a.indices == b.indices and a.history == b.history
+    c = sewa.select(traj, model, ref.cross_entropy, batches, seed=12, **options)
+    assert not torch.equal(a.probabilities, c.probabilities)  # other noise, other path
+
+
+def test_select_leaves_the_model_and_trajectory_alone() -> None:
+    model, traj, batches = ref.make_problem("cnn_bn", n=4)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = traj.data.clone()
+    sewa.select(traj, model, ref.cross_entropy, batches, top_k=2, samples=2, steps=3)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(traj.data, data)
+    traj.push(model, step=1000)  # the read is over
+
+
+# ----------------------------------------------------------------- learning
+def planted_regression(d: int = 8, n: int = 40, planted: tuple[int, ...] = (3, 12, 20, 29, 37),
+                       spread: float = 0.3) -> tuple[nn.Module, sewa.Trajectory, list[ref.Batch]]:
+    """Linear regression whose exact solution is ``planted`` snapshots; the rest are perturbed."""
+    gen = torch.Generator().manual_seed(0)
+    w_star = torch.randn(1, d, generator=gen)
+    model = nn.Linear(d, 1, bias=False)
+    traj = sewa.Trajectory(model, window=n)
+    for i in range(n):
+        w = w_star if i in planted else w_star + spread * torch.randn(1, d, generator=gen)
+        traj.push({"weight": w}, step=100 * i)
+    batches = []
+    for _ in range(4):
+        x = torch.randn(16, d, generator=gen)
+        batches.append((x, x @ w_star.T))
+    return model, traj, batches
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_exact_solutions_are_found(seed: int) -> None:
+    model, traj, batches = planted_regression()
+    sel = sewa.select(traj, model, ref.mse, batches, top_k=5, seed=seed)  # default settings
+    assert sel.indices == [3, 12, 20, 29, 37]
+
+
+def half_bad_problem(seed: int, n: int = 12) -> tuple[nn.Module, sewa.Trajectory, list[ref.Batch], list[int]]:
+    """A teacher MLP; odd snapshots are near it, even ones far (their loss is clearly higher)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        teacher = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    base = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+    bad = list(range(0, n, 2))
+    traj = sewa.Trajectory(teacher, window=n)
+    for i in range(n):
+        spread = 0.6 if i in bad else 0.05
+        traj.push({k: v + spread * torch.randn(v.shape, generator=gen) for k, v in base.items()}, step=i)
+    batches = []
+    for _ in range(3):
+        x = torch.randn(32, 4, generator=gen)
+        with torch.no_grad():
+            batches.append((x, teacher(x)))
+    return teacher, traj, batches, bad
+
+
+def test_clearly_bad_half_is_left_out() -> None:
+    model, traj, batches, bad = half_bad_problem(seed=0)
+    evaluate = sewa.methods.make_evaluator(traj, model, ref.mse, batches)
+    own = [evaluate(sewa.weights.from_indices(len(traj), [i])) for i in range(len(traj))]
+    good = [i for i in range(len(traj)) if i not in bad]
+    assert min(own[i] for i in bad) > 3 * max(own[i] for i in good)  # the premise: clearly worse
+    sel = sewa.select(traj, model, ref.mse, batches, top_k=len(good), steps=100)
+    assert not set(sel.indices) & set(bad)
+
+
+# ----------------------------------------------------------------- bad input
+@pytest.fixture
+def problem() -> tuple[nn.Module, sewa.Trajectory, list[ref.Batch]]:
+    return ref.make_problem("mlp", n=4)
+
+
+@pytest.mark.parametrize("top_k", [0, 5, -2])
+def test_top_k_out_of_range(problem, top_k: int) -> None:
+    model, traj, batches = problem
+    with pytest.raises(ValueError, match=rf"top_k must be an integer in \[1, 4\].*got {top_k}"):
+        sewa.select(traj, model, ref.cross_entropy, batches, top_k=top_k)
+
+
+def test_bad_settings(problem) -> None:
+    model, traj, batches = problem
+    with pytest.raises(ValueError, match="steps and samples must be >= 1"):
+        sewa.select(traj, model, ref.cross_entropy, batches, top_k=2, steps=0)
+    with pytest.raises(ValueError, match="samples=0"):
+        sewa.select(traj, model, ref.cross_entropy, batches, top_k=2, samples=0)
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
+        sewa.select(traj, model, ref.cross_entropy, batches, top_k=2, optimizer="lbfgs")
+
+
+def test_empty_trajectory() -> None:
+    model = ref.MLP()
+    with pytest.raises(TrajectoryError, match="holds no snapshots"):
+        sewa.select(sewa.Trajectory(model, window=3), model, ref.cross_entropy, [], top_k=1)
+
+
+@pytest.mark.parametrize("empty", [[], (), "generator"])
+def test_empty_batches(problem, empty) -> None:
+    model, traj, _ = problem
+    batches = (b for b in []) if empty == "generator" else empty
+    with pytest.raises(ValueError, match="selection split has no batches"):
+        sewa.select(traj, model, ref.cross_entropy, batches, top_k=2, steps=2)
+    traj.push(model, step=1000)  # the failed selection released the trajectory
+
+
+def test_batches_must_be_pairs(problem) -> None:
+    model, traj, batches = problem
+    with pytest.raises(ValueError, match=r"\(inputs, targets\) pair, got Tensor"):
+        sewa.select(traj, model, ref.cross_entropy, [batches[0][0]], top_k=2, steps=1)
+
+
+def test_one_shot_iterator_is_cycled(problem) -> None:
+    model, traj, batches = problem
+
+    def gen() -> Iterator[ref.Batch]:
+        yield from batches
+
+    sel = sewa.select(traj, model, ref.cross_entropy, gen(), top_k=2, samples=2, steps=5)
+    assert len(sel.history["loss"]) == 5
+
+
+def test_non_finite_snapshot_names_the_step() -> None:
+    model = ref.MLP()
+    traj = sewa.Trajectory(model, window=4, check_finite=False)
+    for step in (10, 20, 30):
+        with torch.no_grad():
+            model.fc2.bias.fill_(math.nan if step == 20 else 0.0)
+        traj.push(model, step=step)
+    batches = [(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(TrajectoryError, match="snapshot at step 20 holds NaN or Inf"):
+        sewa.select(traj, model, ref.cross_entropy, batches, top_k=1)
+
+
+def test_mismatched_model_names_the_parameter(problem) -> None:
+    _, traj, batches = problem
+    other = ref.MLP()
+    other.fc2 = nn.Linear(8, 4)
+    with pytest.raises(TrajectoryError, match=r"'fc2.weight' has shape \(4, 8\).*expects \(3, 8\)"):
+        sewa.select(traj, other, ref.cross_entropy, batches, top_k=2)
+    with pytest.raises(TrajectoryError, match=r"'fc1.weight' has dtype torch.float64"):
+        sewa.select(traj, ref.MLP().double(), ref.cross_entropy, batches, top_k=2)
+
+
+def test_non_scalar_loss(problem) -> None:
+    model, traj, batches = problem
+
+    def per_sample(out: Tensor, y: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(out, y, reduction="none")
+
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar tensor, got \(6,\)"):
+        sewa.select(traj, model, per_sample, batches, top_k=2, steps=2)
+
+
+def test_push_from_the_loss_during_select_is_refused(problem) -> None:
+    model, traj, batches = problem
+    step = iter(range(1000, 2000))
+
+    def meddling(out: Tensor, y: Tensor) -> Tensor:
+        traj.push(model, step=next(step))
+        return ref.cross_entropy(out, y)
+
+    with pytest.raises(RuntimeError, match="cannot push while the trajectory is being read"):
+        sewa.select(traj, model, meddling, batches, top_k=2, steps=2)
+    assert len(traj) == 4
+    traj.push(model, step=5000)

@@ -1,0 +1,104 @@
+"""Loading and using a task: the contract, its checks, and batch-size-weighted evaluation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny_task import write_task
+from torch import nn
+
+from sewa.task import Task, TaskError, batch_size, forward, load_task
+
+
+def test_load_from_file_and_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_task(tmp_path, "my_tiny_task.py")
+    task = load_task(str(path))
+    assert isinstance(task.new_model(), nn.Module) and task.metric is not None and task.source == str(path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    by_name = load_task("my_tiny_task")
+    assert by_name.source == "my_tiny_task" and by_name.metric is not None
+    assert len(list(by_name.batches("train"))) == 4
+
+
+def test_task_file_can_import_its_neighbours(tmp_path: Path) -> None:
+    (tmp_path / "helper_for_sewa_task.py").write_text("WIDTH = 3\n")
+    path = write_task(tmp_path, "t.py", extra="\nimport helper_for_sewa_task\nassert helper_for_sewa_task.WIDTH == 3\n")
+    load_task(str(path))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("\ndel model\n", "does not define model()"),
+        ("\ndel batches, loss\n", "does not define batches(), loss()"),
+        ("\nloss = 3\n", "does not define loss()"),
+        ("\nmetric = 0.5\n", "defines metric as a float"),
+        ("\nraise ImportError('needs a GPU library')\n", "failed to import: ImportError: needs a GPU library"),
+    ],
+)
+def test_contract_violations(tmp_path: Path, extra: str, message: str) -> None:
+    path = write_task(tmp_path, "t.py", extra=extra)
+    with pytest.raises(TaskError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_task(str(path))
+
+
+def test_missing_file_and_module(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no task file"):
+        load_task(str(tmp_path / "absent.py"))
+    with pytest.raises(TaskError, match="no task module named"):
+        load_task("sewa_no_such_module_xyz")
+    with pytest.raises(TaskError, match="neither a .py file nor an importable module"):
+        load_task("not a module!")
+
+
+def test_missing_test_split_falls_back_to_val(tmp_path: Path) -> None:
+    task = load_task(str(write_task(tmp_path, "t.py", has_test=False, metric=False)))
+    assert not task.has_split("test") and task.split("test") is None
+    assert task.eval_split() == "val"
+    with pytest.raises(TaskError, match="has no 'test' split"):
+        task.require("test", "for evaluation")
+    assert load_task(str(write_task(tmp_path, "u.py"))).eval_split() == "test"
+
+
+def test_split_checks() -> None:
+    empty = Task(model=lambda: nn.Linear(2, 1), batches=lambda s: [], loss=nn.functional.mse_loss, source="t")
+    with pytest.raises(TaskError, match="yielded no batches"):
+        empty.check("val", "to select")
+    singles = Task(model=lambda: nn.Linear(2, 1), batches=lambda s: [torch.zeros(2)], loss=nn.functional.mse_loss, source="t")
+    with pytest.raises(TaskError, match="expected \\(inputs, targets\\) pairs"):
+        singles.check("val", "to select")
+    wrong = Task(model=lambda: "not a model", batches=lambda s: [], loss=nn.functional.mse_loss, source="t")  # type: ignore[arg-type, return-value]
+    with pytest.raises(TaskError, match="returned a str"):
+        wrong.new_model()
+    number = Task(model=lambda: nn.Linear(2, 1), batches=lambda s: 3, loss=nn.functional.mse_loss, source="t")  # type: ignore[arg-type, return-value]
+    with pytest.raises(TaskError, match="returned a int"):
+        number.split("val")
+
+
+def test_evaluate_weights_batches_by_size() -> None:
+    # An identity "model" on 1-d inputs: the loss of a batch is the mean of its inputs, the metric
+    # the fraction of positive inputs. Batch sizes 1 and 3 make the weighting visible.
+    data = [(torch.tensor([4.0]), torch.zeros(1)), (torch.tensor([0.0, 1.0, -1.0]), torch.zeros(3))]
+    task = Task(model=nn.Identity, batches=lambda s: data, loss=lambda out, y: out.mean(),
+                metric=lambda out, y: float((out > 0).float().mean()), source="t")
+    model = nn.Identity().train()
+    loss, metric = task.evaluate(model, "test")
+    assert math.isclose(loss, (4.0 * 1 + 0.0 * 3) / 4)
+    assert metric is not None and math.isclose(metric, (1.0 * 1 + (1 / 3) * 3) / 4, rel_tol=1e-6)
+    assert model.training  # the mode is restored
+    no_metric = Task(model=nn.Identity, batches=lambda s: data, loss=lambda out, y: out.mean(), source="t")
+    assert no_metric.evaluate(model, "test")[1] is None
+
+
+def test_forward_and_batch_size_conventions() -> None:
+    class Two(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a + b
+
+    assert torch.equal(forward(Two(), (torch.ones(2), torch.ones(2))), torch.full((2,), 2.0))
+    assert torch.equal(forward(Two(), {"a": torch.ones(2), "b": torch.zeros(2)}), torch.ones(2))
+    assert batch_size(torch.zeros(5, 3)) == 5 and batch_size(torch.tensor(1.0)) == 1
+    assert batch_size({"labels": torch.zeros(4)}) == 4 and batch_size([1, 2, 3]) == 3
