@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 # The test models are tiny: intra-op threads only add synchronisation cost, and the suite runs
 # on small shared machines.
-# torch.set_num_threads(1)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,15 +38,17 @@ def reference_model(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.
     return net
 
 
-def snapshots(traj: sewa.Trajectory, dtype: torch.dtype = torch.float64) -> list[dict[str, Tensor]]:
+def snapshots(traj: sewa.Trajectory, dtype: torch.dtype = torch.float64,
+              skip: Collection[str] = ()) -> list[dict[str, Tensor]]:
     """Every held snapshot, oldest first, as a state dict of the recorded tensors in ``dtype``.
 
-    Tied names are left out: :func:`torch.func.functional_call` ties them to their first name.
+    Tied names are left out (:func:`mixed_loss` gives them their first name's tensor), and so
+    are the names in ``skip`` (e.g. recorded BatchNorm statistics, unused on batch statistics).
     """
     out = []
     for i in range(len(traj)):
         sd = traj.snapshot(i)
-        out.append({name: sd[name].to(dtype) for name in traj.names})
+        out.append({name: sd[name].to(dtype) for name in traj.names if name not in skip})
     return out
 
 
@@ -257,22 +259,29 @@ def make_problem(
     model_dtype: torch.dtype = torch.float32,
     storage: torch.dtype | str = torch.float32,
     spread: float = 0.3,
+    buffers: bool = False,
 ) -> tuple[nn.Module, sewa.Trajectory, list[Batch]]:
     """A model, a trajectory of ``n`` random perturbations of it, and labelled batches.
 
-    Everything is drawn from one generator seeded with ``seed``.
+    Everything is drawn from one generator seeded with ``seed``. With ``buffers`` the trajectory
+    also records the BatchNorm statistics, set to random values (variances in [0.5, 2.5)).
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = MODELS[kind]().to(model_dtype)
     base = {name: p.detach().clone() for name, p in model.named_parameters()}
-    traj = sewa.Trajectory(model, window=n, dtype=storage)
+    traj = sewa.Trajectory(model, window=n, dtype=storage, buffers=buffers)
     with torch.no_grad():
         for i in range(n):
             for name, p in model.named_parameters():
                 noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
                 p.copy_(base[name] + spread * noise.to(model_dtype))
+            for name, b in model.named_buffers():
+                if name.endswith("running_mean"):
+                    b.copy_(torch.randn(b.shape, generator=gen))
+                elif name.endswith("running_var"):
+                    b.copy_(0.5 + 2 * torch.rand(b.shape, generator=gen))
             traj.push(model, step=10 * (i + 1))
         for name, p in model.named_parameters():
             p.copy_(base[name])

@@ -78,7 +78,9 @@ def _worker(rank: int, world: int, scenario: str, out: str) -> None:
             fully_shard(model[0])
             fully_shard(model[2])
             fully_shard(model)
-        traj = sd.ShardedTrajectory(model, WINDOW)
+        # A stuck rank is only noticed by the timeout: a group with a short one keeps the test quick.
+        group = torch.distributed.new_group(timeout=datetime.timedelta(seconds=5)) if scenario == "hang" else None
+        traj = sd.ShardedTrajectory(model, WINDOW, group=group)
         for step, state in enumerate(snaps):
             if scenario == "fsdp":
                 _shard_like(model, state, rank, world)
@@ -93,17 +95,23 @@ def _worker(rank: int, world: int, scenario: str, out: str) -> None:
                 result["nan_error"] = str(e)
             result["steps_after_nan"] = traj.steps
         loss_fn = _loss
-        if scenario == "die":
+        if scenario in ("die", "hang"):
             calls = [0]
 
             def loss_fn(out_: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                 calls[0] += 1
                 if rank == world - 1 and calls[0] == 5:
-                    os._exit(3)  # dies mid-selection, without a word to the others
+                    if scenario == "die":
+                        os._exit(3)  # dies mid-selection, without a word to the others
+                    time.sleep(8)  # stuck past the group's 5 s timeout, but alive
                 return _loss(out_, target)
 
         before = [p.to_local().clone() for p in model.parameters()] if scenario == "fsdp" else None
-        sel = sd.select(traj, model, loss_fn, batches, **OPTIONS)
+        started = time.monotonic()
+        try:
+            sel = sd.select(traj, model, loss_fn, batches, **OPTIONS)
+        finally:
+            result["select_seconds"] = time.monotonic() - started
         result.update(probabilities=sel.probabilities, indices=sel.indices, loss=sel.history["loss"],
                       distributed=sel.config["distributed"], local_params=traj.local_params)
         if before is not None:
@@ -245,4 +253,13 @@ def test_a_dead_rank_makes_the_others_fail_fast(tmp_path: Path) -> None:
     error = results[0].get("error", "")
     assert error.startswith("DistributedError") and "another rank died" in error, results[0]
     assert "rank 0 of 2" in error
+    assert elapsed < JOIN_SECONDS
+
+
+def test_a_stuck_rank_makes_the_others_fail_after_the_timeout(tmp_path: Path) -> None:
+    results, codes, elapsed = _run(2, "hang", tmp_path)
+    error = results[0].get("error", "")
+    assert error.startswith("DistributedError") and "rank 0 of 2" in error, results[0]
+    # rank 0 gave up on the group's 5 s timeout, not on the other rank's return.
+    assert results[0]["select_seconds"] < 8
     assert elapsed < JOIN_SECONDS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Iterator
@@ -21,12 +22,48 @@ KINDS = ["mlp", "cnn_bn", "tied"]
 def fast_logit_grad(engine: MixedLoss, logits: Tensor, noise: Tensor, tau: float, batch: ref.Batch) -> Tensor:
     """∂loss/∂φ of one step through the fast path: the relaxation exactly as ``select`` writes it,
     then ``MixedLoss`` for ∂loss/∂mix, then autograd back through the masks only."""
+    return fast_step(engine, logits, noise, tau, batch)[1]
+
+
+def fast_step(engine: MixedLoss, logits: Tensor, noise: Tensor, tau: float, batch: ref.Batch) -> tuple[float, Tensor]:
+    """(loss, ∂loss/∂φ) of one step through ``MixedLoss.__call__``."""
     phi = logits.clone().requires_grad_(True)
     mix = torch.softmax(nn.functional.logsigmoid((phi + noise) / tau), dim=1)
-    _, grad_mix = engine(mix.detach(), batch)
+    loss, grad_mix = engine(mix.detach(), batch)
     mix.backward(grad_mix.to(mix.dtype))
     assert phi.grad is not None
-    return phi.grad
+    return loss, phi.grad
+
+
+def fast_step_float64(traj: sewa.Trajectory, model: nn.Module, logits: Tensor, noise: Tensor, tau: float,
+                      batch: ref.Batch) -> tuple[float, Tensor]:
+    """(loss, ∂loss/∂φ) of one step through the engine in float64 (``model`` is float64).
+
+    With a ``dtype`` argument on ``MixedLoss`` this is :func:`fast_step`. Without it,
+    ``__call__`` casts the masks to float32 and allocates float32 buffers, so the engine's own
+    pieces (``mix``, ``model_grad``, ``grad_mix``) run with float64 as the default dtype (their
+    buffers follow it) on widened snapshot rows, and ``__call__``'s few lines of glue are
+    repeated here.
+    """
+    if "dtype" in inspect.signature(MixedLoss).parameters:
+        engine = MixedLoss(traj, model, ref.cross_entropy, dtype=torch.float64)  # type: ignore[call-arg]
+        return fast_step(engine, logits, noise, tau, batch)
+    engine = MixedLoss(traj, model, ref.cross_entropy)
+    phi = logits.clone().requires_grad_(True)
+    mix = torch.softmax(nn.functional.logsigmoid((phi + noise) / tau), dim=1)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        engine.rows = engine.rows.double()
+        mixed = engine.mix(mix.detach()[:, engine.inverse])
+        losses, grads = engine.model_grad(mixed, *batch)
+        grad_mix = engine.grad_mix(grads / mix.shape[0])[:, engine.order]
+    finally:
+        torch.set_default_dtype(previous)
+    assert mixed.dtype == grads.dtype == grad_mix.dtype == torch.float64
+    mix.backward(grad_mix)
+    assert phi.grad is not None
+    return float(losses.mean()), phi.grad
 
 
 def spread_logits(n: int, top_k: int) -> Tensor:
@@ -74,39 +111,18 @@ def test_step_gradient_matches_reference_float32(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_step_gradient_matches_reference_float64(kind: str) -> None:
-    """The engine's own pieces (``mix``, ``model_grad``, ``grad_mix``) run in float64 against
-    the float64 reference, within 1e-5.
-
-    ``MixedLoss.__call__`` casts the masks to float32 and allocates float32 buffers, so float64
-    cannot pass through it. Here the default dtype is float64 while the pieces run (their
-    buffers follow it) and the snapshot rows are widened; ``__call__``'s own few lines of glue
-    are repeated. A ``dtype`` argument on ``MixedLoss`` would make this test direct.
-    """
+    """The engine in float64 against the float64 reference, within 1e-5 (see fast_step_float64)."""
     model, traj, batches = ref.make_problem(kind, n=5, model_dtype=torch.float64)
     samples, tau = 3, 0.7
     noise = ref.noise_stream(1, samples, len(traj))()
     logits = spread_logits(len(traj), 2)
-    engine = MixedLoss(traj, model, ref.cross_entropy)
-    x, y = batches[0]
-    phi = logits.clone().requires_grad_(True)
-    mix = torch.softmax(nn.functional.logsigmoid((phi + noise) / tau), dim=1)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        engine.rows = engine.rows.double()
-        mixed = engine.mix(mix.detach()[:, engine.inverse])
-        losses, grads = engine.model_grad(mixed, x, y)
-        grad_mix = engine.grad_mix(grads / samples)[:, engine.order]
-    finally:
-        torch.set_default_dtype(previous)
-    assert mixed.dtype == grads.dtype == grad_mix.dtype == torch.float64
-    mix.backward(grad_mix)
+    fast_loss, fast = fast_step_float64(traj, model, logits, noise, tau, batches[0])
     loss, slow = ref.step_grad(logits, noise, tau, ref.snapshots(traj), ref.reference_model(model),
-                               ref.cross_entropy, (x, y), traj.aliases)
-    assert float(losses.mean()) == pytest.approx(loss, rel=1e-12)
+                               ref.cross_entropy, batches[0], traj.aliases)
+    assert fast_loss == pytest.approx(loss, rel=1e-12)
     assert float(slow.abs().max()) > 1e-3
-    torch.testing.assert_close(phi.grad, slow, rtol=0, atol=1e-5)
-    torch.testing.assert_close(phi.grad, slow, rtol=1e-9, atol=1e-12)  # in fact far tighter
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-12)  # in fact far tighter
 
 
 @pytest.mark.parametrize("storage", ["bfloat16", "float16"])
@@ -127,16 +143,22 @@ def test_compact_storage_in_chunks_matches_reference(storage: str, monkeypatch: 
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
 
 
-def test_loop_and_vmap_agree() -> None:
-    model, traj, batches = ref.make_problem("cnn_bn", n=5)
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_way_to_run_the_samples_agrees(kind: str) -> None:
+    """vmap, the direct loop (CPU default) and the functional loop give the same gradient."""
+    model, traj, batches = ref.make_problem(kind, n=5)
     noise = ref.noise_stream(0, 3, len(traj))()
     logits = spread_logits(len(traj), 2)
-    grads = []
-    for vectorize in (True, False):
-        engine = MixedLoss(traj, model, ref.cross_entropy, vectorize=vectorize)
-        grads.append(fast_logit_grad(engine, logits, noise, 0.7, batches[0]))
-        assert engine.vectorize is vectorize
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    grads = {}
+    for way in ("vmap", "direct", "functional"):
+        engine = MixedLoss(traj, model, ref.cross_entropy, vectorize=way == "vmap")
+        if way == "functional":  # the fallback for models the direct loop cannot drive
+            engine._direct_checked, engine._direct = True, None
+        grads[way] = fast_logit_grad(engine, logits, noise, 0.7, batches[0])
+        # A second call reuses the engine's buffers: same inputs, same answer.
+        torch.testing.assert_close(fast_logit_grad(engine, logits, noise, 0.7, batches[0]), grads[way], rtol=0, atol=0)
+    torch.testing.assert_close(grads["vmap"], grads["direct"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads["functional"], grads["direct"], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -177,6 +199,44 @@ def test_multi_step_select_without_budget_matches_reference() -> None:
     assert sel.indices == indices
 
 
+def bn_statistics(model: nn.Module) -> set[str]:
+    return {name for name, _ in model.named_buffers() if name.endswith(("running_mean", "running_var"))}
+
+
+def test_recorded_batchnorm_statistics_are_not_used_on_batch_statistics() -> None:
+    """A trajectory that records buffers (``buffers=True``) holds BatchNorm running statistics.
+
+    Under batch statistics (the default) they must play no part, and they are never
+    differentiated. Today the functional path passes them in with ``requires_grad`` and
+    ``native_batch_norm`` raises, so ``select`` fails on every BatchNorm model recorded with
+    buffers.
+    """
+    model, traj, batches = ref.make_problem("cnn_bn", n=5, buffers=True)
+    assert {"bn.running_mean", "bn1.running_var"} <= set(traj.names)
+    noise = ref.noise_stream(0, 3, len(traj))()
+    logits = spread_logits(len(traj), 2)
+    x, y = batches[0]
+    fast = fast_logit_grad(MixedLoss(traj, model, ref.cross_entropy), logits, noise, 0.7, (x, y))
+    snaps = ref.snapshots(traj, skip=bn_statistics(model))
+    _, slow = ref.step_grad(logits, noise, 0.7, snaps, ref.reference_model(model), ref.cross_entropy,
+                            (ref.as_float64(x), y), traj.aliases)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    sel = sewa.select(traj, model, ref.cross_entropy, batches, top_k=2, samples=2, steps=3)
+    assert len(sel.indices) == 2
+
+
+def test_evaluator_ignores_recorded_batchnorm_statistics() -> None:
+    """``make_evaluator`` (greedy soup's yardstick) promises batch statistics; with recorded
+    buffers it silently evaluates with the averaged running statistics instead."""
+    model, traj, batches = ref.make_problem("cnn_bn", n=4, buffers=True)
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    got = sewa.methods.make_evaluator(traj, model, ref.cross_entropy, batches[:1])(w)
+    x, y = batches[0]
+    expected = ref.mixed_loss(w[None], ref.snapshots(traj, skip=bn_statistics(model)), ref.reference_model(model),
+                              ref.cross_entropy, (ref.as_float64(x), y), traj.aliases)
+    assert got == pytest.approx(float(expected), rel=1e-5)
+
+
 # ----------------------------------------------------------------- the Selection
 def test_selection_fields_and_budget() -> None:
     model, traj, batches = ref.make_problem("mlp", n=6)
@@ -191,7 +251,7 @@ def test_selection_fields_and_budget() -> None:
     assert bool(((sel.probabilities > 0) & (sel.probabilities < 1)).all())
     assert {k: len(v) for k, v in sel.history.items()} == {"loss": 10, "tau": 10, "entropy": 10}
     assert sel.history["tau"][0] == 2.0 and sel.history["tau"][-1] == pytest.approx(0.5)
-    assert all(a > b for a, b in zip(sel.history["tau"], sel.history["tau"][1:]))
+    assert all(a > b for a, b in zip(sel.history["tau"][:-1], sel.history["tau"][1:], strict=True))
     assert sel.config["top_k"] == 3 and sel.config["budget"] is True and sel.seconds > 0
     json.dumps(sel.to_dict())
 

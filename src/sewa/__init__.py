@@ -7,7 +7,16 @@ SeWA learns its rule (Wang et al. 2025, arXiv 2502.10119).
 from . import weights
 from .average import apply, average, average_flat
 from .bn import has_batchnorm, update_bn
+from .disk import DiskTrajectory
+from .io import (
+    CheckpointError,
+    load_state_dict_file,
+    order_checkpoints,
+    save_state_dict,
+    trajectory_from_files,
+)
 from .methods import DEFAULT_METHODS, METHODS, Context, MethodResult, register, run_method
+from .recording import Recorder, record
 from .select import Selection, project_budget, select, tau_schedule, trainable_average
 from .trajectory import Trajectory, TrajectoryError, canonical_name
 
@@ -34,5 +43,13 @@ __all__ = [
     "MethodResult",
     "register",
     "run_method",
+    "DiskTrajectory",
+    "Recorder",
+    "record",
+    "CheckpointError",
+    "load_state_dict_file",
+    "order_checkpoints",
+    "save_state_dict",
+    "trajectory_from_files",
     "__version__",
 ]

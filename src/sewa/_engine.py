@@ -113,8 +113,9 @@ class MixedLoss:
     # read without calling __init__; these lazily-filled ones default here.
     _buffer: Tensor | None = None
     _vmapped: Callable[..., tuple[Tensor, Tensor]] | None = None
-    _direct: list[nn.Parameter] | None = None
+    _direct: list[nn.Parameter | None] | None = None
     _direct_checked: bool = False
+    _used: list[bool] | None = None
 
     def __init__(
         self,
@@ -136,6 +137,10 @@ class MixedLoss:
         self.names = trajectory.names
         self.views = trajectory.views
         self.model = selection_model(model, batch_stats, self.device)
+        named = {canonical_name(n): p for n, p in self.model.named_parameters()}
+        for name in self.names:
+            if name in named:  # every pass replaces them with rows of W: drop the copy's values
+                named[name].data = named[name].data.new_empty(0)
         self.loss_fn = loss_fn
         self.vectorize = vectorize
         self._checked = False
@@ -186,8 +191,23 @@ class MixedLoss:
         return out
 
     # -- the model -------------------------------------------------------------------
+    def _used_names(self) -> list[bool]:
+        """Per recorded name, whether the model uses it: recorded BatchNorm statistics play no
+        part on batch statistics (:func:`selection_model` dropped them), so they are neither
+        passed in nor differentiated; their gradient is zero."""
+        if self._used is None:
+            modules = dict(self.model.named_modules())
+            used = []
+            for name in self.names:
+                owner, _, attr = name.rpartition(".")
+                module = modules.get(owner)
+                used.append(not (isinstance(module, nn.modules.batchnorm._BatchNorm)
+                                 and attr in ("running_mean", "running_var") and getattr(module, attr) is None))
+            self._used = used
+        return self._used
+
     def _loss(self, flat: Tensor, inputs: Any, targets: Any) -> Tensor:
-        params = dict(zip(self.names, self.views(flat), strict=True))
+        params = {n: v for n, v, u in zip(self.names, self.views(flat), self._used_names(), strict=True) if u}
         return self.loss_fn(functional_forward(self.model, params, inputs), targets)
 
     def _check(self, flat: Tensor, inputs: Any, targets: Any) -> None:
@@ -212,25 +232,28 @@ class MixedLoss:
             self._vmapped = vmap(grad_and_value(self._loss), in_dims=(0, None, None))
         return self._vmapped
 
-    def _direct_params(self, mixed: Tensor) -> list[nn.Parameter] | None:
-        """The private model's parameters in trajectory order, when the direct loop can drive
-        them: every recorded tensor is a parameter of ``W``'s dtype and device, and nothing
-        (DDP, compilation, FSDP, tensor hooks) acts on the parameters behind our back."""
+    def _direct_params(self, mixed: Tensor) -> list[nn.Parameter | None] | None:
+        """The private model's parameters in trajectory order (``None`` for unused names),
+        when the direct loop can drive them: every used recorded tensor is a parameter of
+        ``W``'s dtype and device, and nothing (DDP, compilation, FSDP, tensor hooks) acts on
+        the parameters behind our back."""
         if not self._direct_checked:
             self._direct_checked = True
             modules = list(self.model.modules())
             wrapped = any(isinstance(m, nn.parallel.DistributedDataParallel) or hasattr(m, "_orig_mod")
                           or type(m).__name__.startswith("FSDP") for m in modules)
             named = {canonical_name(n): p for n, p in self.model.named_parameters()}
-            params = [named.get(n) for n in self.names]
-            ok = not wrapped and all(p is not None and type(p) is nn.Parameter and not p._backward_hooks
-                                     and not getattr(p, "_post_accumulate_grad_hooks", None) for p in params)
-            self._direct = [p for p in params if p is not None] if ok else None
-            if self._direct is not None:
-                for p in self._direct:
+            params = [named.get(n) if u else None for n, u in zip(self.names, self._used_names(), strict=True)]
+            missing = any(p is None and u for p, u in zip(params, self._used_names(), strict=True))
+            ok = not wrapped and not missing and all(
+                p is None or (type(p) is nn.Parameter and not p._backward_hooks
+                              and not getattr(p, "_post_accumulate_grad_hooks", None)) for p in params)
+            self._direct = params if ok else None
+            for p in self._direct or []:
+                if p is not None:
                     p.requires_grad_(True)
         direct = self._direct
-        if direct is None or any(p.dtype != mixed.dtype or p.device != mixed.device for p in direct):
+        if direct is None or any(p is not None and (p.dtype != mixed.dtype or p.device != mixed.device) for p in direct):
             return None
         return direct
 
@@ -259,7 +282,7 @@ class MixedLoss:
             losses[j] = loss.detach()
         return losses, grads
 
-    def _direct_loop(self, params: list[nn.Parameter], mixed: Tensor, inputs: Any, targets: Any,
+    def _direct_loop(self, params: list[nn.Parameter | None], mixed: Tensor, inputs: Any, targets: Any,
                      out: Tensor) -> tuple[Tensor, Tensor]:
         losses = torch.empty(mixed.shape[0], device=mixed.device)
         with torch.enable_grad():
@@ -267,14 +290,16 @@ class MixedLoss:
                 row = out[j]
                 row.zero_()  # backward adds into .grad in place: start from zero
                 for p, w, g in zip(params, self.views(mixed[j]), self.views(row), strict=True):
-                    p.data = w
-                    p.grad = g
+                    if p is not None:
+                        p.data = w
+                        p.grad = g
                 loss = self.loss_fn(_forward(self.model, inputs), targets)
                 if loss.requires_grad:
                     loss.reshape(()).backward()
                 losses[j] = loss.detach().reshape(())
         for p in params:  # let go of the buffers: the next call points the parameters anew
-            p.grad = None
+            if p is not None:
+                p.grad = None
         return losses, out
 
     def __call__(self, mix: Tensor, batch: Any) -> tuple[float, Tensor]:

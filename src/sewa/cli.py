@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = _Parser(prog="sewa", formatter_class=_formatter,
-                     description="Selective Weight Averaging: pick which checkpoints of a training run are worth averaging, and average them.",
+                     description=_wrap("Selective Weight Averaging: pick which checkpoints of a training run are worth averaging, and average them."),
                      epilog="examples:\n  sewa demo                       # a finished demo report in sewa-report/\n"
                             "  sewa compare --help             # every method on your own checkpoints")
     parser.add_argument("--version", action="version", version=f"sewa {__version__}")
@@ -74,76 +74,86 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", parents=[common], formatter_class=_formatter, help="train a small model on noisy digits and compare every method",
-        description="Train an MLP on scikit-learn's digits with label noise and a high constant learning rate, record the final "
-                    "stage of training, run every averaging method on it, and write a report folder.",
-        epilog="example:\n  sewa demo --seeds 3 --out sewa-report      # about a minute on 2 CPU cores\n"
-               "  sewa demo --fast --out /tmp/quick --force  # a few seconds, for a smoke test")
-    demo.add_argument("--seeds", type=int, default=None, help="runs with seeds 0..N-1, reported as mean ± std (default 3; 1 with --fast)")
-    demo.add_argument("--out", type=Path, default=Path("sewa-report"), help="report folder (default: sewa-report)")
+        description=_wrap("Train an MLP on scikit-learn's digits with label noise and a high constant learning rate, record the final "
+                    "stage of training, run every averaging method on it, and write a report folder."),
+        epilog="example:\n  sewa demo --seeds 3 --out sewa-report      # under a minute on 2 CPU cores\n"
+               "  sewa demo --fast --out /tmp/quick --force  # about 15 s, for a smoke test")
+    demo.add_argument("--seeds", type=int, default=None, metavar="N", help="runs with seeds 0..N-1, reported as mean ± std (default 3; 1 with --fast)")
+    demo.add_argument("--out", type=Path, default=Path("sewa-report"), metavar="DIR", help="report folder (default: sewa-report)")
     demo.add_argument("--force", action="store_true", help="overwrite the report files of an existing --out folder")
     demo.add_argument("--fast", action="store_true", help="shorter training and selection (for tests)")
-    demo.add_argument("--top-k", type=int, default=None, help="K: checkpoints averaged by LAWA, random-K and SeWA (default 10; 5 with --fast)")
-    demo.add_argument("--window", type=int, default=None, help="k: snapshots recorded at the end of training (default 60; 20 with --fast)")
+    demo.add_argument("--top-k", type=int, default=None, metavar="K", help="K: checkpoints averaged by LAWA, random-K and SeWA (default 10; 5 with --fast)")
+    demo.add_argument("--window", type=int, default=None, metavar="k", help="k: snapshots recorded at the end of training (default 60; 20 with --fast)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
 
     compare = sub.add_parser(
         "compare", parents=[common], formatter_class=_formatter, help="run every method on your checkpoints and evaluate each",
-        description="Run every registered averaging method (last, uniform, lawa, ema, random, greedy_soup, sewa) on the given "
+        description=_wrap("Run every registered averaging method (last, uniform, lawa, ema, random, greedy_soup, sewa) on the given "
                     "checkpoints, evaluate each averaged model on 'test' (or 'val' when the task has no test split), and write "
-                    "the results as JSON. BatchNorm statistics are recomputed on 'train' for every averaged model.",
+                    "the results as JSON. BatchNorm statistics are recomputed on 'train' for every averaged model."),
         epilog=TASK_EXAMPLE + "\nexample:\n  sewa compare --task task.py --checkpoints runs/exp1/ --top-k 10 \\\n"
                "      --json results/exp1.json --report results/exp1-report")
     _task_args(compare, task_required=True)
-    compare.add_argument("--top-k", type=int, required=True, help="K: checkpoints averaged by LAWA, random-K and SeWA")
+    compare.add_argument("--top-k", type=int, required=True, metavar="K", help="K: checkpoints averaged by LAWA, random-K and SeWA")
     _select_args(compare)
-    compare.add_argument("--methods", default=None, help="comma-separated subset of methods (default: all registered defaults)")
-    compare.add_argument("--json", type=Path, required=True, help="where to write the results (JSON)")
-    compare.add_argument("--report", type=Path, default=None, help="also write a report folder (report.md and plots)")
+    compare.add_argument("--methods", default=None, metavar="A,B,...", help="comma-separated subset of methods (default: all registered defaults)")
+    compare.add_argument("--json", type=Path, required=True, metavar="OUT.json", help="where to write the results (JSON)")
+    compare.add_argument("--report", type=Path, default=None, metavar="DIR", help="also write a report folder (report.md and plots)")
     compare.add_argument("--force", action="store_true", help="overwrite existing outputs")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
     compare.set_defaults(func=cmd_compare)
 
     select = sub.add_parser(
         "select", parents=[common], formatter_class=_formatter, help="run SeWA and write the averaged model",
-        description="Learn which checkpoints to average with SeWA, average the top-K, recompute BatchNorm statistics on 'train' "
-                    "(when the model has BatchNorm layers) and write the averaged state dict as safetensors.",
+        description=_wrap("Learn which checkpoints to average with SeWA, average the top-K, recompute BatchNorm statistics on 'train' "
+                    "(when the model has BatchNorm layers) and write the averaged state dict as safetensors."),
         epilog=TASK_EXAMPLE + "\nexample:\n  sewa select --task task.py --checkpoints runs/exp1/ --top-k 10 \\\n"
                "      --out averaged/exp1-sewa.safetensors --json averaged/exp1-sewa.json")
     _task_args(select, task_required=True)
-    select.add_argument("--top-k", type=int, required=True, help="K: checkpoints to average")
+    select.add_argument("--top-k", type=int, required=True, metavar="K", help="K: checkpoints to average")
     _select_args(select)
-    select.add_argument("--out", type=Path, required=True, help="the averaged state dict (.safetensors)")
-    select.add_argument("--json", type=Path, default=None, help="also write SeWA's probabilities, indices and test results (JSON)")
+    select.add_argument("--out", type=Path, required=True, metavar="FILE", help="the averaged state dict (.safetensors)")
+    select.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="also write SeWA's probabilities, indices and test results (JSON)")
     select.add_argument("--force", action="store_true", help="overwrite existing outputs")
     select.add_argument("--no-progress", action="store_true", help="no progress bar")
     select.set_defaults(func=cmd_select)
 
     average = sub.add_parser(
         "average", parents=[common], formatter_class=_formatter, help="average checkpoints with one rule",
-        description="Average checkpoints with one method and write the state dict as safetensors. last, uniform, lawa, ema "
+        description=_wrap("Average checkpoints with one method and write the state dict as safetensors. last, uniform, lawa, ema "
                     "and random need no task; greedy_soup, sewa and twa evaluate averages and need --task. With --task, "
-                    "BatchNorm statistics are recomputed on 'train'; without it they are averaged like the weights.",
+                    "BatchNorm statistics are recomputed on 'train'; without it they are averaged like the weights."),
         epilog="examples:\n  sewa average --checkpoints runs/exp1/ --method lawa --top-k 5 --out averaged/exp1-lawa5.safetensors\n"
                "  sewa average --checkpoints runs/exp1/*.pt --method uniform --out averaged/exp1-swa.safetensors\n"
                "  sewa average --task task.py --checkpoints runs/exp1/ --method greedy_soup --out averaged/soup.safetensors")
     _task_args(average, task_required=False)
-    average.add_argument("--method", required=True, help="last, uniform, lawa, ema, random, greedy_soup, sewa or twa")
-    average.add_argument("--top-k", type=int, default=None, help="K for lawa, random and sewa")
+    average.add_argument("--method", required=True, metavar="NAME", help="last, uniform, lawa, ema, random, greedy_soup, sewa or twa")
+    average.add_argument("--top-k", type=int, default=None, metavar="K", help="K for lawa, random and sewa")
     _select_args(average)
-    average.add_argument("--out", type=Path, required=True, help="the averaged state dict (.safetensors)")
+    average.add_argument("--out", type=Path, required=True, metavar="FILE", help="the averaged state dict (.safetensors)")
     average.add_argument("--force", action="store_true", help="overwrite an existing --out")
     average.set_defaults(func=cmd_average)
 
     report = sub.add_parser(
         "report", parents=[common], formatter_class=_formatter, help="turn a results JSON into report.md and plots",
-        description="Write report.md, results.json and PNG plots from a results file of sewa compare (or sewa demo).",
+        description=_wrap("Write report.md, results.json and PNG plots from a results file of sewa compare (or sewa demo)."),
         epilog="example:\n  sewa report results/exp1.json --out results/exp1-report")
     report.add_argument("results", type=Path, help="a results file written by sewa compare --json")
-    report.add_argument("--out", type=Path, default=None, help="report folder (default: RESULTS without .json, plus -report)")
+    report.add_argument("--out", type=Path, default=None, metavar="DIR", help="report folder (default: RESULTS without .json, plus -report)")
     report.add_argument("--force", action="store_true", help="overwrite the report files of an existing folder")
     report.set_defaults(func=cmd_report)
+    _add_experiment(sub)
     return parser
+
+
+def _add_experiment(sub: Any) -> None:
+    """Registers ``sewa experiment`` from :mod:`sewa.experiments.command` when it imports."""
+    try:
+        from .experiments.command import add_parser
+    except Exception:  # the experiments are optional: the other commands must keep working
+        return
+    add_parser(sub)
 
 
 def _task_args(p: argparse.ArgumentParser, task_required: bool) -> None:
@@ -154,12 +164,12 @@ def _task_args(p: argparse.ArgumentParser, task_required: bool) -> None:
 
 
 def _select_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="seed of SeWA's mask noise and of random-K (default 0)")
-    p.add_argument("--samples", type=int, default=4, help="SeWA mask samples per step, M (default 4)")
-    p.add_argument("--steps", type=int, default=200, help="SeWA selection steps (default 200)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of SeWA's mask noise and of random-K (default 0)")
+    p.add_argument("--samples", type=int, default=4, metavar="M", help="SeWA mask samples per step, M (default 4)")
+    p.add_argument("--steps", type=int, default=200, metavar="N", help="SeWA selection steps (default 200)")
     p.add_argument("--objective", choices=("val", "train"), default="val", help="split SeWA and greedy soup select on (default val)")
-    p.add_argument("--ema-decay", type=float, default=0.9, help="EMA decay per checkpoint (default 0.9)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--ema-decay", type=float, default=0.9, metavar="D", help="EMA decay per checkpoint (default 0.9)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's choice)")
 
 
 # --------------------------------------------------------------------------- input checks
@@ -460,12 +470,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("sewa: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError) as e:  # bad inputs: CliError, TaskError, CheckpointError, TrajectoryError, missing files
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"sewa: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"sewa: error: unexpected {type(e).__name__}: {_one_line(e)} (run again with --debug for the traceback)", file=sys.stderr)
         return 1

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .io import atomic_write
-from .trajectory import Trajectory, TrajectoryError, _dtype, _named_tensors
+from .trajectory import Trajectory, TrajectoryError, _dtype, _named_tensors, all_finite
 
 __all__ = ["DiskTrajectory"]
 
@@ -276,7 +276,7 @@ class DiskTrajectory(Trajectory):
             self._publish()
 
     # ------------------------------------------------------------------ recording
-    def push(self, source: nn.Module | Mapping[str, Tensor], step: int) -> None:
+    def push(self, source: nn.Module | Mapping[str, Tensor], step: int, *, what: str = "model") -> None:
         """Records a snapshot durably; see the module docstring for the order of writes.
 
         Raises:
@@ -292,7 +292,7 @@ class DiskTrajectory(Trajectory):
         step = int(step)
         if self._steps and step <= self._steps[-1]:
             raise TrajectoryError(f"step {step} is not after the newest recorded step {self._steps[-1]}")
-        recorded, others = self.check_compatible(source)
+        recorded, others = self.check_compatible(source, what)
         if len(self._slots) == self.window:
             # 1. unlist the oldest snapshot before its row is overwritten
             slot = self._slots.pop(0)
@@ -303,7 +303,7 @@ class DiskTrajectory(Trajectory):
         # 2. write the row and flush it
         row = self.data[slot]
         self._write(row, [recorded[n] for n in self.names])
-        if self.check_finite and not _all_finite(row):
+        if self.check_finite and not all_finite(row):
             bad = next(n for n in self.names if not bool(torch.isfinite(recorded[n]).all()))
             raise TrajectoryError(f"snapshot at step {step} holds NaN or Inf (first in {bad!r}); it was not recorded")
         self._flush_row(slot)
@@ -343,13 +343,6 @@ class DiskTrajectory(Trajectory):
 
     def __repr__(self) -> str:
         return f"Disk{super().__repr__()[:-1]}, directory={str(self.directory)!r})"
-
-
-def _all_finite(row: Tensor) -> bool:
-    """Whether ``row`` holds no NaN/Inf: one float32 sum (NaN and Inf propagate through it),
-    with the exact element-wise test only when the sum is not finite (it may just overflow).
-    About 10x faster than ``isfinite(row).all()``, which allocates a mask the size of the row."""
-    return bool(torch.isfinite(row.sum(dtype=torch.float32))) or bool(torch.isfinite(row).all())
 
 
 def _load_manifest(directory: Path) -> dict[str, Any] | None:

@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
-from ._engine import MixedLoss, selection_model, to_device
+from ._engine import MixedLoss, _forward, selection_model, to_device
 from .average import average_flat as _average_flat
 from .bn import has_batchnorm
 from .select import Selection
@@ -133,13 +133,16 @@ def _collective(what: str, group: dist.ProcessGroup | None) -> Iterator[None]:
         raise
     except (RuntimeError, dist.DistError) as e:
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        limit = f"after {_timeout}" if _timeout is not None else "after the process group's timeout"
+        if _timeout is not None and group is None:
+            limit = f"after {_timeout} (the timeout given to sewa.distributed.init)"
+        else:
+            limit = "after the process group's timeout (sewa.distributed.init(timeout=...) sets a finite one)"
         detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise DistributedError(
             f"sewa.distributed: {what} failed on rank {rank} of {world} ({detail}). The likely cause is that "
             "another rank died (crash, out of memory, killed) or stopped calling the same collectives (an "
             "exception on that rank only, or different steps, options or batches); see the other ranks' logs. "
-            f"Collectives give up {limit}: start with sewa.distributed.init(timeout=...) for a finite one."
+            f"Collectives give up {limit}."
         ) from e
 
 
@@ -212,6 +215,8 @@ class ShardedTrajectory:
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("no process group is running: call sewa.distributed.init() first (under torchrun)")
+        if not isinstance(window, int) or window < 1:
+            raise TrajectoryError(f"window must be a positive integer, got {window!r}")
         # The layout (names, shapes, views, unflatten, compatibility checks) is a Trajectory's
         # own; on the meta device it allocates nothing.
         self.layout = Trajectory(template, 1, dtype=dtype, buffers=buffers, device="meta", check_finite=False)
@@ -374,8 +379,15 @@ class ShardedTrajectory:
         """Every rank refuses the snapshot if any rank's columns hold NaN/Inf, or values that
         overflow float16 storage."""
         limit = torch.finfo(torch.float16).max if self.dtype == torch.float16 else math.inf
-        bad = next((p for p, s in zip(self.pieces, sources, strict=True)
-                    if s.numel() and not (bool(torch.isfinite(s).all()) and float(s.abs().max()) <= limit)), None)
+
+        def storable(s: Tensor) -> bool:
+            if s.numel() == 0:
+                return True
+            if limit == math.inf:
+                return bool(torch.isfinite(s).all())
+            return float(s.abs().amax()) <= limit  # NaN fails the comparison too
+
+        bad = next((p for p, s in zip(self.pieces, sources, strict=True) if not storable(s)), None)
         ok = torch.tensor([int(bad is None)], device=_comm_device(self.group))
         with _collective(f"agreeing on the snapshot at step {step}", self.group):
             dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
@@ -432,10 +444,10 @@ class ShardedTrajectory:
             return None
         traj = Trajectory({n: torch.empty(s, dtype=d) for n, s, d in zip(self.names, self.layout.shapes, self.layout.dtypes, strict=True)},
                           self.window, dtype=self.dtype, buffers=True, device=self.data.device, check_finite=False)
+        traj.buffers = self.layout.buffers
+        traj.aliases = dict(self.layout.aliases)  # before pushing: unflatten() adds the tied names
         for values, step in zip(full, self._steps, strict=True):
             traj.push(self.layout.unflatten(values, extras=False), step)
-        traj.buffers = self.layout.buffers
-        traj.aliases = dict(self.layout.aliases)
         traj.extras = {k: v.clone() for k, v in self.layout.extras.items()}
         return traj
 
@@ -583,9 +595,7 @@ class _ReplicatedEngine(_LocalColumns):
         trajectory.layout.check_compatible(model)
         super().__init__(trajectory, device)
         self.ctx = ctx
-        while isinstance(model, nn.parallel.DistributedDataParallel):  # its names lack "module."
-            model = model.module
-        self.model = selection_model(model, batch_stats, self.device)
+        self.model = selection_model(_unwrap(model), batch_stats, self.device)
         self.loss_fn = loss_fn
         self.vectorize = vectorize
         self.width = -(-trajectory.num_params // trajectory.world_size)  # every rank's padded slice
@@ -710,14 +720,6 @@ class _FSDPEngine(_LocalColumns):
         return self.reduce(self.ctx, self.grad_local(grads), losses, mix)
 
 
-def _forward(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 # --------------------------------------------------------------------------- selection
 class DistributedContext:
     """The ``distributed=`` hook of :func:`sewa.select`: an engine whose values are reduced
@@ -757,6 +759,17 @@ class DistributedContext:
     def shard_batches(self, batches: Iterable[Any]) -> Iterable[Any]:
         """This rank's share of every batch (read lazily, one per selection step)."""
         return _ShardedBatches(batches, self)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP and ``torch.compile`` wrappers, whose names are the recorded ones."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = cast(nn.Module, model._orig_mod)
+        else:
+            return model
 
 
 def _agree(trajectory: ShardedTrajectory, options: dict[str, Any]) -> None:
@@ -861,8 +874,9 @@ def apply(model: nn.Module, trajectory: ShardedTrajectory, weights: Tensor | Seq
                 shard.view(-1).copy_(local[piece.dst : piece.dst + piece.length])
         return model
     state = trajectory.layout.unflatten(cast(Tensor, trajectory.gather(local, None)))
-    device = next(model.parameters()).device
-    model.load_state_dict({canonical_name(k): v.to(device) for k, v in state.items()}, strict=False)
+    inner = _unwrap(model)
+    device = next(inner.parameters()).device
+    inner.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
     return model
 
 

@@ -294,7 +294,7 @@ def trajectory_from_files(
             if traj is None:
                 traj = Trajectory(state, window, dtype=dtype)
                 expected = traj.names
-            traj.push(state, step)
+            traj.push(state, step, what="checkpoint")
         except TrajectoryError as e:
             raise TrajectoryError(f"{path}: {e}") from e
         del state  # free this checkpoint before the next is read

@@ -20,10 +20,11 @@ views of one ``(window, P)`` matrix): nothing the size of the model is allocated
 
 When the model is on a GPU and the trajectory in CPU memory, :class:`Recorder` copies
 asynchronously: the tensors go to one pinned staging buffer on a side CUDA stream, and the
-training loop waits for that copy only when the snapshot is needed (the next recording,
-:meth:`Recorder.synchronize`, or reading the trajectory). With the hook attached, the
-optimizer's next update waits on the GPU (not the host) for the copy to finish, so the
-copy overlaps the next forward and backward passes.
+host waits for that copy only when the snapshot is needed: at the next recording, or on
+:meth:`Recorder.synchronize` / :meth:`Recorder.remove`, which push it into the trajectory.
+**Call one of them before reading the trajectory**; until then its newest snapshot is in
+flight. With the hook attached, the optimizer's next update waits on the GPU (not the host)
+for the copy to finish, so the copy overlaps the next forward and backward passes.
 
 ``torch.compile``'d models (``_orig_mod.`` names) and DDP-wrapped models (``module.``)
 are recorded under the plain parameter names, so either the wrapper or the bare model can be
@@ -138,8 +139,8 @@ class Recorder:
         total_steps: Length of training; needed only for a fractional ``start``.
         asynchronous: Copy through pinned memory on a side stream and defer the push until the
             snapshot is needed. Default: on when the model is on CUDA and the trajectory is not.
-            Snapshots still in flight are finished by :meth:`synchronize`, :meth:`remove`,
-            the next recording, and by reading the trajectory.
+            A snapshot in flight is finished by the next recording, :meth:`synchronize` and
+            :meth:`remove` (and by reading a trajectory that keeps a ``_pending`` list).
     """
 
     def __init__(self, trajectory: Trajectory, model: nn.Module, *, every: int = 1, start: int | float = 0,

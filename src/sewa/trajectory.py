@@ -17,10 +17,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Trajectory", "TrajectoryError", "canonical_name"]
+__all__ = ["Trajectory", "TrajectoryError", "all_finite", "canonical_name"]
 
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def all_finite(row: Tensor) -> bool:
+    """Whether ``row`` holds no NaN or Inf, at about the cost of one sum."""
+    # NaN/Inf propagate through a sum; the exact (mask-building) test runs only if it overflowed.
+    return bool(torch.isfinite(row.sum(dtype=torch.float32))) or bool(torch.isfinite(row).all())
 
 
 class TrajectoryError(ValueError):
@@ -240,7 +246,7 @@ class Trajectory:
         return recorded, others
 
     # ----------------------------------------------------------------- recording
-    def push(self, source: nn.Module | Mapping[str, Tensor], step: int) -> None:
+    def push(self, source: nn.Module | Mapping[str, Tensor], step: int, *, what: str = "model") -> None:
         """Records a snapshot, dropping the oldest when the window is full.
 
         Writes straight into the row that will hold it: no copy of the model is made.
@@ -249,21 +255,25 @@ class Trajectory:
             TrajectoryError: if ``source`` does not match the layout, holds NaN/Inf, or ``step``
                 is not after the newest recorded step.
             RuntimeError: if the trajectory is being read (e.g. by :func:`sewa.select`).
+
+        ``what`` names ``source`` in error messages (e.g. ``"checkpoint"``).
         """
         if self._readers:
             raise RuntimeError("cannot push while the trajectory is being read (a selection is running); push after it returns")
         step = int(step)
         if self._steps and step <= self._steps[-1]:
             raise TrajectoryError(f"step {step} is not after the newest recorded step {self._steps[-1]}")
-        recorded, others = self.check_compatible(source)
+        recorded, others = self.check_compatible(source, what)
         slot = len(self._slots) if len(self._slots) < self.window else self._slots[0]
         row = self.data[slot]
         self._write(row, [recorded[n] for n in self.names])
-        if self.check_finite and not bool(torch.isfinite(row).all()):
-            bad = next(n for n in self.names if not bool(torch.isfinite(recorded[n]).all()))
+        if self.check_finite and not all_finite(row):
+            # The stored row is checked, not the source: a float16 row can overflow to Inf.
+            bad = next(n for n, v in zip(self.names, self.views(row), strict=True) if not bool(torch.isfinite(v).all()))
             if len(self._slots) == self.window:  # the oldest row was overwritten: it is gone
                 self._slots.pop(0)
                 self._steps.pop(0)
+                self._compact(slot)
             raise TrajectoryError(f"snapshot at step {step} holds NaN or Inf (first in {bad!r}); it was not recorded")
         if len(self._slots) == self.window:
             self._slots.pop(0)
@@ -276,6 +286,16 @@ class Trajectory:
                 held.copy_(t)
             else:
                 self.extras[name] = t.detach().to("cpu", copy=True)
+
+    def _compact(self, free: int) -> None:
+        """Moves the snapshot in the last held row into row ``free``, so that the held
+        snapshots stay in rows ``0 .. len-1`` (what :meth:`matrix` returns)."""
+        last = len(self._slots)
+        if free == last:
+            return
+        i = self._slots.index(last)
+        self.data[free].copy_(self.data[last])
+        self._slots[i] = free
 
     def _write(self, row: Tensor, sources: list[Tensor]) -> None:
         dests = self.views(row)

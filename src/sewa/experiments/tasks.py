@@ -122,7 +122,7 @@ def _load_cifar100(opts: dict[str, Any]) -> TaskData:
 def _load_text(loader: Callable[..., dict[str, Any]]) -> Callable[[dict[str, Any]], TaskData]:
     def load(opts: dict[str, Any]) -> TaskData:
         d = loader(opts["data_path"]) if opts.get("data_path") else loader()
-        enc, vocab = D.encode_text_splits(d, max_size=20000, max_len=64)
+        enc, vocab = D.encode_text_splits(d, max_size=opts.get("vocab", 10000), max_len=64)
         train = _subset(enc["train"], opts.get("train_subset"), 0)
         train = (train[0], _noisy(train[1], opts.get("label_noise", 0.0), len(d["classes"]), 1))
         return TaskData(train, enc["val"], enc["test"], d["source"], {"classes": len(d["classes"]), "vocab": len(vocab)})
@@ -180,10 +180,11 @@ SPECS: dict[str, Spec] = {
                      epochs=30, lr=0.1, window=100, record_window=100, every=10),
     "ag_news": Spec("ag_news", "text", _load_text(D.ag_news), lambda d: models.TextClassifier(d.info["vocab"], d.info["classes"]),
                     F.cross_entropy, "accuracy", epochs=12, lr=0.5, momentum=0.9, weight_decay=0.0, batch_size=32,
-                    window=100, record_window=200, every=4, seeds=5, ablations=True, options={"label_noise": 0.1}),
+                    window=100, record_window=200, every=4, seeds=5, sel_steps=100, ablations=True,
+                    options={"label_noise": 0.1, "vocab": 10000}),
     "bbc_news": Spec("bbc_news", "text", _load_text(D.bbc_news), lambda d: models.TextClassifier(d.info["vocab"], d.info["classes"]),
                      F.cross_entropy, "accuracy", epochs=30, lr=0.5, weight_decay=0.0, batch_size=32,
-                     window=100, record_window=100, every=2, seeds=5, options={"label_noise": 0.1}),
+                     window=100, record_window=100, every=2, seeds=5, sel_steps=100, options={"label_noise": 0.1, "vocab": 5000}),
 }
 for _env in ("hopper", "halfcheetah", "walker2d"):
     SPECS[_env] = Spec(_env, "bc", _load_bc(_env), lambda d: models.bc_mlp(d.info["obs_dim"], d.info["act_dim"]), _mse,

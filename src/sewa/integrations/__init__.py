@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._engine import to_device
 from ..average import apply
 from ..bn import has_batchnorm, update_bn
 from ..methods import METHODS, NEEDS_EVALUATION, Context, MethodResult, run_method
@@ -51,39 +50,10 @@ class MappedBatches:
         return map(self.fn, self.batches)
 
 
-class _Inputs:
-    """Carries any model inputs (tensor, tuple, dict) through ``torch.optim.swa_utils.update_bn``,
-    which calls ``input.to(device)`` and then ``model(input)``."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def to(self, device: torch.device) -> _Inputs:
-        return _Inputs(to_device(self.value, device))
-
-
-class _CallWith(nn.Module):
-    """Calls the wrapped model with an :class:`_Inputs` the way :func:`sewa._engine.functional_forward`
-    does: a dict as keyword arguments, a tuple as positional arguments."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: _Inputs) -> Any:
-        x = inputs.value
-        if isinstance(x, dict):
-            return self.model(**x)
-        if isinstance(x, (tuple, list)):
-            return self.model(*x)
-        return self.model(x)
-
-
 def recompute_bn(model: nn.Module, pairs: Batches, max_batches: int | None = None) -> None:
     """:func:`sewa.update_bn` over the inputs of ``(inputs, targets)`` pairs, whatever their
     structure (a tensor, a tuple of positional inputs, or a dict of keyword inputs)."""
-    inputs = (_Inputs(x) for x, _ in itertools.islice(pairs, max_batches))
-    update_bn(_CallWith(model), inputs)
+    update_bn(model, itertools.islice(pairs, max_batches))
 
 
 class AveragingCallbackBase:

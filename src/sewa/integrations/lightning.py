@@ -128,8 +128,8 @@ class SeWACallback(AveragingCallbackBase, pl.Callback):
         self._finish(
             pl_module,
             loss_fn=lambda: self._loss(pl_module),
-            selection_batches=lambda: self._pairs(self.selection_batches or _first(trainer.val_dataloaders), "validation"),
-            bn_batches=lambda: self._pairs(self.bn_batches or _first(trainer.train_dataloader), "training"),
+            selection_batches=lambda: self._pairs(_given(self.selection_batches, lambda: _first(trainer.val_dataloaders)), "validation"),
+            bn_batches=lambda: self._pairs(_given(self.bn_batches, lambda: _first(trainer.train_dataloader)), "training"),
         )
 
     # ----------------------------------------------------------------- helpers
@@ -146,6 +146,12 @@ class SeWACallback(AveragingCallbackBase, pl.Callback):
             raise ValueError(f"sewa found no {split} dataloader on the trainer: pass "
                              f"SeWACallback({'selection' if split == 'validation' else 'bn'}_batches=...)")
         return MappedBatches(batches, self.batch_to_pair) if self.batch_to_pair is not None else batches
+
+
+def _given(batches: Iterable[Any] | None, default: Callable[[], Iterable[Any] | None]) -> Iterable[Any] | None:
+    # Not ``batches or default()``: the truth value of a DataLoader calls its __len__, which
+    # raises for an iterable dataset without one.
+    return batches if batches is not None else default()
 
 
 def _first(loaders: Any) -> Iterable[Any] | None:

@@ -1,0 +1,168 @@
+"""Shared helpers of the benchmarks: timing (warm-up, interleaved repeats, medians), the
+memory-bandwidth reference, peak memory, machine facts and JSON lines.
+
+Timing on a shared machine: variants are timed in *interleaved* rounds (one call of each per
+round), so a burst of load from elsewhere hits them alike, and the figure kept is the median
+over rounds. Ratios between variants of one round are what the benchmarks report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "set_threads", "time_call", "interleaved", "median", "copy_bandwidth", "maxrss_bytes",
+    "machine", "JsonLines", "read_jsonl", "loglog_slope", "load_average",
+]
+
+
+def set_threads(n: int) -> None:
+    """Intra-op threads of torch (inter-op left alone: the benchmarks run one op at a time)."""
+    torch.set_num_threads(int(n))
+
+
+def time_call(fn: Callable[[], Any]) -> float:
+    """Wall-clock seconds of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                only: Mapping[str, int] | None = None) -> dict[str, list[float]]:
+    """Times every function once per round, for ``repeats`` rounds, after ``warmup`` untimed
+    calls of each.
+
+    Args:
+        fns: Name -> zero-argument callable.
+        repeats: Rounds.
+        warmup: Untimed calls of each function before the first round.
+        only: Name -> number of rounds for functions timed fewer times (slow ones): they run
+            in the first rounds only.
+
+    Returns:
+        Name -> the list of per-call seconds.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        for name, fn in fns.items():
+            if only is not None and r >= only.get(name, repeats):
+                continue
+            out[name].append(time_call(fn))
+    return out
+
+
+def median(xs: Iterable[float]) -> float:
+    """The median (NaN for no values)."""
+    values = list(xs)
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> tuple[float, list[float]]:
+    """Memory bandwidth of a large float32 tensor copy, counted as STREAM does (bytes read +
+    bytes written per second), median over ``repeats`` copies.
+
+    Returns:
+        ``(bytes per second, per-copy seconds)``.
+    """
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch: page faults are not bandwidth
+    times = [time_call(lambda: dst.copy_(src)) for _ in range(repeats)]
+    return 2 * nbytes / median(times), times
+
+
+def maxrss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) * (1 if sys.platform == "darwin" else 1024)
+
+
+def load_average() -> float:
+    """The 1-minute load average (NaN where unavailable)."""
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:
+        return float("nan")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_total() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def machine() -> dict[str, Any]:
+    """Facts about this machine and software, for the report."""
+    return {
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "memory_bytes": _mem_total(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "load_average_1min": load_average(),
+    }
+
+
+class JsonLines:
+    """Appends JSON records to a file, one per line, flushed as they come."""
+
+    def __init__(self, path: str | os.PathLike[str], fresh: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            self.path.write_text("")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Writes one record."""
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def loglog_slope(xs: Iterable[float], ys: Iterable[float]) -> float:
+    """Least-squares slope of ``log y`` against ``log x`` (NaN with fewer than two points)."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if x > 0 and y > 0]
+    if len(pts) < 2:
+        return float("nan")
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    sxy = sum((p[0] - mx) * (p[1] - my) for p in pts)
+    return sxy / sxx if sxx > 0 else float("nan")
