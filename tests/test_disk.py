@@ -120,7 +120,7 @@ def test_nan_snapshot_is_not_listed(tmp_path: Path) -> None:
         traj.push(bad, 3)
     traj.close()
     again = DiskTrajectory.open(tmp_path)
-    assert again.steps == [2]  # as in memory: the overwritten oldest is gone, the bad one not listed
+    assert again.steps == [1, 2]  # a refused push changes nothing, on disk as in memory
     _check_listed(again, model)
     again.push(_state(model, 4), 4)
     _check_listed(again, model)

@@ -207,9 +207,7 @@ def test_recorded_batchnorm_statistics_are_not_used_on_batch_statistics() -> Non
     """A trajectory that records buffers (``buffers=True``) holds BatchNorm running statistics.
 
     Under batch statistics (the default) they must play no part, and they are never
-    differentiated. Today the functional path passes them in with ``requires_grad`` and
-    ``native_batch_norm`` raises, so ``select`` fails on every BatchNorm model recorded with
-    buffers.
+    differentiated (``native_batch_norm`` refuses running statistics that require grad).
     """
     model, traj, batches = ref.make_problem("cnn_bn", n=5, buffers=True)
     assert {"bn.running_mean", "bn1.running_var"} <= set(traj.names)
@@ -226,8 +224,8 @@ def test_recorded_batchnorm_statistics_are_not_used_on_batch_statistics() -> Non
 
 
 def test_evaluator_ignores_recorded_batchnorm_statistics() -> None:
-    """``make_evaluator`` (greedy soup's yardstick) promises batch statistics; with recorded
-    buffers it silently evaluates with the averaged running statistics instead."""
+    """``make_evaluator`` (greedy soup's yardstick) evaluates on batch statistics like ``select``,
+    also when the trajectory records buffers: the averaged running statistics play no part."""
     model, traj, batches = ref.make_problem("cnn_bn", n=4, buffers=True)
     w = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
     got = sewa.methods.make_evaluator(traj, model, ref.cross_entropy, batches[:1])(w)

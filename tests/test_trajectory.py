@@ -171,7 +171,7 @@ def test_non_finite_snapshot_is_refused_naming_the_step(bad: float) -> None:
 
 def test_float16_overflow_is_refused_naming_step_and_parameter() -> None:
     """A value finite in float32 but beyond float16's range becomes Inf in storage: refused with
-    a clear error (today the error path itself fails with StopIteration)."""
+    a clear error (the source itself is finite, so the bad tensor is found in the stored row)."""
     model = mlp()
     traj = sewa.Trajectory(model, window=2, dtype="float16")
     traj.push(model, step=1)
@@ -192,9 +192,8 @@ def test_check_finite_false_records_anyway() -> None:
 def test_refused_snapshot_in_a_full_window_keeps_the_trajectory_consistent() -> None:
     """A refused push into a full window must not corrupt the snapshots that remain.
 
-    Today the refused snapshot overwrites the oldest row, which is then dropped: the held rows
-    are no longer ``data[:len]`` (``average`` raises IndexError) and the next push reuses the row
-    of the newest snapshot, silently replacing it.
+    The refused snapshot may cost the oldest (its row was written over), but the held rows must
+    stay readable and averageable, and the next push must not reuse the newest snapshot's row.
     """
     model = mlp()
     traj = sewa.Trajectory(model, window=3)

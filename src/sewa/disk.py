@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .io import atomic_write
-from .trajectory import Trajectory, TrajectoryError, _dtype, _named_tensors, all_finite
+from .trajectory import Trajectory, TrajectoryError, _dtype, _named_tensors
 
 __all__ = ["DiskTrajectory"]
 
@@ -293,6 +293,8 @@ class DiskTrajectory(Trajectory):
         if self._steps and step <= self._steps[-1]:
             raise TrajectoryError(f"step {step} is not after the newest recorded step {self._steps[-1]}")
         recorded, others = self.check_compatible(source, what)
+        if self.check_finite:
+            self._refuse_nonfinite([recorded[n] for n in self.names], step)
         if len(self._slots) == self.window:
             # 1. unlist the oldest snapshot before its row is overwritten
             slot = self._slots.pop(0)
@@ -303,9 +305,6 @@ class DiskTrajectory(Trajectory):
         # 2. write the row and flush it
         row = self.data[slot]
         self._write(row, [recorded[n] for n in self.names])
-        if self.check_finite and not all_finite(row):
-            bad = next(n for n in self.names if not bool(torch.isfinite(recorded[n]).all()))
-            raise TrajectoryError(f"snapshot at step {step} holds NaN or Inf (first in {bad!r}); it was not recorded")
         self._flush_row(slot)
         changed = False
         for name, t in others.items():

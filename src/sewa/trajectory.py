@@ -264,17 +264,11 @@ class Trajectory:
         if self._steps and step <= self._steps[-1]:
             raise TrajectoryError(f"step {step} is not after the newest recorded step {self._steps[-1]}")
         recorded, others = self.check_compatible(source, what)
+        if self.check_finite:
+            self._refuse_nonfinite([recorded[n] for n in self.names], step)
         slot = len(self._slots) if len(self._slots) < self.window else self._slots[0]
         row = self.data[slot]
         self._write(row, [recorded[n] for n in self.names])
-        if self.check_finite and not all_finite(row):
-            # The stored row is checked, not the source: a float16 row can overflow to Inf.
-            bad = next(n for n, v in zip(self.names, self.views(row), strict=True) if not bool(torch.isfinite(v).all()))
-            if len(self._slots) == self.window:  # the oldest row was overwritten: it is gone
-                self._slots.pop(0)
-                self._steps.pop(0)
-                self._compact(slot)
-            raise TrajectoryError(f"snapshot at step {step} holds NaN or Inf (first in {bad!r}); it was not recorded")
         if len(self._slots) == self.window:
             self._slots.pop(0)
             self._steps.pop(0)
@@ -287,15 +281,23 @@ class Trajectory:
             else:
                 self.extras[name] = t.detach().to("cpu", copy=True)
 
-    def _compact(self, free: int) -> None:
-        """Moves the snapshot in the last held row into row ``free``, so that the held
-        snapshots stay in rows ``0 .. len-1`` (what :meth:`matrix` returns)."""
-        last = len(self._slots)
-        if free == last:
-            return
-        i = self._slots.index(last)
-        self.data[free].copy_(self.data[last])
-        self._slots[i] = free
+    def _refuse_nonfinite(self, sources: list[Tensor], step: int) -> None:
+        """Raises before anything is written if a source holds NaN/Inf, or a value that the
+        float16 storage would turn into Inf: a refused push changes nothing."""
+        with torch.no_grad():
+            # One reduction per tensor and a single host sync on the fast path.
+            checks = [t.sum(dtype=torch.float32) for t in sources]
+            if self.dtype == torch.float16:
+                inf = torch.tensor(float("inf"))
+                checks += [torch.where(t.abs().amax().float().cpu() > 65504.0, inf, 0.0) for t in sources if t.numel()]
+            if bool(torch.isfinite(torch.stack([c.to("cpu") for c in checks]).sum())):
+                return
+        for name, t in zip(self.names, sources, strict=True):
+            if not bool(torch.isfinite(t).all()):
+                raise TrajectoryError(f"snapshot at step {step} holds NaN or Inf (first in {name!r}); it was not recorded")
+            if self.dtype == torch.float16 and float(t.abs().amax()) > 65504.0:
+                raise TrajectoryError(f"snapshot at step {step} overflows float16 storage in {name!r} "
+                                      "(|value| > 65504); it was not recorded: store in bfloat16 or float32")
 
     def _write(self, row: Tensor, sources: list[Tensor]) -> None:
         dests = self.views(row)
