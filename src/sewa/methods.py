@@ -15,8 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import weights as rules
-from ._engine import functional_forward, selection_model, to_device
-from .average import average_flat
+from ._engine import MixedLoss, to_device
 from .select import select, trainable_average
 from .trajectory import Trajectory
 
@@ -103,21 +102,21 @@ def make_evaluator(
     trajectory: Trajectory, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any], *, batch_stats: bool = True
 ) -> Callable[[Tensor], float]:
     """``weights -> mean loss over batches`` of the averaged model (weighted by batch size),
-    evaluated like :func:`sewa.select` does (eval mode, BatchNorm on batch statistics)."""
-    device = trajectory.data.device
-    net = selection_model(model, batch_stats, device)
-    held = [(to_device(x, device), to_device(y, device)) for x, y in batches]
+    evaluated exactly as :func:`sewa.select` evaluates (the same engine: eval mode, BatchNorm on
+    batch statistics)."""
+    engine = MixedLoss(trajectory, model, loss_fn, batch_stats=batch_stats)
+    held = [(to_device(x, engine.device), to_device(y, engine.device)) for x, y in batches]
     if not held:
         raise ValueError("the selection split has no batches")
 
     @torch.no_grad()
     def evaluate(w: Tensor) -> float:
-        params = dict(zip(trajectory.names, trajectory.views(average_flat(trajectory, w)), strict=True))
+        mix = rules.check_weights(w, len(trajectory))[None]
+        flat = engine.mix(mix[:, engine.inverse].to(engine.device, torch.float32))[0]
         total, count = 0.0, 0
         for x, y in held:
-            out = functional_forward(net, params, x)
             size = len(y) if hasattr(y, "__len__") else 1
-            total += float(loss_fn(out, y)) * size
+            total += float(engine._loss(flat, x, y)) * size
             count += size
         return total / count
 

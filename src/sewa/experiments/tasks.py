@@ -174,7 +174,7 @@ def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
 
 SPECS: dict[str, Spec] = {
     "fashion_mnist": Spec("fashion_mnist", "image", _load_fashion, lambda d: models.resnet8(10, 1), F.cross_entropy, "accuracy",
-                          epochs=6, lr=0.1, batch_size=128, window=100, record_window=200, every=2, train_subset=20000,
+                          epochs=6, lr=0.1, batch_size=128, window=100, record_window=200, every=2, train_subset=20000, sel_steps=100,
                           sel_batch=256, options={"label_noise": 0.2}),
     "cifar100": Spec("cifar100", "image", _load_cifar100, lambda d: models.resnet8(100, 3), F.cross_entropy, "accuracy",
                      epochs=30, lr=0.1, window=100, record_window=100, every=10),
