@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is pinned for the set-up only (a CPU build on these machines); the package accepts torch>=2.4.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,cli,lightning,transformers
+EXTRAS ?= dev,cli,lightning,transformers,experiments
 
 .PHONY: venv demo test lint typecheck pytest bench experiments clean
 
@@ -31,6 +31,7 @@ test: lint pytest
 
 bench: venv
 	$(BIN)/python benchmarks/selection.py
+	$(BIN)/python benchmarks/make_performance_doc.py
 	$(BIN)/python benchmarks/recording.py
 
 clean:

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -80,7 +81,7 @@ def mlp_for(p: int) -> nn.Module:
 
 def make_model(kind: str, p: int) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
     """A model and one batch: ``mlp`` (sized to ``p``), ``tiny`` (Linear(1, 10): 20
-    parameters) or ``resnet8`` (32x32 RGB, BatchNorm, batch 128)."""
+    parameters) or ``resnet8`` (32x32 RGB, BatchNorm, batch 64)."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if kind == "mlp":
@@ -90,7 +91,7 @@ def make_model(kind: str, p: int) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
     elif kind == "resnet8":
         from sewa.experiments.models import resnet8
 
-        model, x = resnet8(CLASSES), torch.randn(128, 3, 32, 32, generator=gen)
+        model, x = resnet8(CLASSES), torch.randn(64, 3, 32, 32, generator=gen)
     else:
         raise ValueError(f"unknown model kind {kind!r}: use mlp, tiny or resnet8")
     return model, (x, torch.randint(0, CLASSES, (x.shape[0],), generator=gen))
@@ -241,6 +242,9 @@ def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
     rss0 = maxrss_bytes()
     model, batch = make_model(kind, cfg["P"])
     p = sum(t.numel() for t in model.parameters())
+    nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()  # a plain training step's memory
+    model.zero_grad(set_to_none=True)
+    rss_plain = maxrss_bytes()
     traj = build_trajectory(model, k, storage)
     rss_traj = maxrss_bytes()
     logits, noise = masks_input(k, m)
@@ -251,12 +255,17 @@ def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
     first_step = time.perf_counter() - start
     fast()
     rss_fast = maxrss_bytes()
-    out: dict[str, Any] = dict(cfg, type="point", P=p, P_target=cfg["P"], hidden=getattr(model[2], "in_features", None)
+    out: dict[str, Any] = dict(cfg, type="point", P=p, P_target=cfg["P"], hidden=getattr(list(model.children())[2], "in_features", None)
                                if kind == "mlp" else None, batch=int(batch[0].shape[0]), traj_bytes=traj.nbytes,
                                param_bytes=4 * p, mixed_bytes=4 * m * p, peak_bytes=rss_fast - rss0,
+                               plain_step_bytes=rss_plain - rss0,
                                traj_build_peak_bytes=rss_traj - rss0, first_step_s=first_step,
                                vectorize=getattr(engine, "vectorize", None), load_start=load_average())
     out["budget_bytes"] = traj.nbytes + 3 * out["param_bytes"] + out["mixed_bytes"]
+    # The same, plus what a plain forward/backward needs beyond the model and its gradient
+    # (activations, workspace): the model's own cost, which "3 model copies" may not cover.
+    out["activation_bytes"] = max(0, out["plain_step_bytes"] - 2 * out["param_bytes"])
+    out["budget_with_activations_bytes"] = out["budget_bytes"] + out["activation_bytes"]
     if not cfg.get("timing", True):
         return out
     fast.parts = {name: [] for name in fast.parts}
@@ -326,20 +335,7 @@ def run_compare(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_candidates(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Micro-measurements of the implementation choices, at one size and thread count."""
-    set_threads(cfg["threads"])
-    k, p_target, m, reps = cfg["k"], cfg["P"], cfg["M"], cfg["repeats"]
-    records: list[dict[str, Any]] = []
-
-    def emit(group: str, times: dict[str, list[float]], **extra: Any) -> None:
-        base = min(median(v) for v in times.values())
-        for name, v in times.items():
-            records.append(dict(type="candidate", group=group, variant=name, threads=cfg["threads"], k=k, M=m,
-                                seconds=median(v), times=v, relative_to_best=median(v) / base, **extra))
-
-    model, batch = make_model("mlp", p_target)
-    p = sum(t.numel() for t in model.parameters())
+def _matrix_candidates(k: int, p: int, m: int, reps: int) -> dict[str, dict[str, list[float]]]:
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(k, p, generator=gen)
     a = torch.softmax(torch.randn(m, k, generator=gen), 1)
@@ -360,24 +356,30 @@ def run_candidates(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             return out
         return run
 
-    emit("mix W=AΘ, float32", interleaved({
-        "one mm into a reused buffer": lambda: torch.mm(a, rows, out=w),
-        "one mm, new output each step": lambda: torch.mm(a, rows),
-        "chunks of 16384 columns": chunked_mix(16384),
-        "chunks of 131072 columns": chunked_mix(131072),
-    }, reps), P=p)
-    emit("mask gradient GΘᵀ, float32", interleaved({
-        "one mm": lambda: torch.mm(g, rows.T),
-        "chunks of 16384 columns": chunked_grad(16384),
-        "chunks of 131072 columns": chunked_grad(131072),
-    }, reps), P=p)
-    rows = torch.empty(0)  # let the float32 matrix go before the bfloat16 one
+    return {
+        "mix W=AΘ, float32": interleaved({
+            "one mm into a reused buffer": lambda: torch.mm(a, rows, out=w),
+            "one mm, new output each step": lambda: torch.mm(a, rows),
+            "chunks of 131072 columns": chunked_mix(131072),
+        }, reps),
+        "mask gradient GΘᵀ, float32": interleaved({
+            "one mm": lambda: torch.mm(g, rows.T),
+            "chunks of 131072 columns": chunked_grad(131072),
+        }, reps),
+    }
 
-    # Compact storage: the engine's chunked widening into a reused float32 scratch, by chunk size.
+
+def _bf16_candidates(model: nn.Module, k: int, m: int, reps: int) -> dict[str, list[float]]:
+    """The engine's two passes over bfloat16 storage (chunked widening into a reused float32
+    scratch, by scratch size), float32 storage, and a bfloat16 matmul for reference."""
+    gen = torch.Generator().manual_seed(0)
     traj = build_trajectory(model, k, "bfloat16")
     eng = engine_module.MixedLoss(traj, model, nn.functional.cross_entropy)
-    a_rows = a.clone()
-    wb = torch.empty(m, p)
+    ef = engine_module.MixedLoss(build_trajectory(model, k, "float32"), model, nn.functional.cross_entropy)
+    p = traj.num_params
+    a = torch.softmax(torch.randn(m, k, generator=gen), 1)
+    g = torch.randn(m, p, generator=gen)
+    w = torch.empty(m, p)
     original = engine_module._CHUNK_BYTES
 
     def widened(chunk_bytes: int) -> Callable[[], None]:
@@ -386,54 +388,80 @@ def run_candidates(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             if eng._scratch is not None and eng._scratch.shape[1] != next(eng._chunks()).stop:
                 eng._scratch = None  # a scratch of this variant's own width
             try:
-                eng._mix_into(a_rows, wb)
+                eng._mix_into(a, w)
                 eng.grad_mix(g)
             finally:
                 engine_module._CHUNK_BYTES = original
         return run
 
-    rows_bf16 = traj.data
-    variants = {f"chunked widening, {b >> 20} MiB scratch": widened(b) for b in (1 << 20, 4 << 20, 16 << 20, 64 << 20)}
+    variants: dict[str, Callable[[], Any]] = {
+        "float32 storage (for comparison)": lambda: (ef._mix_into(a, w), ef.grad_mix(g))}
+    for size in (original, 16 << 20, 64 << 20):
+        variants[f"chunked widening, {size >> 20} MiB scratch" + (" (engine)" if size == original else "")] = widened(size)
     variants["bfloat16 mm (bfloat16 output: reference only, loses precision)"] = lambda: (
-        torch.mm(a_rows.bfloat16(), rows_bf16), torch.mm(g.bfloat16(), rows_bf16.T))
-    emit("bfloat16 storage: both matrix passes", interleaved(variants, reps), P=p, current_chunk_bytes=original)
-    variants.clear()
-    del eng, traj
+        torch.mm(a.bfloat16(), traj.data), torch.mm(g.bfloat16(), traj.data.T))
+    return interleaved(variants, reps)
 
-    # The model's M forward/backward passes: tiny, the MLP, and ResNet-8 (BatchNorm).
+
+def _model_candidates(kind: str, p: int, m: int, reps: int) -> tuple[int, int, dict[str, list[float]]]:
+    """The M forward/backward passes by every path of the engine, and plain passes."""
+    net, (x, y) = make_model(kind, p)
+    pk = sum(t.numel() for t in net.parameters())
+    traj = build_trajectory(net, 10, "float32")
+    engines = {v: engine_module.MixedLoss(traj, net, nn.functional.cross_entropy, vectorize=v) for v in (True, False)}
+    gen = torch.Generator().manual_seed(0)
+    mixed = engines[False].mix(torch.softmax(torch.randn(m, 10, generator=gen), 1)).clone()
+    functional = engine_module.MixedLoss(traj, net, nn.functional.cross_entropy, vectorize=False)
+    functional._direct_checked, functional._direct = True, None  # force the functional_call loop
+
+    def vmap_rebuilt() -> Any:
+        engines[True]._vmapped = None  # what the engine did before: a new vmap(grad_and_value(...)) per call
+        return engines[True].model_grad(mixed, x, y)
+
+    def plain() -> None:
+        for _ in range(m):
+            net.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(net(x), y).backward()
+
+    return pk, int(x.shape[0]), interleaved({
+        "plain nn.Module passes (floor)": plain,
+        "direct loop (param.data = view)": lambda: engines[False].model_grad(mixed, x, y),
+        "functional_call loop": lambda: functional.model_grad(mixed, x, y),
+        "vmap, cached transform": lambda: engines[True].model_grad(mixed, x, y),
+        "vmap, rebuilt per call": vmap_rebuilt,
+    }, reps)
+
+
+def run_candidates(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Micro-measurements of the implementation choices, at one size and thread count."""
+    set_threads(cfg["threads"])
+    k, m, reps = cfg["k"], cfg["M"], cfg["repeats"]
+    records: list[dict[str, Any]] = []
+
+    def emit(group: str, times: dict[str, list[float]], **extra: Any) -> None:
+        best = min(median(v) for v in times.values())
+        for name, v in times.items():
+            records.append(dict(type="candidate", group=group, variant=name, threads=cfg["threads"], k=k, M=m,
+                                seconds=median(v), min_seconds=min(v), times=v, relative_to_best=median(v) / best,
+                                **extra))
+
+    model, (x, y) = make_model("mlp", cfg["P"])
+    p = sum(t.numel() for t in model.parameters())
+    for group, times in _matrix_candidates(k, p, m, reps).items():
+        emit(group, times, P=p)
+    emit("bfloat16 storage: both matrix passes", _bf16_candidates(model, k, m, reps), P=p)
     for kind in ("tiny", "mlp", "resnet8"):
-        net, (x, y) = (model, batch) if kind == "mlp" else make_model(kind, 0)
-        pk = sum(t.numel() for t in net.parameters())
-        traj = build_trajectory(net, 10, "float32")
-        engines = {v: engine_module.MixedLoss(traj, net, nn.functional.cross_entropy, vectorize=v) for v in (True, False)}
-        mixed = engines[False].mix(torch.softmax(torch.randn(m, 10, generator=gen), 1)).clone()
-        functional = engine_module.MixedLoss(traj, net, nn.functional.cross_entropy, vectorize=False)
-        functional._direct_checked, functional._direct = True, None  # force the functional_call loop
-        rebuild = engines[True]
-
-        def vmap_rebuilt(e: Any = rebuild, mx: Tensor = mixed, xx: Tensor = x, yy: Tensor = y) -> Any:
-            e._vmapped = None  # what the engine did before: a new vmap(grad_and_value(...)) per call
-            return e.model_grad(mx, xx, yy)
-
-        def plain(n: nn.Module = net, xx: Tensor = x, yy: Tensor = y) -> None:
-            for _ in range(m):
-                n.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(n(xx), yy).backward()
-
-        emit(f"model: M={m} forward/backward passes, {kind} ({pk:,} parameters, batch {x.shape[0]})", interleaved({
-            "plain nn.Module passes (floor)": plain,
-            "direct loop (param.data = view)": lambda e=engines[False], mx=mixed, xx=x, yy=y: e.model_grad(mx, xx, yy),
-            "functional_call loop": lambda e=functional, mx=mixed, xx=x, yy=y: e.model_grad(mx, xx, yy),
-            "vmap, cached transform": lambda e=engines[True], mx=mixed, xx=x, yy=y: e.model_grad(mx, xx, yy),
-            "vmap, rebuilt per call": vmap_rebuilt,
-        }, reps), P=pk, model=kind)
-
+        pk, batch, times = _model_candidates(kind, cfg["P"], m, reps)
+        emit(f"model: M={m} forward/backward passes, {kind} ({pk:,} parameters, batch {batch})", times, P=pk, model=kind)
     # A smaller selection batch: the model part scales with it.
     eng = engine_module.MixedLoss(build_trajectory(model, 10, "float32"), model, nn.functional.cross_entropy)
-    mixed = eng.mix(a[:, :10] / a[:, :10].sum(1, keepdim=True)).clone()
-    x, y = batch
-    emit("selection batch size (model part, direct loop)", interleaved({
-        f"batch {b}": (lambda b=b: eng.model_grad(mixed, x[:b], y[:b])) for b in (64, 128, 256)}, reps), P=p)
+    gen = torch.Generator().manual_seed(0)
+    mixed = eng.mix(torch.softmax(torch.randn(m, 10, generator=gen), 1)).clone()
+    def batch_of(b: int) -> Callable[[], Any]:
+        return lambda: eng.model_grad(mixed, x[:b], y[:b])
+
+    emit("selection batch size (model part, direct loop)",
+         interleaved({f"batch {b}": batch_of(b) for b in (64, 128, 256)}, reps), P=p)
     return records
 
 
@@ -443,11 +471,20 @@ def run_cost(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     from sewa.demo import DemoConfig, demo_task, digits, make_model, train_run
 
     set_threads(cfg["threads"])  # the demo itself runs on one thread
-    config = DemoConfig()
+    config = DemoConfig.fast() if cfg.get("smoke") else DemoConfig()
     data = digits(config.label_noise, config.data_seed, config.val_size, config.test_size)
     traj, facts = train_run(data, config, seed=0)
     val = list(demo_task(data, config).require("val", "for selection"))
     select_module = importlib.import_module("sewa.select")
+    # The selection's own floor: steps x M plain forward/backward passes on the val batches.
+    net = make_model(config.hidden)
+
+    def plain_pass(batch: tuple[Tensor, Tensor]) -> None:
+        net.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(net(batch[0]), batch[1]).backward()
+
+    per_batch = [median(interleaved({"plain": partial(plain_pass, b)}, 20)["plain"]) for b in val]
+    floor = config.select_steps * config.samples * sum(per_batch) / len(per_batch)
     records = []
     for which in ("after", "before", "after"):  # after twice: the first run pays one-off warm-up
         select_module.MixedLoss = engine_class(which)  # type: ignore[attr-defined]
@@ -460,7 +497,7 @@ def run_cost(cfg: dict[str, Any]) -> list[dict[str, Any]]:
                             epoch_seconds=facts["epoch_seconds"], selection_seconds=sel.seconds,
                             steps=config.select_steps, samples=config.samples, window=len(traj),
                             top_k=config.top_k, params=traj.num_params, threads=cfg["threads"],
-                            val_batches=len(val), indices=sel.indices))
+                            val_batches=len(val), indices=sel.indices, selection_floor_seconds=floor))
     return records[1:]
 
 
@@ -472,7 +509,7 @@ def grid(name: str, threads: int, mem_limit: float) -> list[dict[str, Any]]:
     def add(k: int, p: float, m: int, storage: str, naive: bool, repeats: int) -> None:
         cfg = dict(kind="point", k=k, P=int(p), M=m, storage=storage, naive=naive, threads=threads, repeats=repeats)
         if naive and m >= 16:
-            cfg["naive_repeats"] = 2
+            cfg["naive_repeats"] = 3
         if k * p * (4 if storage == "float32" else 2) > mem_limit:
             print(f"skipping k={k} P={p:.0e} {storage}: its trajectory exceeds --mem-limit", file=sys.stderr)
             return
@@ -481,13 +518,18 @@ def grid(name: str, threads: int, mem_limit: float) -> list[dict[str, Any]]:
 
     if name == "quick":
         for k in (10, 50, 100, 200):  # growth in k
-            add(k, 1e6, 4, "float32", naive=k <= 100, repeats=3)
+            add(k, 1e6, 4, "float32", naive=k <= 100, repeats=5)
         for p in (1e5, 1e7):  # growth in P (1e6 above)
-            add(100, p, 4, "float32", naive=p < 1e7, repeats=3)
+            add(100, p, 4, "float32", naive=p < 1e7, repeats=5 if p < 1e7 else 3)
         for m in (1, 16):  # growth in M (4 above)
-            add(100, 1e6, m, "float32", naive=True, repeats=3)
+            add(100, 1e6, m, "float32", naive=True, repeats=5)
         for p in (1e6, 1e7):  # compact storage
-            add(100, p, 4, "bfloat16", naive=p < 1e7, repeats=3)
+            add(100, p, 4, "bfloat16", naive=p < 1e7, repeats=5 if p < 1e7 else 3)
+    elif name == "smoke":  # seconds: checks that every part runs, measures nothing worth reading
+        for k in (4, 8):
+            add(k, 2e4, 2, "float32", naive=True, repeats=2)
+        add(8, 5e4, 2, "float32", naive=True, repeats=2)
+        add(8, 2e4, 2, "bfloat16", naive=True, repeats=2)
     elif name == "full":
         for storage in ("float32", "bfloat16"):
             for p in (1e5, 1e6, 1e7):
@@ -499,26 +541,34 @@ def grid(name: str, threads: int, mem_limit: float) -> list[dict[str, Any]]:
     return points
 
 
-def extra_jobs(threads: int, quick: bool) -> list[dict[str, Any]]:
+def extra_jobs(threads: int, grid_name: str) -> list[dict[str, Any]]:
     """The optimisation section's jobs: before/after comparisons, the engine before's memory,
     candidates at both thread counts, and the demo's cost."""
-    reps = 3 if quick else 5
+    reps = {"quick": 3, "smoke": 2}.get(grid_name, 5)
+    key = dict(KEY, P=20_000, k=8) if grid_name == "smoke" else dict(KEY)
     jobs: list[dict[str, Any]] = []
-    for point in ({**KEY}, {**KEY, "M": 16}, {**KEY, "storage": "bfloat16"}, {**KEY, "model": "tiny", "P": 20}):
+    for point in (key, {**key, "M": 16}, {**key, "storage": "bfloat16"}, {**key, "model": "tiny", "P": 20}):
         jobs.append(dict(point, kind="compare", threads=threads, repeats=reps))
-    for point in ({**KEY}, {**KEY, "M": 16}):
+    for point in (key, {**key, "M": 16}):
         jobs.append(dict(point, kind="point", engine="before", timing=False, threads=threads, repeats=1))
-    for t in sorted({threads, 1}, reverse=True):
-        jobs.append(dict(kind="candidates", k=100, P=1_000_000, M=4, threads=t, repeats=reps))
-    jobs.append(dict(kind="cost", threads=1))
+    for t in sorted({threads, 1, 2}):
+        jobs.append(dict(kind="candidates", k=key["k"], P=key["P"], M=4, threads=t, repeats=reps if t == 1 else 2))
+    for t in sorted({1, 2} - {threads}):  # the key point at the other thread count, beside the grid
+        jobs.append(dict(key, kind="point", naive=True, threads=t, repeats=2, naive_repeats=1, aside=True))
+    jobs.append(dict(kind="cost", threads=1, smoke=grid_name == "smoke"))
     return jobs
 
 
 # --------------------------------------------------------------------------- targets
+def main_points(records: list[dict[str, Any]], timed: bool = True) -> list[dict[str, Any]]:
+    """The grid's points measured with the working tree's engine (not the asides)."""
+    return [r for r in records if r.get("type") == "point" and r.get("engine", "after") == "after"
+            and not r.get("aside") and ("t_step" in r or not timed)]
+
+
 def _find(records: list[dict[str, Any]], **want: Any) -> dict[str, Any] | None:
-    for r in records:
-        if r.get("type") == "point" and r.get("engine", "after") == "after" and "t_step" in r and all(
-                r.get(key, "mlp" if key == "model" else None) == value for key, value in want.items()):
+    for r in main_points(records):
+        if all(r.get("P_target" if key == "P" else key) == value for key, value in want.items()):
             return r
     return None
 
@@ -527,8 +577,7 @@ def sweep(records: list[dict[str, Any]], axis: str, storage: str = "float32", **
     """Points of the timed grid along ``axis`` with the other sizes at ``fixed`` (by default the
     key point's), sorted by ``axis``."""
     base = {key: value for key, value in KEY.items() if key not in ("storage", axis)} | fixed
-    rows = [r for r in records if r.get("type") == "point" and "t_step" in r and r.get("engine", "after") == "after"
-            and r["storage"] == storage and all(r.get("P_target" if key == "P" else key) == value
+    rows = [r for r in main_points(records) if r["storage"] == storage and all(r.get("P_target" if key == "P" else key) == value
                                                 for key, value in base.items())]
     return sorted(rows, key=lambda r: r["P" if axis == "P" else axis])
 
@@ -549,7 +598,7 @@ def slopes(records: list[dict[str, Any]]) -> dict[str, float]:
 
 def evaluate_targets(records: list[dict[str, Any]]) -> list[tuple[bool | None, str]]:
     """The targets of issue 5 as ``(passed, line)``; ``passed`` is ``None`` when not measured."""
-    points = [r for r in records if r.get("type") == "point" and "t_step" in r and r.get("engine", "after") == "after"]
+    points = main_points(records)
     lines: list[tuple[bool | None, str]] = []
 
     def point_name(r: dict[str, Any]) -> str:
@@ -577,7 +626,7 @@ def evaluate_targets(records: list[dict[str, Any]]) -> list[tuple[bool | None, s
         ok = sum(r["bw_fraction"] >= BW_FRACTION for r in big)
         lines.append((ok == len(big), f"matrix passes >= {BW_FRACTION:.0%} of copy bandwidth for P >= 1e6: {ok}/{len(big)} "
                       f"points; lowest {worst['bw_fraction']:.0%} at {point_name(worst)}"))
-    mem = [r for r in records if r.get("type") == "point" and r.get("engine", "after") == "after"]
+    mem = main_points(records, timed=False)
     if mem:
         worst = max(mem, key=lambda r: r["peak_bytes"] / r["budget_bytes"])
         ok = sum(r["peak_bytes"] <= r["budget_bytes"] for r in mem)
@@ -642,9 +691,11 @@ def _describe(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", choices=("quick", "full"), default="quick")
+    parser.add_argument("--grid", choices=("quick", "full", "smoke"), default="quick")
     parser.add_argument("--parts", default="grid,extra", help="comma-separated: grid, extra (before/after, candidates, demo cost)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads in every worker (default 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads in every worker (default 1: on a shared machine, OpenMP "
+                             "barrier stalls dominate multi-threaded timings; the candidates run at 1 and 2)")
     parser.add_argument("--out", type=Path, default=RESULTS / "selection.jsonl")
     parser.add_argument("--mem-limit", type=float, default=None,
                         help="skip points whose trajectory exceeds this many bytes (default: 35%% of RAM)")
@@ -663,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(args.parts.split(","))
     jobs = grid(args.grid, args.threads, mem_limit) if "grid" in parts else []
     if "extra" in parts:
-        jobs += extra_jobs(args.threads, args.grid == "quick")
+        jobs += extra_jobs(args.threads, args.grid)
     out = JsonLines(args.out, fresh=True)
     start = time.perf_counter()
     out.write(dict(type="machine", grid=args.grid, command=" ".join([Path(sys.executable).name, *sys.argv]),
@@ -676,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i}/{len(jobs)} {time.perf_counter() - start:6.0f}s] {_describe(r)}", flush=True)
             if r["type"] == "cost" and r["engine"] == "after":
                 keys = ("task", "epoch_seconds", "selection_seconds", "steps", "samples", "window")
-                (RESULTS / "cost_demo.json").write_text(json.dumps({key: r[key] for key in keys} | {
+                (args.out.parent / "cost_demo.json").write_text(json.dumps({key: r[key] for key in keys} | {
                     "source": "benchmarks/selection.py", "threads": r["threads"]}, indent=1) + "\n")
     out.write(dict(type="done", seconds=time.perf_counter() - start, load_end=load_average()))
     print(f"\n{len(jobs)} jobs in {time.perf_counter() - start:.0f} s on {info['cpu']} "

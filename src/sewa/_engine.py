@@ -95,8 +95,8 @@ class MixedLoss:
     - *vmap*: :func:`torch.func.vmap` over the samples (the default elsewhere, when the model
       supports it).
 
-    In :meth:`__call__`, ``W`` and ``G`` share one ``(M + 1, P)`` buffer: ``G_j`` is written
-    into the row that held ``W_{j-1}``, which is dead once sample ``j - 1`` is done.
+    In :meth:`__call__` the direct loop writes ``G_j`` over ``W_j`` once sample ``j``'s backward
+    is done, so ``W`` and ``G`` share one ``(M, P)`` buffer, reused across steps.
 
     Args:
         trajectory: The snapshots; its rows are read in place (moved once if ``device``
@@ -262,8 +262,8 @@ class MixedLoss:
         return self._model_grad(mixed, inputs, targets, None)
 
     def _model_grad(self, mixed: Tensor, inputs: Any, targets: Any, out: Tensor | None) -> tuple[Tensor, Tensor]:
-        """:meth:`model_grad`, writing the direct loop's gradients into ``out`` (which may
-        overlap ``mixed`` one row behind: ``out[j]`` may be ``mixed[j - 1]``)."""
+        """:meth:`model_grad`, writing the direct loop's gradients into ``out`` (which may be
+        ``mixed`` itself: row ``j`` is overwritten once sample ``j`` is done with it)."""
         if not self._checked:
             with torch.no_grad():
                 self._check(mixed[0], inputs, targets)
@@ -285,21 +285,29 @@ class MixedLoss:
     def _direct_loop(self, params: list[nn.Parameter | None], mixed: Tensor, inputs: Any, targets: Any,
                      out: Tensor) -> tuple[Tensor, Tensor]:
         losses = torch.empty(mixed.shape[0], device=mixed.device)
+        used = [p for p in params if p is not None]
         with torch.enable_grad():
             for j in range(mixed.shape[0]):
-                row = out[j]
-                row.zero_()  # backward adds into .grad in place: start from zero
-                for p, w, g in zip(params, self.views(mixed[j]), self.views(row), strict=True):
+                for p, w in zip(params, self.views(mixed[j]), strict=True):
                     if p is not None:
                         p.data = w
-                        p.grad = g
+                        p.grad = None  # backward hands its gradient over without a copy
                 loss = self.loss_fn(_forward(self.model, inputs), targets)
                 if loss.requires_grad:
                     loss.reshape(()).backward()
                 losses[j] = loss.detach().reshape(())
-        for p in params:  # let go of the buffers: the next call points the parameters anew
-            if p is not None:
-                p.grad = None
+                # W_j is dead now: its row may take G_j.
+                dests, grads = [], []
+                for p, g in zip(params, self.views(out[j]), strict=True):
+                    if p is None or p.grad is None:
+                        g.zero_()
+                    else:
+                        dests.append(g)
+                        grads.append(p.grad)
+                if dests:
+                    torch._foreach_copy_(dests, grads)
+        for p in used:
+            p.grad = None
         return losses, out
 
     def __call__(self, mix: Tensor, batch: Any) -> tuple[float, Tensor]:
@@ -309,13 +317,12 @@ class MixedLoss:
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
         a_rows = mix[:, self.inverse].to(self.device, torch.float32)
         m, p = a_rows.shape[0], self.rows.shape[1]
-        if self._buffer is None or self._buffer.shape[0] != m + 1:
-            self._buffer = torch.empty(m + 1, p, device=self.device)
+        if self._buffer is None or self._buffer.shape[0] != m:
+            self._buffer = torch.empty(m, p, device=self.device)
             self._mixed = None  # mix() keeps its own buffer; this one is the step's
-        mixed = self._mix_into(a_rows, self._buffer[1:])
-        losses, grads = self._model_grad(mixed, inputs, targets, self._buffer[:m])
-        grads.div_(m)  # L = mean over samples
-        g_rows = self.grad_mix(grads)
+        mixed = self._mix_into(a_rows, self._buffer)
+        losses, grads = self._model_grad(mixed, inputs, targets, self._buffer)
+        g_rows = self.grad_mix(grads).div_(m)  # L = mean over samples
         return float(losses.mean()), g_rows[:, self.order].to(mix.device, mix.dtype)
 
 

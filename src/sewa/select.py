@@ -87,7 +87,8 @@ def project_budget(logits: Tensor, budget: float, iters: int = 60) -> Tensor:
     k = logits.numel()
     if not 0 < budget < k:
         raise ValueError(f"budget must lie in (0, {k}), got {budget}")
-    x = logits.double()
+    # The logits live on the CPU (k numbers): plain floats beat tensor ops here.
+    x = logits.detach().double()
     lo, hi = -float(x.max()) - 40.0, -float(x.min()) + 40.0
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
@@ -162,8 +163,9 @@ def select(
         seed: Seeds the mask noise: the same seed gives the same selection.
         batch_stats: Evaluate BatchNorm layers with batch statistics (their running statistics
             do not match mixed weights). With ``False`` the newest snapshot's are used.
-        vectorize: Run the ``M`` forward passes with ``torch.func.vmap`` (``None``: try, and
-            fall back to a loop when the model does not support it).
+        vectorize: Run the ``M`` forward passes with ``torch.func.vmap`` (``True``) or a loop
+            (``False``). ``None``: a loop on CPU (measured faster there); elsewhere vmap when the
+            model supports it.
         device: Where to compute; defaults to the trajectory's device.
         progress: Show a progress bar.
         distributed: Internal hook for :mod:`sewa.distributed`: an object with

@@ -31,6 +31,15 @@ from ..trajectory import Trajectory
 from . import tasks as T
 
 SEWA_KS = (1, 5, 10, 20, 50)
+# One setting varied at a time around the defaults (SeWA K=10, annealed tau, the preset's M and steps).
+GRID: dict[str, tuple[Any, ...]] = {
+    "window": (10, 50, 100, 200), "tau": (0.1, 0.5, 1.0, 2.0, "annealed"), "samples": (1, 5, 10, 20),
+    "steps": (25, 50, 100, 200, 400), "split": (0.1, 0.3, 1.0), "convergence": (0.25, 0.5, 0.75, 1.0),
+}
+QUICK_GRID: dict[str, tuple[Any, ...]] = {
+    "window": (10, 20), "tau": (0.5, "annealed"), "samples": (1, 2), "steps": (10, 30), "split": (0.3, 1.0),
+    "convergence": (0.5, 1.0),
+}
 
 
 def machine() -> dict[str, Any]:
@@ -131,27 +140,28 @@ def _ablations(ctx: Context, score: _Scorer, full: Trajectory, data: T.TaskData,
         return list(T.loader((x[:m], y[:m]), spec.sel_batch, False, 0))
 
     ab: dict[str, list[dict[str, Any]]] = {k: [] for k in ("window", "tau", "samples", "steps", "objective", "budget", "split", "convergence")}
+    grid = QUICK_GRID if spec.options.get("quick") else GRID
     k_all = len(full)
-    for k in (10, 50, 100, 200):
+    for k in grid["window"]:
         if k <= k_all:
             ab["window"].append({"value": k} | run(full.subset(range(k_all - k, k_all))))
     traj = ctx.trajectory
-    for tau in (0.1, 0.5, 1.0, 2.0, "annealed"):
+    for tau in grid["tau"]:
         over = {} if tau == "annealed" else {"tau_start": tau, "tau_end": tau}
         ab["tau"].append({"value": tau} | run(traj, **over))
-    for m in (1, 5, 10, 20):
+    for m in grid["samples"]:
         ab["samples"].append({"value": m} | run(traj, samples=m))
-    for s in (25, 50, 100, 200, 400):
+    for s in grid["steps"]:
         ab["steps"].append({"value": s} | run(traj, steps=s))
     ab["objective"].append({"value": "val"} | run(traj))
     ab["objective"].append({"value": "train"} | run(traj, batches=split(n_val / max(1, len(data.train[1])), data.train)))
     for b in (True, False):
         ab["budget"].append({"value": b} | run(traj, budget=b))
-    for f in (0.1, 0.3, 1.0):
+    for f in grid["split"]:
         ab["split"].append({"value": f} | run(traj, batches=split(f, data.val)))
     # Convergence: average at earlier points of training, from the snapshots recorded so far.
     span = max(10, k_all // 4)
-    for frac in (0.25, 0.5, 0.75, 1.0):
+    for frac in grid["convergence"]:
         end = max(span, int(round(frac * k_all)))
         sub = full.subset(range(end - span, end))
         row: dict[str, Any] = {"value": frac, "step": sub.steps[-1]}
@@ -194,6 +204,8 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
     spec = T.SPECS[name].with_preset(preset)
     opts = spec.options | {"data_path": data_path, "train_subset": spec.train_subset}
     data = spec.load(opts)
+    if spec.eval_subset:  # smaller val/test splits keep the quick preset quick
+        data.val, data.test = T._subset(data.val, spec.eval_subset, 0), T._subset(data.test, spec.eval_subset, 0)
     torch.manual_seed(seed)
     model = spec.build(data)
     opt = _optimizer(spec, model)

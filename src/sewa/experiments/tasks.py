@@ -61,6 +61,7 @@ class Spec:
     record_window: int = 100
     every: int = 1
     train_subset: int | None = None
+    eval_subset: int | None = None
     eval_batch: int = 1000
     sel_batch: int = 256
     sel_steps: int = 200
@@ -78,8 +79,8 @@ class Spec:
         if preset != "quick":
             raise ValueError(f"unknown preset {preset!r}: use 'quick' or 'full'")
         return replace(self, epochs=2, window=20, record_window=24, every=1, train_subset=min(self.train_subset or 2000, 2000),
-                       sel_steps=30, sel_samples=2, bn_batches=5, episodes=2, seeds=1, ablations=self.ablations,
-                       options=self.options | {"quick": True})
+                       batch_size=min(self.batch_size, 64), eval_subset=500, sel_steps=30, sel_samples=2, bn_batches=5, episodes=2, seeds=1,
+                       options=self.options | {"quick": True, "transitions": 10_000})
 
 
 def accuracy(outputs: Tensor, targets: Tensor) -> float:
