@@ -377,7 +377,7 @@ def cost_rows() -> list[dict[str, Any]]:
 
 def section_cost(records: list[dict[str, Any]]) -> str:
     rows = []
-    for r in cost_rows():
+    for r in cost_rows() + experiment_cost_rows():
         frac = r["selection_seconds"] / r["epoch_seconds"]
         rows.append([r["task"], r["window"], r["samples"], r["steps"], human_seconds(r["epoch_seconds"]),
                      human_seconds(r["selection_seconds"]), f"{frac:.2f}", "yes" if frac <= 1 else "no", f"`{r['file']}`"])
@@ -610,6 +610,45 @@ def build(main: list[dict[str, Any]], others: dict[str, list[dict[str, Any]]], p
     return "\n".join(parts)
 
 
+def experiment_cost_rows() -> list[dict[str, Any]]:
+    """Selection cost of the experiment runs (``results/experiments/*/*/seed*.json``), one row per
+    task and preset, averaged over seeds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for path in sorted((ROOT / "results" / "experiments").glob("*/*/seed*.json")):
+        rec = json.loads(path.read_text())
+        groups.setdefault((rec["task"], rec["preset"]), []).append(rec)
+    rows = []
+    for (task, preset), recs in sorted(groups.items()):
+        c = [r["compute"] for r in recs]
+        cfg = recs[0]["config"]
+        rows.append({"task": f"experiment {task} ({preset}, {len(recs)} seeds)", "window": recs[0]["window"],
+                     "samples": cfg["sel_samples"], "steps": cfg["sel_steps"],
+                     "epoch_seconds": sum(x["epoch_seconds"] for x in c) / len(c),
+                     "selection_seconds": sum(x["selection_seconds"] for x in c) / len(c),
+                     "file": f"results/experiments/{task}/{preset}/"})
+    return rows
+
+
+def section_distributed() -> str:
+    """Time per step and communication for 1, 2 and 4 gloo processes (benchmarks/distributed.py)."""
+    path = RESULTS / "distributed.jsonl"
+    if not path.exists():
+        return "## Distributed selection\n\n(no `benchmarks/results/distributed.jsonl` yet: run `python benchmarks/distributed.py`)\n"
+    recs = [r for r in read_jsonl(path) if r.get("kind") == "result"]
+    rows = [[r["mode"], r["world_size"], f"{r['params']:,}", r["window"], r["samples"], ms(r["seconds_per_step"]),
+             f"{r['ratio_to_single_process']:.2f}", human_bytes(r["snapshot_matrix_bytes"]), human_bytes(r["local_snapshot_bytes"]),
+             f"{r['all_reduce_bytes_per_step']:,.0f}", human_bytes(r["comm_bytes_per_step_total"]), f"{r['comm_over_snapshot_matrix']:.2e}"]
+            for r in recs]
+    return "\n".join([
+        "## Distributed selection", "",
+        "`python benchmarks/distributed.py` (gloo, one thread per process, on the machine above; 2 cores, so no speed-up "
+        "is expected). The point is the communication: the all-reduce of the (M, k+1) mask gradient is the same number "
+        "of bytes whatever P is. The replicated (DDP) mode also all-gathers the mixed weights and reduce-scatters their "
+        "gradients, O(M·P); under FSDP2 those are FSDP's own collectives inside forward/backward.", "",
+        table(["mode", "ranks", "P", "k", "M", "ms / step", "vs 1 process", "snapshot matrix", "per rank",
+               "all-reduce bytes / step", "engine comm / step", "comm / matrix"], rows), ""])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -625,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         recs = read_jsonl(path)
         others[f"{machine_of(recs).get('threads', '?')} torch thread(s) (`{path.name}`)"] = recs
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(build(main_records, others, args.out.parent / "perf"))
+    args.out.write_text(build(main_records, others, args.out.parent / "perf") + "\n" + section_distributed())
     print(f"wrote {args.out} and {args.out.parent / 'perf'}/*.png")
     return 0
 

@@ -232,7 +232,9 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
 
     score = _Scorer(spec, data, model, seed)
     main = traj.subset(range(len(traj) - min(spec.window, len(traj)), len(traj)))
-    x_val, y_val = data.val
+    # The selection split (SeWA, TWA, greedy soup alike): the validation set, or its first
+    # ``sel_subset`` items where evaluating the whole of it hundreds of times would be too slow.
+    x_val, y_val = T._subset(data.val, spec.sel_subset, 0) if spec.sel_subset else data.val
     sel_batches = list(T.loader((x_val, y_val), spec.sel_batch, False, 0))
     ctx = Context(main, top_k=10, seed=seed, model=model, loss_fn=spec.loss, batches=sel_batches,
                   select_options={"steps": spec.sel_steps, "samples": spec.sel_samples})

@@ -62,6 +62,7 @@ class Spec:
     every: int = 1
     train_subset: int | None = None
     eval_subset: int | None = None
+    sel_subset: int | None = None
     eval_batch: int = 1000
     sel_batch: int = 256
     sel_steps: int = 200
@@ -176,7 +177,7 @@ def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
 SPECS: dict[str, Spec] = {
     "fashion_mnist": Spec("fashion_mnist", "image", _load_fashion, lambda d: models.resnet8(10, 1), F.cross_entropy, "accuracy",
                           epochs=6, lr=0.1, batch_size=128, window=100, record_window=200, every=2, train_subset=20000, sel_steps=100,
-                          sel_batch=256, options={"label_noise": 0.2}),
+                          sel_batch=256, sel_subset=1024, options={"label_noise": 0.2}),
     "cifar100": Spec("cifar100", "image", _load_cifar100, lambda d: models.resnet8(100, 3), F.cross_entropy, "accuracy",
                      epochs=30, lr=0.1, window=100, record_window=100, every=10),
     "ag_news": Spec("ag_news", "text", _load_text(D.ag_news), lambda d: models.TextClassifier(d.info["vocab"], d.info["classes"]),
