@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Iterator
@@ -37,33 +36,9 @@ def fast_step(engine: MixedLoss, logits: Tensor, noise: Tensor, tau: float, batc
 
 def fast_step_float64(traj: sewa.Trajectory, model: nn.Module, logits: Tensor, noise: Tensor, tau: float,
                       batch: ref.Batch) -> tuple[float, Tensor]:
-    """(loss, ∂loss/∂φ) of one step through the engine in float64 (``model`` is float64).
-
-    With a ``dtype`` argument on ``MixedLoss`` this is :func:`fast_step`. Without it,
-    ``__call__`` casts the masks to float32 and allocates float32 buffers, so the engine's own
-    pieces (``mix``, ``model_grad``, ``grad_mix``) run with float64 as the default dtype (their
-    buffers follow it) on widened snapshot rows, and ``__call__``'s few lines of glue are
-    repeated here.
-    """
-    if "dtype" in inspect.signature(MixedLoss).parameters:
-        engine = MixedLoss(traj, model, ref.cross_entropy, dtype=torch.float64)  # type: ignore[call-arg]
-        return fast_step(engine, logits, noise, tau, batch)
-    engine = MixedLoss(traj, model, ref.cross_entropy)
-    phi = logits.clone().requires_grad_(True)
-    mix = torch.softmax(nn.functional.logsigmoid((phi + noise) / tau), dim=1)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        engine.rows = engine.rows.double()
-        mixed = engine.mix(mix.detach()[:, engine.inverse])
-        losses, grads = engine.model_grad(mixed, *batch)
-        grad_mix = engine.grad_mix(grads / mix.shape[0])[:, engine.order]
-    finally:
-        torch.set_default_dtype(previous)
-    assert mixed.dtype == grads.dtype == grad_mix.dtype == torch.float64
-    mix.backward(grad_mix)
-    assert phi.grad is not None
-    return float(losses.mean()), phi.grad
+    """(loss, ∂loss/∂φ) of one step through the engine computing in float64 (``model`` is float64)."""
+    engine = MixedLoss(traj, model, ref.cross_entropy, dtype=torch.float64)
+    return fast_step(engine, logits, noise, tau, batch)
 
 
 def spread_logits(n: int, top_k: int) -> Tensor:

@@ -116,6 +116,7 @@ class MixedLoss:
     _direct: list[nn.Parameter | None] | None = None
     _direct_checked: bool = False
     _used: list[bool] | None = None
+    dtype: torch.dtype = torch.float32
 
     def __init__(
         self,
@@ -126,9 +127,11 @@ class MixedLoss:
         batch_stats: bool = True,
         vectorize: bool | None = None,
         device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         trajectory.check_compatible(model)
         rows, order = trajectory.matrix()
+        self.dtype = dtype  # compute dtype of W, G and the passes (float64 for exact checks)
         self.device = torch.device(device) if device is not None else rows.device
         self.rows = rows.to(self.device)
         self.order = order.to(self.device)
@@ -150,17 +153,17 @@ class MixedLoss:
     # -- the two matrix passes -------------------------------------------------------
     def _chunks(self) -> Iterator[slice]:
         p = self.rows.shape[1]
-        step = p if self.rows.dtype == torch.float32 else max(1024, _CHUNK_BYTES // (4 * self.rows.shape[0]))
+        step = p if self.rows.dtype == self.dtype else max(1024, _CHUNK_BYTES // (4 * self.rows.shape[0]))
         for start in range(0, p, step):
             yield slice(start, min(p, start + step))
 
     def _float_rows(self, cols: slice) -> Tensor:
         block = self.rows[:, cols]
-        if block.dtype == torch.float32:
+        if block.dtype == self.dtype:
             return block
         width = cols.stop - cols.start
         if self._scratch is None or self._scratch.shape[1] < width:
-            self._scratch = torch.empty(self.rows.shape[0], width, device=self.device)
+            self._scratch = torch.empty(self.rows.shape[0], width, device=self.device, dtype=self.dtype)
         scratch = self._scratch[:, :width]
         scratch.copy_(block)
         return scratch
@@ -175,17 +178,17 @@ class MixedLoss:
         return out
 
     def mix(self, a_rows: Tensor) -> Tensor:
-        """``W = A Θ`` (M, P) in float32, into a buffer reused across steps."""
+        """``W = A Θ`` (M, P) in the compute dtype, into a buffer reused across steps."""
         m, p = a_rows.shape[0], self.rows.shape[1]
         if self._mixed is None or self._mixed.shape[0] != m:
-            self._mixed = torch.empty(m, p, device=self.device)
+            self._mixed = torch.empty(m, p, device=self.device, dtype=self.dtype)
         return self._mix_into(a_rows, self._mixed)
 
     def grad_mix(self, g: Tensor) -> Tensor:
         """``∂L/∂A = G Θᵀ`` (M, k)."""
-        if self.rows.dtype == torch.float32:
+        if self.rows.dtype == self.dtype:
             return torch.mm(g, self.rows.T)
-        out = torch.zeros(g.shape[0], self.rows.shape[0], device=self.device)
+        out = torch.zeros(g.shape[0], self.rows.shape[0], device=self.device, dtype=self.dtype)
         for cols in self._chunks():
             out.addmm_(g[:, cols], self._float_rows(cols).T)
         return out
@@ -274,7 +277,7 @@ class MixedLoss:
         if direct is not None:
             return self._direct_loop(direct, mixed, inputs, targets, torch.empty_like(mixed) if out is None else out)
         grads = torch.empty_like(mixed)
-        losses = torch.empty(mixed.shape[0], device=self.device)
+        losses = torch.empty(mixed.shape[0], device=self.device, dtype=mixed.dtype)
         for j in range(mixed.shape[0]):
             flat = mixed[j].detach().requires_grad_(True)
             loss = self._loss(flat, inputs, targets)
@@ -284,7 +287,7 @@ class MixedLoss:
 
     def _direct_loop(self, params: list[nn.Parameter | None], mixed: Tensor, inputs: Any, targets: Any,
                      out: Tensor) -> tuple[Tensor, Tensor]:
-        losses = torch.empty(mixed.shape[0], device=mixed.device)
+        losses = torch.empty(mixed.shape[0], device=mixed.device, dtype=mixed.dtype)
         used = [p for p in params if p is not None]
         with torch.enable_grad():
             for j in range(mixed.shape[0]):
@@ -315,10 +318,10 @@ class MixedLoss:
         snapshot first."""
         inputs, targets = _split_batch(batch)
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
-        a_rows = mix[:, self.inverse].to(self.device, torch.float32)
+        a_rows = mix[:, self.inverse].to(self.device, self.dtype)
         m, p = a_rows.shape[0], self.rows.shape[1]
         if self._buffer is None or self._buffer.shape[0] != m:
-            self._buffer = torch.empty(m, p, device=self.device)
+            self._buffer = torch.empty(m, p, device=self.device, dtype=self.dtype)
             self._mixed = None  # mix() keeps its own buffer; this one is the step's
         mixed = self._mix_into(a_rows, self._buffer)
         losses, grads = self._model_grad(mixed, inputs, targets, self._buffer)
