@@ -22,7 +22,9 @@ substitutes were used, as listed in the project's data notes:
   datasets generated here in real MuJoCo (gymnasium `*-v5`, same observation/action sizes as D4RL)
   from linear policies the project trained itself with Augmented Random Search. Scores are
   D4RL-normalised with the standard reference returns. Original D4RL hdf5 files are accepted with
-  `--data PATH`.
+  `--data PATH`. For these tasks the test metric is the return of 10 fresh evaluation episodes per
+  method; "test loss" and "val loss" are both the action MSE on the held-out 5% of transitions that
+  is also the selection split.
 - **Image classification** (paper: CIFAR-100): Fashion-MNIST (Debian `dataset-fashion-mnist`) with a
   CIFAR-style ResNet-8 with BatchNorm. A CIFAR-100 code path (`sewa experiment cifar100 --data DIR`,
   torchvision folder format) exists but was not run: CIFAR is not obtainable here.
@@ -105,6 +107,21 @@ def paired_table(recs: list[dict[str, Any]], ref: str = "sewa10") -> tuple[list[
         ci = "n/a" if math.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
         lines.append(f"| {name} | {m:+.2f} | {ci} | {verdict} |")
     return lines, verdicts
+
+
+def overfit_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
+    """Selection-split loss against test metric for the K=10 methods: does winning on the
+    selection split carry over to the test split?"""
+    names = ("lawa10", "random10", "sewa10", "greedy_soup", "twa")
+    lines = ["| task | " + " | ".join(f"{n} val loss / test" for n in names) + " | best val loss | best test |",
+             "|---|" + "---|" * (len(names) + 2)]
+    for (task, preset), recs in sorted(groups.items()):
+        k = _scale(recs[0])
+        val = {n: mean_std([r["methods"][n]["val_loss"] for r in recs])[0] for n in names}
+        test = {n: mean_std([r["methods"][n]["test_metric"] * k for r in recs])[0] for n in names}
+        cells = " | ".join(f"{val[n]:.4f} / {test[n]:.2f}" for n in names)
+        lines.append(f"| {task} ({preset}) | {cells} | {min(val, key=val.__getitem__)} | {max(test, key=test.__getitem__)} |")
+    return lines
 
 
 def compute_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
@@ -198,6 +215,10 @@ def render(root: Path, out: Path) -> Path:
                               f"({', '.join(f'{k}: {v}' for k, v in verdicts.items())}).")
     md += ["## Compute", "", "Wall-clock on the machine named above; selection counts SeWA's forward and backward passes "
            "(steps × samples).", ""] + compute_table(groups) + [""]
+    md += ["## Selection split against test split", "",
+           "Loss on the validation split (which SeWA, greedy soup and TWA optimise) next to the test metric, "
+           "mean over seeds. A method that wins on validation but not on test has over-fitted the selection split.", ""]
+    md += overfit_table(groups) + [""]
     md += ["## Ablations", ""] + ablation_plots(groups, out)
     md += ["## Discussion", "", "Verdicts use paired differences over seeds with a 95% t interval: a win or loss needs "
            "the whole interval on one side of zero.", ""] + discussion + [""]
