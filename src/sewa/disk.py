@@ -287,14 +287,7 @@ class DiskTrajectory(Trajectory):
             raise RuntimeError(f"{self.directory} was opened read-only; open it with DiskTrajectory.open(path) to record")
         if self._lock_fd is None and fcntl is not None:
             raise RuntimeError(f"{self.directory} was closed; open it again to record")
-        if self._readers:
-            raise RuntimeError("cannot push while the trajectory is being read (a selection is running); push after it returns")
-        step = int(step)
-        if self._steps and step <= self._steps[-1]:
-            raise TrajectoryError(f"step {step} is not after the newest recorded step {self._steps[-1]}")
-        recorded, others = self.check_compatible(source, what)
-        if self.check_finite:
-            self._refuse_nonfinite([recorded[n] for n in self.names], step)
+        step, recorded, others = self._admit(source, step, what)
         if len(self._slots) == self.window:
             # 1. unlist the oldest snapshot before its row is overwritten
             slot = self._slots.pop(0)

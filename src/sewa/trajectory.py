@@ -258,14 +258,7 @@ class Trajectory:
 
         ``what`` names ``source`` in error messages (e.g. ``"checkpoint"``).
         """
-        if self._readers:
-            raise RuntimeError("cannot push while the trajectory is being read (a selection is running); push after it returns")
-        step = int(step)
-        if self._steps and step <= self._steps[-1]:
-            raise TrajectoryError(f"step {step} is not after the newest recorded step {self._steps[-1]}")
-        recorded, others = self.check_compatible(source, what)
-        if self.check_finite:
-            self._refuse_nonfinite([recorded[n] for n in self.names], step)
+        step, recorded, others = self._admit(source, step, what)
         slot = len(self._slots) if len(self._slots) < self.window else self._slots[0]
         row = self.data[slot]
         self._write(row, [recorded[n] for n in self.names])
@@ -280,6 +273,18 @@ class Trajectory:
                 held.copy_(t)
             else:
                 self.extras[name] = t.detach().to("cpu", copy=True)
+
+    def _admit(self, source: nn.Module | Mapping[str, Tensor], step: int, what: str) -> tuple[int, dict[str, Tensor], dict[str, Tensor]]:
+        """Every check a push makes before it writes anything: returns (step, recorded, others)."""
+        if self._readers:
+            raise RuntimeError("cannot push while the trajectory is being read (a selection is running); push after it returns")
+        step = int(step)
+        if self._steps and step <= self._steps[-1]:
+            raise TrajectoryError(f"step {step} is not after the newest recorded step {self._steps[-1]}")
+        recorded, others = self.check_compatible(source, what)
+        if self.check_finite:
+            self._refuse_nonfinite([recorded[n] for n in self.names], step)
+        return step, recorded, others
 
     def _refuse_nonfinite(self, sources: list[Tensor], step: int) -> None:
         """Raises before anything is written if a source holds NaN/Inf, or a value that the
