@@ -58,7 +58,7 @@ from torch.distributed.tensor import DTensor, Shard
 from ._engine import MixedLoss, _forward, selection_model, to_device
 from .average import average_flat as _average_flat
 from .bn import has_batchnorm
-from .select import Selection
+from .select import Selection, refuse_nonfinite_rows
 from .select import select as _select
 from .trajectory import Trajectory, TrajectoryError, _named_tensors, canonical_name
 
@@ -790,10 +790,7 @@ def _agree(trajectory: ShardedTrajectory, options: dict[str, Any]) -> None:
     finite = torch.isfinite(rows).all(dim=1).to(_comm_device(trajectory.group), torch.int32)
     with _collective("checking the snapshots", trajectory.group):
         dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=trajectory.group)
-    if not bool(finite.all()):
-        bad_row = int((finite == 0).nonzero()[0])
-        step = trajectory.steps[order.tolist().index(bad_row)]
-        raise TrajectoryError(f"the snapshot at step {step} holds NaN or Inf: drop it before selecting")
+    refuse_nonfinite_rows(finite.cpu(), order, trajectory.steps)
 
 
 def select(

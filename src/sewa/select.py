@@ -114,10 +114,14 @@ def _prepare(trajectory: Trajectory, top_k: int, steps: int, samples: int) -> No
     if steps < 1 or samples < 1:
         raise ValueError(f"steps and samples must be >= 1, got steps={steps}, samples={samples}")
     rows, order = trajectory.matrix()
-    finite = torch.isfinite(rows).all(dim=1)
-    if not bool(finite.all()):
-        bad_row = int((~finite).nonzero()[0])
-        step = trajectory.steps[order.tolist().index(bad_row)]
+    refuse_nonfinite_rows(torch.isfinite(rows).all(dim=1), order, trajectory.steps)
+
+
+def refuse_nonfinite_rows(finite: Tensor, order: Tensor, steps: list[int]) -> None:
+    """Raises naming the step of the first row whose ``finite`` flag is false."""
+    if not bool(finite.bool().all()):
+        bad_row = int((~finite.bool()).nonzero()[0])
+        step = steps[order.tolist().index(bad_row)]
         raise TrajectoryError(f"the snapshot at step {step} holds NaN or Inf: drop it before selecting")
 
 

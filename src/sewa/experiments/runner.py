@@ -102,7 +102,7 @@ class _Scorer:
         return self.model(model)
 
 
-def _method_table(ctx: Context, score: _Scorer, window: int) -> dict[str, Any]:
+def _method_table(ctx: Context, score: _Scorer) -> dict[str, Any]:
     """Every method of the main table on one trajectory."""
     n = len(ctx.trajectory)
     plan: list[tuple[str, str, dict[str, Any]]] = [
@@ -238,7 +238,7 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
     sel_batches = list(T.loader((x_val, y_val), spec.sel_batch, False, 0))
     ctx = Context(main, top_k=10, seed=seed, model=model, loss_fn=spec.loss, batches=sel_batches,
                   select_options={"steps": spec.sel_steps, "samples": spec.sel_samples})
-    methods = _method_table(ctx, score, spec.window)
+    methods = _method_table(ctx, score)
     methods["swa_lr"] = _swa_lr_branch(spec, branch["model"], branch["opt"], data, seed, start, total, score)
     record: dict[str, Any] = {
         "task": name, "family": spec.family, "preset": preset, "seed": seed, "config": T.describe(spec),
