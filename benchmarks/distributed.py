@@ -102,12 +102,14 @@ def worker(rank: int, world: int, mode: str, cfg: dict[str, Any], out: str) -> N
         else:
             sd.init("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
             if mode == "fsdp":
+                from torch.distributed.device_mesh import init_device_mesh
                 from torch.distributed.fsdp import fully_shard
 
+                mesh = init_device_mesh("cpu", (world,))
                 for layer in model:
                     if isinstance(layer, nn.Linear):
-                        fully_shard(layer)
-                fully_shard(model)
+                        fully_shard(layer, mesh=mesh)
+                fully_shard(model, mesh=mesh)
             traj_r = sd.ShardedTrajectory(model, cfg["window"])
             names = {sewa.canonical_name(n): p for n, p in model.named_parameters()}
             start = time.perf_counter()

@@ -193,13 +193,14 @@ class NaiveStep:
         # compact storage is widened to float32 where it is used, as a plain loop would.
         self.state_dicts = [dict(zip(traj.names, traj.views(traj.data[slot]), strict=True)) for slot in traj.slots]
         self.widen = traj.dtype != torch.float32
-        self.net = engine_module.selection_model(model, True, torch.device("cpu"))
+        self.device = traj.data.device
+        self.net = engine_module.selection_model(model, True, self.device)
         self.logits, self.noise, self.batch = logits, noise, batch
 
     def __call__(self) -> Tensor:
         phi = self.logits.clone().requires_grad_(True)
         mix = relaxed_mix(phi, self.noise)
-        a = mix.detach().float().requires_grad_(True)
+        a = mix.detach().to(self.device, torch.float32).requires_grad_(True)
         x, y = self.batch
         m = a.shape[0]
         for j in range(m):
@@ -214,7 +215,7 @@ class NaiveStep:
             loss = nn.functional.cross_entropy(functional_call(self.net, params, (x,)), y) / m
             loss.backward()
         assert a.grad is not None
-        mix.backward(a.grad.to(mix.dtype))
+        mix.backward(a.grad.to(mix.device, mix.dtype))
         assert phi.grad is not None
         return phi.grad
 
@@ -384,7 +385,7 @@ def _bf16_candidates(model: nn.Module, k: int, m: int, reps: int) -> dict[str, l
 
     def widened(chunk_bytes: int) -> Callable[[], None]:
         def run() -> None:
-            engine_module._CHUNK_BYTES = chunk_bytes
+            engine_module._CHUNK_BYTES = {"cpu": chunk_bytes}
             if eng._scratch is not None and eng._scratch.shape[1] != next(eng._chunks()).stop:
                 eng._scratch = None  # a scratch of this variant's own width
             try:

@@ -73,11 +73,13 @@ def _worker(rank: int, world: int, scenario: str, out: str) -> None:
                 timeout=datetime.timedelta(seconds=20))
         model, snaps, batches = _problem()
         if scenario == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
-            fully_shard(model[0])
-            fully_shard(model[2])
-            fully_shard(model)
+            mesh = init_device_mesh("cpu", (world,))  # gloo on CPU, also where CUDA is present
+            fully_shard(model[0], mesh=mesh)
+            fully_shard(model[2], mesh=mesh)
+            fully_shard(model, mesh=mesh)
         # A stuck rank is only noticed by the timeout: a group with a short one keeps the test quick.
         group = torch.distributed.new_group(timeout=datetime.timedelta(seconds=5)) if scenario == "hang" else None
         traj = sd.ShardedTrajectory(model, WINDOW, group=group)

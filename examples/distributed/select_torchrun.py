@@ -49,24 +49,26 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    rank, world = sd.init(timeout=datetime.timedelta(seconds=args.timeout))
+    rank, world = sd.init(timeout=datetime.timedelta(seconds=args.timeout))  # NCCL where CUDA is
+    cuda = torch.distributed.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     torch.manual_seed(0)  # the same initial weights on every rank
-    model = nn.Sequential(nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4))
+    model = nn.Sequential(nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4)).to(device)
     if args.fsdp:
         for layer in model:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer)
         trained: nn.Module = fully_shard(model)
     else:
-        trained = DistributedDataParallel(model)
+        trained = DistributedDataParallel(model, device_ids=[device] if cuda else None)
     opt = torch.optim.SGD(trained.parameters(), lr=0.05, momentum=0.9)
 
-    x, y = make_data(4096, seed=1)
+    x, y = (t.to(device) for t in make_data(4096, seed=1))
     x, y = x[rank::world], y[rank::world]  # data parallel training: each rank its own samples
     traj = sd.ShardedTrajectory(trained, window=args.window)
     gen = torch.Generator().manual_seed(rank)
     for step in range(1, args.steps + 1):
-        idx = torch.randint(0, len(x), (64,), generator=gen)
+        idx = torch.randint(0, len(x), (64,), generator=gen).to(device)
         opt.zero_grad()
         F.cross_entropy(trained(x[idx]), y[idx]).backward()
         opt.step()
@@ -74,7 +76,7 @@ def main() -> None:
             traj.push(trained, step)  # no communication but one flag (check_finite)
 
     # The selection split is the same on every rank; select splits each batch over the ranks.
-    xv, yv = make_data(1024, seed=2)
+    xv, yv = (t.to(device) for t in make_data(1024, seed=2))
     val = [(xv[i : i + 128], yv[i : i + 128]) for i in range(0, len(xv), 128)]
     sel = sd.select(traj, trained, F.cross_entropy, val, top_k=args.top_k, steps=args.select_steps, seed=0)
 

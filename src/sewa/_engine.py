@@ -24,7 +24,10 @@ from .trajectory import Trajectory, canonical_name
 
 __all__ = ["MixedLoss", "cycle_batches", "to_device", "functional_forward", "selection_model"]
 
-_CHUNK_BYTES = 1 << 22  # float32 scratch per chunk when converting compact storage: cache-sized
+# float32 scratch per chunk when widening compact storage: cache-sized on CPU; on a GPU large,
+# since each chunk costs a few kernel launches (4 MiB chunks made a bf16 step 90x its floor).
+_CHUNK_BYTES = {"cpu": 1 << 22}
+_CHUNK_BYTES_ELSEWHERE = 1 << 28
 
 
 def to_device(x: Any, device: torch.device) -> Any:
@@ -153,7 +156,8 @@ class MixedLoss:
     # -- the two matrix passes -------------------------------------------------------
     def _chunks(self) -> Iterator[slice]:
         p = self.rows.shape[1]
-        step = p if self.rows.dtype == self.dtype else max(1024, _CHUNK_BYTES // (4 * self.rows.shape[0]))
+        chunk = _CHUNK_BYTES.get(self.device.type, _CHUNK_BYTES_ELSEWHERE)
+        step = p if self.rows.dtype == self.dtype else max(1024, chunk // (4 * self.rows.shape[0]))
         for start in range(0, p, step):
             yield slice(start, min(p, start + step))
 
@@ -318,7 +322,7 @@ class MixedLoss:
         snapshot first."""
         inputs, targets = _split_batch(batch)
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
-        a_rows = mix[:, self.inverse].to(self.device, self.dtype)
+        a_rows = mix.to(self.device, self.dtype)[:, self.inverse]
         m, p = a_rows.shape[0], self.rows.shape[1]
         if self._buffer is None or self._buffer.shape[0] != m:
             self._buffer = torch.empty(m, p, device=self.device, dtype=self.dtype)

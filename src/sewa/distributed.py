@@ -45,6 +45,7 @@ import contextlib
 import datetime
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,8 @@ def init(
     Under ``torchrun`` no argument is needed (rank and world size come from the environment).
 
     Args:
-        backend: ``"gloo"`` (CPU) or ``"nccl"``; default: ``"nccl"`` if CUDA is available.
+        backend: ``"gloo"`` (CPU) or ``"nccl"``; default: ``"nccl"`` if CUDA is available. With
+            NCCL the process's current CUDA device is set to ``LOCAL_RANK`` (under torchrun).
         timeout: How long a collective waits for the other ranks before failing. Finite, so
             that a dead rank makes the others raise instead of hanging; it must exceed the
             longest gap between two collectives (one forward/backward of M mixed models).
@@ -119,7 +121,11 @@ def init(
             kwargs["rank"] = rank
         if world_size is not None:
             kwargs["world_size"] = world_size
-        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), **kwargs)
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":  # one GPU per process: torchrun's LOCAL_RANK, else the global rank
+            local = os.environ.get("LOCAL_RANK")
+            torch.cuda.set_device(int(local) if local is not None else (rank or 0) % torch.cuda.device_count())
+        dist.init_process_group(backend, **kwargs)
         _timeout = timeout
     return dist.get_rank(), dist.get_world_size()
 
@@ -151,6 +157,18 @@ def _comm_device(group: dist.ProcessGroup | None) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _engine_device(model: nn.Module, group: dist.ProcessGroup | None, device: torch.device | str | None) -> torch.device:
+    """Where a distributed engine computes unless told: NCCL's GPU, else where the model's
+    (local) parameters live, so the batches go where the model's forward expects them."""
+    if device is not None:
+        return torch.device(device)
+    comm = _comm_device(group)
+    param = next(iter(model.parameters()), None)
+    if comm.type == "cuda" or param is None:
+        return comm
+    return (param.to_local() if isinstance(param, DTensor) else param).device
 
 
 def shard_bounds(num_params: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -593,7 +611,7 @@ class _ReplicatedEngine(_LocalColumns):
                  loss_fn: Callable[[Any, Any], Tensor], *, batch_stats: bool, vectorize: bool | None,
                  device: torch.device | str | None) -> None:
         trajectory.layout.check_compatible(model)
-        super().__init__(trajectory, device)
+        super().__init__(trajectory, _engine_device(model, trajectory.group, device))
         self.ctx = ctx
         self.model = selection_model(_unwrap(model), batch_stats, self.device)
         self.loss_fn = loss_fn
@@ -604,7 +622,7 @@ class _ReplicatedEngine(_LocalColumns):
         ranks, width, p = self.trajectory.world_size, self.width, self.trajectory.num_params
         lo, hi = self.trajectory.lo, self.trajectory.hi
         m = mix.shape[0]
-        a_rows = mix[:, self.inverse].to(self.device, torch.float32)
+        a_rows = mix.to(self.device, torch.float32)[:, self.inverse]
         send = torch.zeros(m, width, device=self.device)
         send[:, : hi - lo] = self.mix_local(a_rows)
         gathered = torch.empty(ranks * m, width, device=self.device)
@@ -643,9 +661,9 @@ class _FSDPEngine(_LocalColumns):
                  loss_fn: Callable[[Any, Any], Tensor], *, batch_stats: bool, vectorize: bool | None,
                  device: torch.device | str | None) -> None:
         trajectory.layout.check_compatible(model)
-        super().__init__(trajectory, device)
-        self.ctx = ctx
         named = {canonical_name(n): p for n, p in model.named_parameters()}
+        super().__init__(trajectory, _engine_device(model, trajectory.group, device))
+        self.ctx = ctx
         self.params = [named[n] for n in trajectory.names]
         for piece, param in zip(trajectory.pieces, self.params, strict=True):
             local = cast(DTensor, param).to_local()
@@ -686,7 +704,7 @@ class _FSDPEngine(_LocalColumns):
         if 0 <= share.size < ranks:
             raise ValueError(f"a batch of {share.size} samples cannot be split over {ranks} FSDP ranks (each must run the "
                              "forward pass): use batches of at least as many samples as ranks")
-        mixed = self.mix_local(mix[:, self.inverse].to(self.device, torch.float32))
+        mixed = self.mix_local(mix.to(self.device, torch.float32)[:, self.inverse])
         grads = torch.zeros_like(mixed)
         losses = torch.zeros(m, device=self.device)
         # FSDP2 averages gradients over ranks: scaling by R makes the reduced gradient Σ_r w_r ∂L_r.
