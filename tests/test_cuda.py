@@ -74,3 +74,22 @@ def test_fsdp2_on_cuda_with_nccl_matches_one_process(tmp_path: Path) -> None:
         torch.testing.assert_close(sel.probabilities.cpu(), expected.probabilities, rtol=0, atol=1e-4)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_recording_a_cuda_model_reports_a_non_finite_snapshot_at_synchronize() -> None:
+    model = nn.Sequential(nn.Linear(4, 3)).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    traj = sewa.Trajectory(model, window=4)
+    rec = sewa.record(traj, opt, model, every=1)
+    assert rec.asynchronous
+    x = torch.randn(8, 4, device="cuda")
+    for poison in (False, True):
+        opt.zero_grad()
+        model(x).sum().backward()
+        if poison:
+            model[0].weight.grad.fill_(float("nan"))
+        opt.step()
+    with pytest.raises(sewa.TrajectoryError, match="step 2"):
+        rec.synchronize()  # the background push of step 2 refused it
+    rec.remove()
+    assert traj.steps == [1]
