@@ -202,11 +202,14 @@ def render(root: Path, out: Path) -> Path:
             recs = groups[(task, preset)]
             r0 = recs[0]
             unit = "% accuracy" if family != "bc" else "D4RL-normalised score"
+            subset = r0["config"].get("train_subset")
+            trained_on = f" Training used a fixed subset of {subset} of the training items." if subset else ""
+            commits = ", ".join(dict.fromkeys(str(r["git_commit"])[:10] for r in recs))
             md += [f"### {task} ({preset} preset)", "",
-                   f"Data: {r0['data_source']}. Seeds: {[r['seed'] for r in recs]}. Window k={r0['window']} "
+                   f"Data: {r0['data_source']}.{trained_on} Seeds: {[r['seed'] for r in recs]}. Window k={r0['window']} "
                    f"snapshots every {r0['config']['every']} steps (steps {r0['steps'][0]}–{r0['steps'][-1]}). "
                    f"Test metric in {unit}, mean ± std over {len(recs)} seeds. Machine: {r0['machine']['platform']}, "
-                   f"{r0['machine']['cpus']} CPUs, torch {r0['machine']['torch']}; commit {str(r0['git_commit'])[:10]}.", ""]
+                   f"{r0['machine']['cpus']} CPUs, torch {r0['machine']['torch']}; commits {commits}.", ""]
             md += method_table(recs) + [""]
             lines, verdicts = paired_table(recs)
             md += lines + [""]
