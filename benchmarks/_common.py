@@ -24,7 +24,7 @@ import torch
 
 __all__ = [
     "set_threads", "time_call", "interleaved", "median", "copy_bandwidth", "maxrss_bytes",
-    "machine", "JsonLines", "read_jsonl", "loglog_slope", "load_average",
+    "machine", "JsonLines", "read_jsonl", "loglog_slope", "load_average", "write_generated",
 ]
 
 
@@ -166,3 +166,14 @@ def loglog_slope(xs: Iterable[float], ys: Iterable[float]) -> float:
     sxx = sum((p[0] - mx) ** 2 for p in pts)
     sxy = sum((p[0] - mx) * (p[1] - my) for p in pts)
     return sxy / sxx if sxx > 0 else float("nan")
+
+
+def write_generated(path: Path, section: str, begin: str, end: str, heading: str = "") -> None:
+    """Replaces the text between the ``begin`` and ``end`` markers of a Markdown file with
+    ``section`` (which holds both markers), or appends it (after ``heading``) if absent."""
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = (text.rstrip() + "\n\n" if text else "") + heading + section + "\n"
+    path.write_text(text)

@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from _common import interleaved, machine, median  # noqa: E402
+from _common import interleaved, machine, median, write_generated  # noqa: E402
 from selection import FastStep, NaiveStep, make_model, masks_input  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
@@ -285,15 +285,6 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text + ("\n" if text else "") + section + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu.json"), help="where the JSON goes")
@@ -309,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render is not None:
         section = render(json.loads(args.render.read_text()))
         if args.write_docs:
-            write_docs(args.write_docs, section)
+            write_generated(args.write_docs, section, BEGIN, END)
         print(section)
         return 0
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -338,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         data["seconds"] = time.perf_counter() - start
         args.out.write_text(json.dumps(data, indent=1))  # after every part: a killed run keeps what it measured
     if args.write_docs:
-        write_docs(args.write_docs, render(data))
+        write_generated(args.write_docs, render(data), BEGIN, END)
     return 0
 
 
