@@ -385,7 +385,7 @@ def _bf16_candidates(model: nn.Module, k: int, m: int, reps: int) -> dict[str, l
 
     def widened(chunk_bytes: int) -> Callable[[], None]:
         def run() -> None:
-            engine_module._CHUNK_BYTES = {"cpu": chunk_bytes}
+            engine_module._CHUNK_BYTES = chunk_bytes
             if eng._scratch is not None and eng._scratch.shape[1] != next(eng._chunks()).stop:
                 eng._scratch = None  # a scratch of this variant's own width
             try:

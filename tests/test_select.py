@@ -103,7 +103,7 @@ def test_step_gradient_matches_reference_float64(kind: str) -> None:
 @pytest.mark.parametrize("storage", ["bfloat16", "float16"])
 def test_compact_storage_in_chunks_matches_reference(storage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Compact storage is widened chunk by chunk; the chunks must add up to the whole."""
-    monkeypatch.setattr("sewa._engine._CHUNK_BYTES", {"cpu": 1})  # 1024 columns per chunk: 3 chunks here
+    monkeypatch.setattr("sewa._engine._CHUNK_BYTES", 1)  # 1024 columns per chunk: 3 chunks here
     model, traj, batches = ref.make_problem("wide_mlp", n=4, storage=storage)
     assert traj.num_params == 2703
     samples, tau = 2, 0.5

@@ -26,8 +26,8 @@ __all__ = ["MixedLoss", "cycle_batches", "to_device", "functional_forward", "sel
 
 # float32 scratch per chunk when widening compact storage: cache-sized on CPU; on a GPU large,
 # since each chunk costs a few kernel launches (4 MiB chunks made a bf16 step 90x its floor).
-_CHUNK_BYTES = {"cpu": 1 << 22}
-_CHUNK_BYTES_ELSEWHERE = 1 << 28
+_CHUNK_BYTES = 1 << 22
+_CHUNK_BYTES_GPU = 1 << 28
 
 
 def to_device(x: Any, device: torch.device) -> Any:
@@ -156,7 +156,7 @@ class MixedLoss:
     # -- the two matrix passes -------------------------------------------------------
     def _chunks(self) -> Iterator[slice]:
         p = self.rows.shape[1]
-        chunk = _CHUNK_BYTES.get(self.device.type, _CHUNK_BYTES_ELSEWHERE)
+        chunk = _CHUNK_BYTES if self.device.type == "cpu" else _CHUNK_BYTES_GPU
         step = p if self.rows.dtype == self.dtype else max(1024, chunk // (4 * self.rows.shape[0]))
         for start in range(0, p, step):
             yield slice(start, min(p, start + step))

@@ -661,9 +661,9 @@ class _FSDPEngine(_LocalColumns):
                  loss_fn: Callable[[Any, Any], Tensor], *, batch_stats: bool, vectorize: bool | None,
                  device: torch.device | str | None) -> None:
         trajectory.layout.check_compatible(model)
-        named = {canonical_name(n): p for n, p in model.named_parameters()}
         super().__init__(trajectory, _engine_device(model, trajectory.group, device))
         self.ctx = ctx
+        named = {canonical_name(n): p for n, p in model.named_parameters()}
         self.params = [named[n] for n in trajectory.names]
         for piece, param in zip(trajectory.pieces, self.params, strict=True):
             local = cast(DTensor, param).to_local()
