@@ -34,15 +34,81 @@ def test_lawa_takes_the_newest_k() -> None:
 
 
 def test_ema_decay_half_over_three() -> None:
-    # w_i ∝ 0.5^(age): ages 2, 1, 0 -> 1/4, 1/2, 1 -> [1, 2, 4] / 7.
-    assert_weights(weights.ema(3, 0.5), [1 / 7, 2 / 7, 4 / 7])
+    # torch's recursion from a copy of the oldest: ages 2, 1, 0 -> 0.5^2, 0.5 * 0.5, 0.5.
+    assert_weights(weights.ema(3, 0.5), [1 / 4, 1 / 4, 1 / 2])
+    # Renormalised tail: w_i ∝ 0.5^(age): [1/4, 1/2, 1] / (7/4) -> [1, 2, 4] / 7.
+    assert_weights(weights.ema(3, 0.5, tail="renormalize"), [1 / 7, 2 / 7, 4 / 7])
 
 
 def test_ema_edge_cases() -> None:
     assert_weights(weights.ema(1, 0.9), [1])
+    assert_weights(weights.ema(1, 0.9, tail="renormalize"), [1])
     assert_weights(weights.ema(3, 0.0), [0, 0, 1])  # no memory: the newest only
-    # decay 0.9 over 2: ages 1, 0 -> 0.9, 1 -> [0.9, 1] / 1.9
-    assert_weights(weights.ema(2, 0.9), [0.9 / 1.9, 1 / 1.9])
+    assert_weights(weights.ema(3, 0.0, tail="renormalize"), [0, 0, 1])
+    # decay 0.9 over 2: the oldest keeps 0.9, the newest gets 0.1.
+    torch.testing.assert_close(weights.ema(2, 0.9), torch.tensor([0.9, 0.1], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert_weights(weights.ema(2, 0.9, tail="renormalize"), [0.9 / 1.9, 1 / 1.9])
+
+
+def _torch_ema_weights(n: int, decay: float) -> torch.Tensor:
+    """The weight torch's own EMA gives each snapshot: snapshot i is the basis vector e_i."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    holder = torch.nn.Linear(n, 1, bias=False).double()
+    averaged = AveragedModel(holder, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    with torch.no_grad():
+        for i in range(n):
+            holder.weight.copy_(torch.nn.functional.one_hot(torch.tensor([i]), n).double())
+            averaged.update_parameters(holder)
+    return averaged.module.weight.detach().flatten()
+
+
+@pytest.mark.parametrize(("n", "decay"), [(1, 0.9), (2, 0.5), (5, 0.0), (30, 0.9), (40, 0.99), (7, 0.3)])
+def test_ema_equals_torch_averaged_model(n: int, decay: float) -> None:
+    torch.testing.assert_close(weights.ema(n, decay), _torch_ema_weights(n, decay), rtol=0, atol=1e-6)
+
+
+def test_ema_tail_option_is_checked_and_differs_from_torch() -> None:
+    with pytest.raises(ValueError, match="tail must be one of 'oldest', 'renormalize', got 'first'"):
+        weights.ema(3, 0.5, tail="first")
+    # At decay 0.9 over 30 snapshots the conventions differ most on the oldest snapshot:
+    # 0.9^29 (torch) against 0.1 * 0.9^29 / (1 - 0.9^30) (renormalised), a gap of 4.2e-2.
+    torch_w, renormalized = weights.ema(30, 0.9), weights.ema(30, 0.9, tail="renormalize")
+    assert float(torch_w[0]) == pytest.approx(0.9**29, abs=1e-15)
+    assert float(renormalized[0]) == pytest.approx(0.1 * 0.9**29 / (1 - 0.9**30), abs=1e-15)
+    assert float((torch_w - renormalized).abs().max()) == pytest.approx(0.9**29 * (1 - 0.1 / (1 - 0.9**30)), abs=1e-15)
+
+
+def test_ema_decay_per_snapshot_by_hand() -> None:
+    assert weights.ema_decay_per_snapshot(step_decay=0.9, every=2) == pytest.approx(0.81, abs=1e-15)
+    assert weights.ema_decay_per_snapshot(step_decay=0.5, every=1) == 0.5
+    assert weights.ema_decay_per_snapshot(half_life=10, every=10) == pytest.approx(0.5, abs=1e-15)
+    assert weights.ema_decay_per_snapshot(half_life=20, every=10) == pytest.approx(0.5**0.5, abs=1e-15)
+
+
+def test_ema_decay_per_snapshot_matches_a_per_step_ema() -> None:
+    # A per-step EMA over 12 steps, its weight summed over each block of every=3 steps, is the
+    # per-snapshot EMA over the 4 snapshots (taken at each block's newest step).
+    d, every, blocks = 0.8, 3, 4
+    per_step = _torch_ema_weights(every * blocks, d)
+    summed = per_step.reshape(blocks, every).sum(1)
+    decay = weights.ema_decay_per_snapshot(step_decay=d, every=every)
+    torch.testing.assert_close(weights.ema(blocks, decay), summed, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"every": 0, "step_decay": 0.9}, "every must be a positive integer"),
+        ({"every": 2}, "exactly one of step_decay"),
+        ({"every": 2, "step_decay": 0.9, "half_life": 3}, "exactly one of step_decay"),
+        ({"every": 2, "step_decay": 1.0}, "step_decay must lie in"),
+        ({"every": 2, "half_life": 0}, "half_life must be a positive number"),
+    ],
+)
+def test_ema_decay_per_snapshot_rejects(kwargs: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        weights.ema_decay_per_snapshot(**kwargs)  # type: ignore[arg-type]
 
 
 def test_random_k_is_deterministic_and_has_k_support() -> None:

@@ -7,12 +7,17 @@ Every rule returns a float64 vector of length ``n``, non-negative, summing to 1.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["last", "uniform", "lawa", "ema", "random_k", "greedy_soup", "from_indices", "check_weights"]
+__all__ = ["last", "uniform", "lawa", "ema", "ema_decay_per_snapshot", "EMA_TAILS", "random_k", "greedy_soup",
+           "from_indices", "check_weights"]
+
+# What :func:`ema` does with the mass of the tail before the window.
+EMA_TAILS = ("oldest", "renormalize")
 
 
 def _check_n(n: int) -> None:
@@ -57,17 +62,67 @@ def lawa(n: int, top_k: int) -> Tensor:
     return from_indices(n, range(n - top_k, n))
 
 
-def ema(n: int, decay: float = 0.9) -> Tensor:
-    """Exponential moving average, renormalised over the window.
+def ema(n: int, decay: float = 0.9, *, tail: str = "oldest") -> Tensor:
+    """Exponential moving average over the snapshots, as torch's ``AveragedModel`` computes it.
 
-    ``w_i ∝ (1 - decay) · decay^(n - 1 - i)``: the newest snapshot has age 0.
+    The recursion ``e_1 = θ_1``, ``e_t = decay · e_(t-1) + (1 - decay) · θ_t`` (torch's
+    ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))`` updated once per recorded
+    snapshot) gives, with age ``a_i = n - 1 - i`` (the newest snapshot has age 0)::
+
+        w_i = decay^(n-1)                  for the oldest snapshot (i = 0)
+        w_i = (1 - decay) · decay^(a_i)     for the others
+
+    The oldest snapshot carries the mass of the whole tail before the window. With
+    ``tail="renormalize"`` that mass is dropped instead and the rest rescaled to sum to 1:
+    ``w_i ∝ (1 - decay) · decay^(a_i)`` for every ``i``. See docs/EMA.md for how these compare
+    with other libraries, and :func:`ema_decay_per_snapshot` to convert a per-step decay.
+
+    Args:
+        n: Number of snapshots.
+        decay: Decay per recorded snapshot, in ``[0, 1)``.
+        tail: ``"oldest"`` (torch's recursion, the default) or ``"renormalize"``.
     """
     _check_n(n)
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must lie in [0, 1), got {decay!r}")
+    if tail not in EMA_TAILS:
+        raise ValueError(f"tail must be one of {', '.join(map(repr, EMA_TAILS))}, got {tail!r}")
     age = torch.arange(n - 1, -1, -1, dtype=torch.float64)
     w = (1.0 - decay) * decay**age
-    return w / w.sum()
+    if tail == "renormalize":
+        return w / w.sum()
+    # The recursion starts from a copy of the oldest snapshot: it keeps decay^(n-1).
+    w[0] = float(decay) ** (n - 1)
+    return w
+
+
+def ema_decay_per_snapshot(*, every: int, step_decay: float | None = None, half_life: float | None = None) -> float:
+    """The per-snapshot decay that matches an EMA over optimizer steps, for snapshots every ``every`` steps.
+
+    An EMA updated every optimizer step with decay ``d`` gives the ``every`` steps between two
+    snapshots the total weight ``Σ_(a=j·every)^((j+1)·every-1) (1-d)·d^a = (1-D)·D^j`` with
+    ``D = d^every``: :func:`ema` with ``decay=D`` gives each snapshot the weight of the steps it
+    stands for. A half-life ``h`` in optimizer steps means ``d = 0.5^(1/h)``, so ``D = 0.5^(every/h)``.
+
+    Args:
+        every: Optimizer steps between two recorded snapshots (a positive integer).
+        step_decay: Decay per optimizer step ``d``, in ``[0, 1)``.
+        half_life: Half-life in optimizer steps ``h > 0`` (give this or ``step_decay``).
+
+    Returns:
+        The decay per snapshot ``D``, for :func:`ema`.
+    """
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ValueError(f"every must be a positive integer (optimizer steps between snapshots), got {every!r}")
+    if (step_decay is None) == (half_life is None):
+        raise ValueError("give exactly one of step_decay (decay per optimizer step) or half_life (in optimizer steps)")
+    if step_decay is not None:
+        if not 0.0 <= step_decay < 1.0:
+            raise ValueError(f"step_decay must lie in [0, 1), got {step_decay!r}")
+        return float(step_decay) ** every
+    if half_life is None or not half_life > 0 or not math.isfinite(half_life):
+        raise ValueError(f"half_life must be a positive number of optimizer steps, got {half_life!r}")
+    return 0.5 ** (every / float(half_life))
 
 
 def random_k(n: int, top_k: int, seed: int = 0) -> Tensor:
