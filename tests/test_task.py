@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from _tiny_task import write_task
 from torch import nn
 
-from sewa.task import Task, TaskError, batch_size, forward, load_task
+from sewa.task import MAX_BATCHES, Task, TaskError, batch_size, forward, load_task
 
 
 def test_load_from_file_and_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,3 +103,108 @@ def test_forward_and_batch_size_conventions() -> None:
     assert torch.equal(forward(Two(), {"a": torch.ones(2), "b": torch.zeros(2)}), torch.ones(2))
     assert batch_size(torch.zeros(5, 3)) == 5 and batch_size(torch.tensor(1.0)) == 1
     assert batch_size({"labels": torch.zeros(4)}) == 4 and batch_size([1, 2, 3]) == 3
+
+
+# ----------------------------------------------------------------- a task that exits (issue 12.8)
+@pytest.mark.parametrize(
+    ("extra", "code"),
+    [("\nimport sys\nsys.exit(0)\n", "0"),
+     ("\nimport argparse\nargparse.ArgumentParser().parse_args(['--no-such-flag'])\n", "2")],
+)
+def test_exit_while_importing_is_a_task_error(tmp_path: Path, extra: str, code: str) -> None:
+    path = write_task(tmp_path, "exits.py", extra=extra)
+    with pytest.raises(TaskError, match=rf"task file .*exits\.py called sys\.exit\({code}\) while being imported"):
+        load_task(str(path))
+
+
+def test_exit_inside_a_task_function_is_a_task_error(tmp_path: Path) -> None:
+    extra = "\nimport sys\n_model = model\ndef model():\n    sys.exit(3)\n\ndef batches(split):\n    yield from []\n    sys.exit(0)\n"
+    task = load_task(str(write_task(tmp_path, "t.py", extra=extra)))
+    with pytest.raises(TaskError, match=r"model\(\) called sys\.exit\(3\)"):
+        task.new_model()
+    with pytest.raises(TaskError, match=r"batches\('val'\) called sys\.exit\(0\) while being iterated"):
+        task.check("val", "to select")
+
+
+def test_keyboard_interrupt_while_importing_propagates(tmp_path: Path) -> None:
+    path = write_task(tmp_path, "interrupted.py", extra="\nraise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        load_task(str(path))
+
+
+# ----------------------------------------------------------------- one-shot and endless batches (12.9, 12.10)
+def _pairs(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.full((1,), float(i)), torch.zeros(1)) for i in range(n)]
+
+
+def test_the_same_used_generator_twice_is_refused() -> None:
+    shared = iter(_pairs(4))
+    task = Task(model=nn.Identity, batches=lambda s: shared, loss=lambda out, y: out.mean(), source="t")
+    task.check("val", "to select")  # reads the first batch of the shared iterator
+    with pytest.raises(TaskError, match=r"batches\('val'\) returned the same list_iterator .* must return a fresh iterable on each call"):
+        task.require("val", "to select")
+
+
+def test_every_pass_calls_batches_afresh() -> None:
+    calls: list[str] = []
+
+    def batches(split: str):  # type: ignore[no-untyped-def]
+        calls.append(split)
+        yield from _pairs(4)
+
+    task = Task(model=nn.Identity, batches=batches, loss=lambda out, y: out.mean(), source="t")
+    task.check("val", "to select")
+    assert len(list(task.require("val", "to select"))) == 4  # no batch lost to the check
+    loss, _ = task.evaluate(nn.Identity(), "val")
+    assert loss == pytest.approx((0 + 1 + 2 + 3) / 4) and calls == ["val"] * 3
+
+
+def test_a_list_split_stays_reiterable() -> None:
+    task = Task(model=nn.Identity, batches=lambda s: _pairs(3), loss=lambda out, y: out.mean(), source="t")
+    split = task.require("val", "to select")
+    assert len(list(split)) == 3 and len(list(split)) == 3
+
+
+def test_an_endless_split_stops_at_the_cap() -> None:
+    task = Task(model=nn.Identity, batches=lambda s: itertools.cycle(_pairs(2)), loss=lambda out, y: out.mean(),
+                source="t", max_batches=10)
+    task.check("val", "to select")  # the first batch is fine
+    with pytest.raises(TaskError, match=r"more than 10 batches in one pass \(sewa\.task\.MAX_BATCHES\).*itertools\.cycle"):
+        task.evaluate(nn.Identity(), "val")
+    cycled_list = Task(model=nn.Identity, batches=lambda s: _CycledList(), loss=lambda out, y: out.mean(), source="t",
+                       max_batches=10)
+    with pytest.raises(TaskError, match="more than 10 batches"):
+        list(cycled_list.require("val", "to select"))
+
+
+class _CycledList:
+    """A re-iterable whose every iteration is endless."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return itertools.cycle(_pairs(2))
+
+
+def test_the_default_cap_bounds_materialising_an_endless_split(tmp_path: Path) -> None:
+    extra = "\nimport itertools\ndef batches(split):\n    return itertools.cycle([(torch.zeros(1, 4), torch.zeros(1).long())])\n"
+    task = load_task(str(write_task(tmp_path, "endless.py", extra=extra)))
+    assert task.max_batches == MAX_BATCHES == 100_000
+    with pytest.raises(TaskError, match="more than 100,000 batches"):
+        list(task.require("val", "to select"))
+
+
+# ----------------------------------------------------------------- the metric's name (issue 13.9)
+@pytest.mark.parametrize(
+    ("extra", "name"),
+    [("", "metric"),
+     ("\nMETRIC_NAME = 'accuracy'\n", "accuracy"),
+     ("\ndef top1(outputs, targets):\n    return 1.0\nmetric = top1\n", "top1"),
+     ("\nmetric = lambda outputs, targets: 1.0\n", "metric"),
+     ("\nMETRIC_NAME = 'F1 score'\nmetric = lambda outputs, targets: 1.0\n", "F1 score")],
+)
+def test_the_task_names_its_metric(tmp_path: Path, extra: str, name: str) -> None:
+    assert load_task(str(write_task(tmp_path, "t.py", extra=extra))).metric_name == name
+
+
+def test_a_bad_metric_name_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TaskError, match=r"sets METRIC_NAME to 3, expected a non-empty string"):
+        load_task(str(write_task(tmp_path, "t.py", extra="\nMETRIC_NAME = 3\n")))
