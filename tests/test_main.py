@@ -1,0 +1,16 @@
+"""``python -m sewa`` is the ``sewa`` command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import sewa
+
+
+def test_python_dash_m_sewa_runs_the_cli() -> None:
+    done = subprocess.run([sys.executable, "-m", "sewa", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sewa.__version__ in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "sewa", "no-such-command"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no-such-command" in bad.stderr
