@@ -230,6 +230,11 @@ class WideMLP(MLP):
 MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": MLP, "cnn_bn": ConvBN, "tied": Tied, "wide_mlp": WideMLP}
 
 
+def bn_statistics(model: nn.Module) -> set[str]:
+    """Names of the BatchNorm running statistics of ``model``."""
+    return {name for name, _ in model.named_buffers() if name.endswith(("running_mean", "running_var"))}
+
+
 def cross_entropy(out: Tensor, y: Tensor) -> Tensor:
     """Mean cross-entropy: the loss used by the classification problems."""
     return nn.functional.cross_entropy(out, y)

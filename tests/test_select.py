@@ -1,10 +1,12 @@
-"""Tests of sewa.select: the fast engine against the slow reference, learning, determinism, errors."""
+"""Tests of sewa.select: whole selections against the slow reference, learning, determinism, errors."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import reference as ref
@@ -13,127 +15,9 @@ from torch import Tensor, nn
 
 import sewa
 from sewa import TrajectoryError
-from sewa._engine import MixedLoss
+from sewa.select import SelectionError
 
 KINDS = ["mlp", "cnn_bn", "tied"]
-
-
-def fast_logit_grad(engine: MixedLoss, logits: Tensor, noise: Tensor, tau: float, batch: ref.Batch) -> Tensor:
-    """∂loss/∂φ of one step through the fast path: the relaxation exactly as ``select`` writes it,
-    then ``MixedLoss`` for ∂loss/∂mix, then autograd back through the masks only."""
-    return fast_step(engine, logits, noise, tau, batch)[1]
-
-
-def fast_step(engine: MixedLoss, logits: Tensor, noise: Tensor, tau: float, batch: ref.Batch) -> tuple[float, Tensor]:
-    """(loss, ∂loss/∂φ) of one step through ``MixedLoss.__call__``."""
-    phi = logits.clone().requires_grad_(True)
-    mix = torch.softmax(nn.functional.logsigmoid((phi + noise) / tau), dim=1)
-    loss, grad_mix = engine(mix.detach(), batch)
-    mix.backward(grad_mix.to(mix.dtype))
-    assert phi.grad is not None
-    return loss, phi.grad
-
-
-def fast_step_float64(traj: sewa.Trajectory, model: nn.Module, logits: Tensor, noise: Tensor, tau: float,
-                      batch: ref.Batch) -> tuple[float, Tensor]:
-    """(loss, ∂loss/∂φ) of one step through the engine computing in float64 (``model`` is float64)."""
-    engine = MixedLoss(traj, model, ref.cross_entropy, dtype=torch.float64)
-    return fast_step(engine, logits, noise, tau, batch)
-
-
-def spread_logits(n: int, top_k: int) -> Tensor:
-    """Logits away from the symmetric start, so every snapshot gets a different mask."""
-    return ref.initial_logits(n, top_k) + torch.linspace(-1.0, 1.0, n, dtype=torch.float64)
-
-
-# ----------------------------------------------------------------- reference semantics
-@pytest.mark.parametrize("kind", KINDS)
-def test_reference_loss_of_one_snapshot_is_the_model_loss(kind: str) -> None:
-    """The reference mixes like loading a state dict: a one-hot mask gives the loss of a real
-    model loaded with that snapshot (train mode: BatchNorm on batch statistics)."""
-    model, traj, batches = ref.make_problem(kind, n=4)
-    x, y = batches[0]
-    net = ref.reference_model(model)
-    snaps = ref.snapshots(traj)
-    for i in range(len(traj)):
-        loaded = ref.MODELS[kind]().double()
-        loaded.load_state_dict(traj.snapshot(i))
-        loaded.train()
-        expected = ref.cross_entropy(loaded(ref.as_float64(x)), y)
-        a = torch.zeros(1, len(traj), dtype=torch.float64)
-        a[0, i] = 1.0
-        got = ref.mixed_loss(a, snaps, net, ref.cross_entropy, (ref.as_float64(x), y), traj.aliases)
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-
-
-# ----------------------------------------------------------------- fast path == reference
-@pytest.mark.parametrize("kind", KINDS)
-def test_step_gradient_matches_reference_float32(kind: str) -> None:
-    """End to end through ``MixedLoss.__call__`` (which computes in float32) against the
-    float64 reference on the same stored snapshots."""
-    model, traj, batches = ref.make_problem(kind, n=5)
-    samples, tau = 3, 0.7
-    noise = ref.noise_stream(0, samples, len(traj))()
-    logits = spread_logits(len(traj), 2)
-    engine = MixedLoss(traj, model, ref.cross_entropy)
-    x, y = batches[0]
-    fast = fast_logit_grad(engine, logits, noise, tau, (x, y))
-    _, slow = ref.step_grad(logits, noise, tau, ref.snapshots(traj), ref.reference_model(model),
-                            ref.cross_entropy, (ref.as_float64(x), y), traj.aliases)
-    assert float(slow.abs().max()) > 1e-3  # a gradient worth comparing
-    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_step_gradient_matches_reference_float64(kind: str) -> None:
-    """The engine in float64 against the float64 reference, within 1e-5 (see fast_step_float64)."""
-    model, traj, batches = ref.make_problem(kind, n=5, model_dtype=torch.float64)
-    samples, tau = 3, 0.7
-    noise = ref.noise_stream(1, samples, len(traj))()
-    logits = spread_logits(len(traj), 2)
-    fast_loss, fast = fast_step_float64(traj, model, logits, noise, tau, batches[0])
-    loss, slow = ref.step_grad(logits, noise, tau, ref.snapshots(traj), ref.reference_model(model),
-                               ref.cross_entropy, batches[0], traj.aliases)
-    assert fast_loss == pytest.approx(loss, rel=1e-12)
-    assert float(slow.abs().max()) > 1e-3
-    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
-    torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-12)  # in fact far tighter
-
-
-@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
-def test_compact_storage_in_chunks_matches_reference(storage: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Compact storage is widened chunk by chunk; the chunks must add up to the whole."""
-    monkeypatch.setattr("sewa._engine._CHUNK_BYTES", 1)  # 1024 columns per chunk: 3 chunks here
-    model, traj, batches = ref.make_problem("wide_mlp", n=4, storage=storage)
-    assert traj.num_params == 2703
-    samples, tau = 2, 0.5
-    noise = ref.noise_stream(2, samples, len(traj))()
-    logits = spread_logits(len(traj), 2)
-    engine = MixedLoss(traj, model, ref.cross_entropy)
-    assert len(list(engine._chunks())) == 3
-    x, y = batches[0]
-    fast = fast_logit_grad(engine, logits, noise, tau, (x, y))
-    _, slow = ref.step_grad(logits, noise, tau, ref.snapshots(traj), ref.reference_model(model),
-                            ref.cross_entropy, (ref.as_float64(x), y), traj.aliases)
-    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_every_way_to_run_the_samples_agrees(kind: str) -> None:
-    """vmap, the direct loop (CPU default) and the functional loop give the same gradient."""
-    model, traj, batches = ref.make_problem(kind, n=5)
-    noise = ref.noise_stream(0, 3, len(traj))()
-    logits = spread_logits(len(traj), 2)
-    grads = {}
-    for way in ("vmap", "direct", "functional"):
-        engine = MixedLoss(traj, model, ref.cross_entropy, vectorize=way == "vmap")
-        if way == "functional":  # the fallback for models the direct loop cannot drive
-            engine._direct_checked, engine._direct = True, None
-        grads[way] = fast_logit_grad(engine, logits, noise, 0.7, batches[0])
-        # A second call reuses the engine's buffers: same inputs, same answer.
-        torch.testing.assert_close(fast_logit_grad(engine, logits, noise, 0.7, batches[0]), grads[way], rtol=0, atol=0)
-    torch.testing.assert_close(grads["vmap"], grads["direct"], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(grads["functional"], grads["direct"], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -174,30 +58,6 @@ def test_multi_step_select_without_budget_matches_reference() -> None:
     assert sel.indices == indices
 
 
-def bn_statistics(model: nn.Module) -> set[str]:
-    return {name for name, _ in model.named_buffers() if name.endswith(("running_mean", "running_var"))}
-
-
-def test_recorded_batchnorm_statistics_are_not_used_on_batch_statistics() -> None:
-    """A trajectory that records buffers (``buffers=True``) holds BatchNorm running statistics.
-
-    Under batch statistics (the default) they must play no part, and they are never
-    differentiated (``native_batch_norm`` refuses running statistics that require grad).
-    """
-    model, traj, batches = ref.make_problem("cnn_bn", n=5, buffers=True)
-    assert {"bn.running_mean", "bn1.running_var"} <= set(traj.names)
-    noise = ref.noise_stream(0, 3, len(traj))()
-    logits = spread_logits(len(traj), 2)
-    x, y = batches[0]
-    fast = fast_logit_grad(MixedLoss(traj, model, ref.cross_entropy), logits, noise, 0.7, (x, y))
-    snaps = ref.snapshots(traj, skip=bn_statistics(model))
-    _, slow = ref.step_grad(logits, noise, 0.7, snaps, ref.reference_model(model), ref.cross_entropy,
-                            (ref.as_float64(x), y), traj.aliases)
-    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
-    sel = sewa.select(traj, model, ref.cross_entropy, batches, top_k=2, samples=2, steps=3)
-    assert len(sel.indices) == 2
-
-
 def test_evaluator_ignores_recorded_batchnorm_statistics() -> None:
     """``make_evaluator`` (greedy soup's yardstick) evaluates on batch statistics like ``select``,
     also when the trajectory records buffers: the averaged running statistics play no part."""
@@ -205,7 +65,7 @@ def test_evaluator_ignores_recorded_batchnorm_statistics() -> None:
     w = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
     got = sewa.methods.make_evaluator(traj, model, ref.cross_entropy, batches[:1])(w)
     x, y = batches[0]
-    expected = ref.mixed_loss(w[None], ref.snapshots(traj, skip=bn_statistics(model)), ref.reference_model(model),
+    expected = ref.mixed_loss(w[None], ref.snapshots(traj, skip=ref.bn_statistics(model)), ref.reference_model(model),
                               ref.cross_entropy, (ref.as_float64(x), y), traj.aliases)
     assert got == pytest.approx(float(expected), rel=1e-5)
 
@@ -445,3 +305,71 @@ def test_push_from_the_loss_during_select_is_refused(problem) -> None:
         sewa.select(traj, model, meddling, batches, top_k=2, steps=2)
     assert len(traj) == 4
     traj.push(model, step=5000)
+
+
+# ----------------------------------------------------------------- non-finite losses
+def nan_after(calls: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """Cross-entropy that turns NaN from its ``calls + 1``-th call on."""
+    count = [0]
+
+    def loss(out: Tensor, y: Tensor) -> Tensor:
+        count[0] += 1
+        value = ref.cross_entropy(out, y)
+        return value * math.nan if count[0] > calls else value
+
+    return loss
+
+
+def nan_gradient(out: Tensor, y: Tensor) -> Tensor:
+    """A finite loss (``sqrt(0) = 0`` is added) whose gradient is infinite (``d sqrt/dx`` at 0)."""
+    return ref.cross_entropy(out, y) + torch.sqrt((out - out.detach()).sum())
+
+
+def test_nan_loss_stops_select_naming_the_step(problem) -> None:
+    """Issue 12.1: a NaN selection loss used to give NaN probabilities and arbitrary indices."""
+    model, traj, batches = problem
+    # One check call, then 2 samples per step: calls 2..7 are steps 1-3, call 8 is in step 4.
+    with pytest.raises(SelectionError, match=r"selection step 4 of 10: the loss .* is nan"):
+        sewa.select(traj, model, nan_after(7), batches, top_k=2, samples=2, steps=10)
+    traj.push(model, step=1000)  # the failed selection released the trajectory
+
+
+def test_nan_gradient_stops_select(problem) -> None:
+    model, traj, batches = problem
+    with pytest.raises(ValueError, match=r"selection step 1 of 5: the loss is finite .* but its gradient"):
+        sewa.select(traj, model, nan_gradient, batches, top_k=2, samples=2, steps=5)
+
+
+def test_nan_loss_stops_the_trainable_average(problem) -> None:
+    model, traj, batches = problem
+    with pytest.raises(SelectionError, match=r"trainable average step 3 of 6: the loss"):
+        sewa.trainable_average(traj, model, nan_after(3), batches, steps=6)  # check + 1 call per step
+    with pytest.raises(SelectionError, match="its gradient"):
+        sewa.trainable_average(traj, model, nan_gradient, batches, steps=6)
+
+
+# ----------------------------------------------------------------- batches, progress, logging
+def test_endless_iterator_of_batches_is_used_lazily(problem) -> None:
+    """Issue 12.10: ``itertools.cycle`` used to be listed until memory ran out."""
+    model, traj, batches = problem
+    options = dict(top_k=2, samples=2, steps=5)
+    endless = sewa.select(traj, model, ref.cross_entropy, itertools.cycle(batches), **options)
+    listed = sewa.select(traj, model, ref.cross_entropy, batches, **options)
+    assert torch.equal(endless.probabilities, listed.probabilities)
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(problem, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 13.5: ``progress=None`` (the default) is tqdm's ``disable=None``: no bar off a
+    terminal (as here); ``True`` always shows one."""
+    model, traj, batches = problem
+    sewa.select(traj, model, ref.cross_entropy, batches, top_k=2, samples=1, steps=2)
+    assert "selecting" not in capsys.readouterr().err
+    sewa.select(traj, model, ref.cross_entropy, batches, top_k=2, samples=1, steps=2, progress=True)
+    assert "selecting" in capsys.readouterr().err
+
+
+def test_select_logs_its_result(problem, caplog: pytest.LogCaptureFixture) -> None:
+    model, traj, batches = problem
+    with caplog.at_level(logging.INFO, logger="sewa"):
+        sel = sewa.select(traj, model, ref.cross_entropy, batches, top_k=2, samples=1, steps=2)
+    assert f"selected steps {sel.steps}" in caplog.text

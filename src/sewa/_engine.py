@@ -7,197 +7,98 @@ For mixing weights ``A`` (M, k) over the snapshot matrix ``Θ`` (k, P):
     ∂L/∂A = G Θᵀ                    one more matrix product
 
 so the cost is two reads of ``Θ`` plus the model's own compute, and no autograd graph ever
-spans the snapshots.
+spans the snapshots. :class:`MixedLoss` holds the two parts: a :class:`~sewa._columns.Columns`
+for the matrix products and a :class:`ModelPasses` for the M passes; the engines of
+:mod:`sewa.distributed` hold the same parts over one rank's columns.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
+from ._batch import forward, functional_forward, split_batch, to_device
+from ._columns import Columns
 from .trajectory import Trajectory, canonical_name
 
-__all__ = ["MixedLoss", "cycle_batches", "to_device", "functional_forward", "selection_model"]
+__all__ = ["MixedLoss", "ModelPasses", "to_device", "selection_model", "batch_statistics", "restore_statistics"]
 
-# float32 scratch per chunk when widening compact storage: cache-sized on CPU; on a GPU large,
-# since each chunk costs a few kernel launches (4 MiB chunks made a bf16 step 90x its floor).
-_CHUNK_BYTES = 1 << 22
-_CHUNK_BYTES_GPU = 1 << 28
+_Saved = list[tuple[nn.modules.batchnorm._BatchNorm, tuple[Any, Any, Any, Any]]]
 
 
-def to_device(x: Any, device: torch.device) -> Any:
-    """Moves tensors nested in tuples, lists and dicts to ``device``."""
-    if isinstance(x, Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (tuple, list)):
-        return type(x)(to_device(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    return x
+def batch_statistics(model: nn.Module) -> _Saved:
+    """Puts every BatchNorm layer of ``model`` on batch statistics (running statistics of
+    mixed weights are meaningless) and returns what :func:`restore_statistics` puts back."""
+    saved: _Saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            saved.append((m, (m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked)))
+            m.track_running_stats = False
+            m.running_mean = None
+            m.running_var = None
+            m.num_batches_tracked = None
+    return saved
 
 
-def functional_forward(model: nn.Module, params: dict[str, Tensor], inputs: Any) -> Any:
-    """Calls ``model`` with ``params`` on a tensor, a tuple of positional inputs, or a dict of
-    keyword inputs."""
-    if isinstance(inputs, dict):
-        return functional_call(model, params, (), inputs)
-    if isinstance(inputs, (tuple, list)):
-        return functional_call(model, params, tuple(inputs))
-    return functional_call(model, params, (inputs,))
-
-
-def cycle_batches(batches: Iterable[Any]) -> Iterator[Any]:
-    """Yields batches forever, re-iterating ``batches`` (cached if it is a one-shot iterator)."""
-    if iter(batches) is batches:
-        batches = list(batches)
-    while True:
-        empty = True
-        for batch in batches:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the selection split has no batches: pass a non-empty iterable of (inputs, targets)")
-
-
-def _split_batch(batch: Any) -> tuple[Any, Any]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise ValueError(f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}")
-    return batch[0], batch[1]
+def restore_statistics(saved: _Saved) -> None:
+    """Undoes :func:`batch_statistics`."""
+    for m, (track, mean, var, count) in saved:
+        m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = track, mean, var, count
 
 
 def selection_model(model: nn.Module, batch_stats: bool, device: torch.device) -> nn.Module:
     """A private copy of ``model`` for functional calls: eval mode, no grads, and BatchNorm
-    layers on batch statistics when ``batch_stats`` (running statistics of mixed weights are
-    meaningless)."""
+    layers on batch statistics when ``batch_stats`` (see :func:`batch_statistics`)."""
     model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     if batch_stats:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.track_running_stats = False
-                m.running_mean = None
-                m.running_var = None
-                m.num_batches_tracked = None
+        batch_statistics(model)
     return model
 
 
-class MixedLoss:
-    """``(A, batch) -> (loss, ∂loss/∂A)`` for mixing weights ``A`` (M, k) over a trajectory.
+class ModelPasses:
+    """Per-sample losses and gradients ``∂L_j/∂W_j`` of a model at M flat parameter vectors.
 
     Three ways to run the ``M`` forward/backward passes give the same numbers:
 
-    - *direct loop* (the default on CPU): the private model's parameters are pointed at the rows
-      of ``W`` in turn (``param.data = view``) and ``loss.backward()`` accumulates straight into
+    - *direct loop* (the default on CPU): the model's parameters are pointed at the rows of
+      ``W`` in turn (``param.data = view``) and ``loss.backward()`` accumulates straight into
       the rows of ``G``: a plain forward/backward per sample, without ``torch.func`` overhead;
     - *functional loop*: :func:`torch.func.functional_call` per sample (models the direct loop
       cannot drive: recorded buffers, dtypes other than ``W``'s, wrapped or hooked models);
     - *vmap*: :func:`torch.func.vmap` over the samples (the default elsewhere, when the model
       supports it).
 
-    In :meth:`__call__` the direct loop writes ``G_j`` over ``W_j`` once sample ``j``'s backward
-    is done, so ``W`` and ``G`` share one ``(M, P)`` buffer, reused across steps.
-
     Args:
-        trajectory: The snapshots; its rows are read in place (moved once if ``device``
-            differs).
-        model: Defines the architecture; copied.
+        model: A private model from :func:`selection_model` (its recorded values are replaced).
+        names: The recorded tensor names, in flat order.
+        views: ``views(flat)``: the tensors of a flat vector, in ``names`` order.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``.
-        batch_stats: BatchNorm on batch statistics.
         vectorize: ``True``: vmap over M; ``False``: loop; ``None``: loop on CPU, elsewhere vmap
             when it works.
-        device: Compute device (default: the trajectory's).
     """
 
-    # Subclasses (sewa.distributed) set the attributes that mix(), grad_mix() and model_grad()
-    # read without calling __init__; these lazily-filled ones default here.
-    _buffer: Tensor | None = None
-    _vmapped: Callable[..., tuple[Tensor, Tensor]] | None = None
-    _direct: list[nn.Parameter | None] | None = None
-    _direct_checked: bool = False
-    _used: list[bool] | None = None
-    dtype: torch.dtype = torch.float32
-
-    def __init__(
-        self,
-        trajectory: Trajectory,
-        model: nn.Module,
-        loss_fn: Callable[[Any, Any], Tensor],
-        *,
-        batch_stats: bool = True,
-        vectorize: bool | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        trajectory.check_compatible(model)
-        rows, order = trajectory.matrix()
-        self.dtype = dtype  # compute dtype of W, G and the passes (float64 for exact checks)
-        self.device = torch.device(device) if device is not None else rows.device
-        self.rows = rows.to(self.device)
-        self.order = order.to(self.device)
-        self.inverse = torch.empty_like(self.order)
-        self.inverse[self.order] = torch.arange(len(order), device=self.device)
-        self.names = trajectory.names
-        self.views = trajectory.views
-        self.model = selection_model(model, batch_stats, self.device)
-        named = {canonical_name(n): p for n, p in self.model.named_parameters()}
-        for name in self.names:
-            if name in named:  # every pass replaces them with rows of W: drop the copy's values
-                named[name].data = named[name].data.new_empty(0)
+    def __init__(self, model: nn.Module, names: list[str], views: Callable[[Tensor], list[Tensor]],
+                 loss_fn: Callable[[Any, Any], Tensor], vectorize: bool | None = None) -> None:
+        self.model = model
+        self.names = names
+        self.views = views
         self.loss_fn = loss_fn
         self.vectorize = vectorize
+        named = {canonical_name(n): p for n, p in model.named_parameters()}
+        for name in names:
+            if name in named:  # every pass replaces them with rows of W: drop the copy's values
+                named[name].data = named[name].data.new_empty(0)
         self._checked = False
-        self._mixed: Tensor | None = None
-        self._scratch: Tensor | None = None
+        self._vmapped: Callable[..., tuple[Tensor, Tensor]] | None = None
+        self._direct: list[nn.Parameter | None] | None = None
+        self._direct_checked = False
+        self._used: list[bool] | None = None
 
-    # -- the two matrix passes -------------------------------------------------------
-    def _chunks(self) -> Iterator[slice]:
-        p = self.rows.shape[1]
-        chunk = _CHUNK_BYTES if self.device.type == "cpu" else _CHUNK_BYTES_GPU
-        step = p if self.rows.dtype == self.dtype else max(1024, chunk // (4 * self.rows.shape[0]))
-        for start in range(0, p, step):
-            yield slice(start, min(p, start + step))
-
-    def _float_rows(self, cols: slice) -> Tensor:
-        block = self.rows[:, cols]
-        if block.dtype == self.dtype:
-            return block
-        width = cols.stop - cols.start
-        if self._scratch is None or self._scratch.shape[1] < width:
-            self._scratch = torch.empty(self.rows.shape[0], width, device=self.device, dtype=self.dtype)
-        scratch = self._scratch[:, :width]
-        scratch.copy_(block)
-        return scratch
-
-    def _mix_into(self, a_rows: Tensor, out: Tensor) -> Tensor:
-        p = self.rows.shape[1]
-        for cols in self._chunks():
-            if cols.stop - cols.start == p:
-                torch.mm(a_rows, self._float_rows(cols), out=out)
-            else:
-                out[:, cols] = a_rows @ self._float_rows(cols)
-        return out
-
-    def mix(self, a_rows: Tensor) -> Tensor:
-        """``W = A Θ`` (M, P) in the compute dtype, into a buffer reused across steps."""
-        m, p = a_rows.shape[0], self.rows.shape[1]
-        if self._mixed is None or self._mixed.shape[0] != m:
-            self._mixed = torch.empty(m, p, device=self.device, dtype=self.dtype)
-        return self._mix_into(a_rows, self._mixed)
-
-    def grad_mix(self, g: Tensor) -> Tensor:
-        """``∂L/∂A = G Θᵀ`` (M, k)."""
-        if self.rows.dtype == self.dtype:
-            return torch.mm(g, self.rows.T)
-        out = torch.zeros(g.shape[0], self.rows.shape[0], device=self.device, dtype=self.dtype)
-        for cols in self._chunks():
-            out.addmm_(g[:, cols], self._float_rows(cols).T)
-        return out
-
-    # -- the model -------------------------------------------------------------------
     def _used_names(self) -> list[bool]:
         """Per recorded name, whether the model uses it: recorded BatchNorm statistics play no
         part on batch statistics (:func:`selection_model` dropped them), so they are neither
@@ -213,12 +114,13 @@ class MixedLoss:
             self._used = used
         return self._used
 
-    def _loss(self, flat: Tensor, inputs: Any, targets: Any) -> Tensor:
+    def loss_of(self, flat: Tensor, inputs: Any, targets: Any) -> Tensor:
+        """``L(f(w))`` of the model at one flat parameter vector ``w`` (P,), as a tensor."""
         params = {n: v for n, v, u in zip(self.names, self.views(flat), self._used_names(), strict=True) if u}
         return self.loss_fn(functional_forward(self.model, params, inputs), targets)
 
     def _check(self, flat: Tensor, inputs: Any, targets: Any) -> None:
-        loss = self._loss(flat, inputs, targets)
+        loss = self.loss_of(flat, inputs, targets)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"loss_fn must return a scalar tensor, got {shape}: reduce it with .mean()")
@@ -236,7 +138,7 @@ class MixedLoss:
 
     def _vmap(self) -> Callable[..., tuple[Tensor, Tensor]]:
         if self._vmapped is None:  # built once: rebuilding the transform costs time every step
-            self._vmapped = vmap(grad_and_value(self._loss), in_dims=(0, None, None))
+            self._vmapped = vmap(grad_and_value(self.loss_of), in_dims=(0, None, None))
         return self._vmapped
 
     def _direct_params(self, mixed: Tensor) -> list[nn.Parameter | None] | None:
@@ -264,13 +166,11 @@ class MixedLoss:
             return None
         return direct
 
-    def model_grad(self, mixed: Tensor, inputs: Any, targets: Any) -> tuple[Tensor, Tensor]:
-        """Per-sample losses (M,) and gradients ``∂L_j/∂W_j`` (M, P)."""
-        return self._model_grad(mixed, inputs, targets, None)
+    def model_grad(self, mixed: Tensor, inputs: Any, targets: Any, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per-sample losses (M,) and gradients ``∂L_j/∂W_j`` (M, P) at the rows of ``mixed``.
 
-    def _model_grad(self, mixed: Tensor, inputs: Any, targets: Any, out: Tensor | None) -> tuple[Tensor, Tensor]:
-        """:meth:`model_grad`, writing the direct loop's gradients into ``out`` (which may be
-        ``mixed`` itself: row ``j`` is overwritten once sample ``j`` is done with it)."""
+        The direct loop writes its gradients into ``out``, which may be ``mixed`` itself: row
+        ``j`` is overwritten once sample ``j`` is done with it."""
         if not self._checked:
             with torch.no_grad():
                 self._check(mixed[0], inputs, targets)
@@ -281,10 +181,10 @@ class MixedLoss:
         if direct is not None:
             return self._direct_loop(direct, mixed, inputs, targets, torch.empty_like(mixed) if out is None else out)
         grads = torch.empty_like(mixed)
-        losses = torch.empty(mixed.shape[0], device=self.device, dtype=mixed.dtype)
+        losses = torch.empty(mixed.shape[0], device=mixed.device, dtype=mixed.dtype)
         for j in range(mixed.shape[0]):
             flat = mixed[j].detach().requires_grad_(True)
-            loss = self._loss(flat, inputs, targets)
+            loss = self.loss_of(flat, inputs, targets)
             (grads[j],) = torch.autograd.grad(loss.reshape(()), flat)
             losses[j] = loss.detach()
         return losses, grads
@@ -299,7 +199,7 @@ class MixedLoss:
                     if p is not None:
                         p.data = w
                         p.grad = None  # backward hands its gradient over without a copy
-                loss = self.loss_fn(_forward(self.model, inputs), targets)
+                loss = self.loss_fn(forward(self.model, inputs), targets)
                 if loss.requires_grad:
                     loss.reshape(()).backward()
                 losses[j] = loss.detach().reshape(())
@@ -317,26 +217,72 @@ class MixedLoss:
             p.grad = None
         return losses, out
 
+
+class MixedLoss:
+    """``(A, batch) -> (loss, ∂loss/∂A)`` for mixing weights ``A`` (M, k) over a trajectory.
+
+    It holds :attr:`columns` (the products ``W = A Θ`` and ``G Θᵀ``) and :attr:`passes` (the
+    M forward/backward passes, see :class:`ModelPasses`). In :meth:`__call__` the direct loop
+    writes ``G_j`` over ``W_j`` once sample ``j``'s backward is done, so ``W`` and ``G`` share
+    one ``(M, P)`` buffer, reused across steps.
+
+    Args:
+        trajectory: The snapshots; its rows are read in place (moved once if ``device``
+            differs).
+        model: Defines the architecture; copied.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        batch_stats: BatchNorm on batch statistics.
+        vectorize: See :class:`ModelPasses`.
+        device: Compute device (default: the trajectory's).
+        dtype: Compute dtype of ``W``, ``G`` and the passes (float64 for exact checks).
+    """
+
+    def __init__(
+        self,
+        trajectory: Trajectory,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        *,
+        batch_stats: bool = True,
+        vectorize: bool | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        trajectory.check_compatible(model)
+        rows, order = trajectory.matrix()
+        self.columns = Columns(rows, order, device=device, dtype=dtype)
+        self.device = self.columns.device
+        self.inverse = self.columns.inverse
+        self.passes = ModelPasses(selection_model(model, batch_stats, self.device), trajectory.names,
+                                  trajectory.views, loss_fn, vectorize)
+        self._buffer: Tensor | None = None
+
+    def mix(self, a_rows: Tensor) -> Tensor:
+        """``W = A Θ`` (M, P) for weights on the rows in slot order (see :attr:`inverse`)."""
+        return self.columns.mix(a_rows)
+
+    def mix_weights(self, weights: Tensor) -> Tensor:
+        """The flat averaged parameters ``Σ_i w_i θ_i`` (P,) for weights oldest first (k,);
+        a view of a buffer the next call overwrites."""
+        return self.columns.mix(self.columns.to_rows(weights.reshape(1, -1)))[0]
+
+    def loss_of(self, flat: Tensor, inputs: Any, targets: Any) -> Tensor:
+        """The loss of the model at flat parameters ``flat`` (P,) on one batch (on :attr:`device`)."""
+        return self.passes.loss_of(flat, inputs, targets)
+
+    _loss = loss_of  # the name sewa.methods.make_evaluator calls
+
     def __call__(self, mix: Tensor, batch: Any) -> tuple[float, Tensor]:
         """Mean loss over the M mixed models and its gradient w.r.t. ``mix`` (M, k), oldest
         snapshot first."""
-        inputs, targets = _split_batch(batch)
+        inputs, targets = split_batch(batch)
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
-        a_rows = mix.to(self.device, self.dtype)[:, self.inverse]
-        m, p = a_rows.shape[0], self.rows.shape[1]
+        cols = self.columns
+        a_rows = cols.to_rows(mix)
+        m = a_rows.shape[0]
         if self._buffer is None or self._buffer.shape[0] != m:
-            self._buffer = torch.empty(m, p, device=self.device, dtype=self.dtype)
-            self._mixed = None  # mix() keeps its own buffer; this one is the step's
-        mixed = self._mix_into(a_rows, self._buffer)
-        losses, grads = self._model_grad(mixed, inputs, targets, self._buffer)
-        g_rows = self.grad_mix(grads).div_(m)  # L = mean over samples
-        return float(losses.mean()), g_rows[:, self.order].to(mix.device, mix.dtype)
-
-
-def _forward(model: nn.Module, inputs: Any) -> Any:
-    """Calls ``model`` like :func:`functional_forward`, with its own parameters."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+            self._buffer = torch.empty(m, cols.width, device=self.device, dtype=cols.dtype)
+        mixed = cols.mix_into(a_rows, self._buffer)
+        losses, grads = self.passes.model_grad(mixed, inputs, targets, out=self._buffer)
+        g_rows = cols.grad(grads).div_(m)  # L = mean over samples
+        return float(losses.mean()), cols.to_oldest(g_rows, mix)

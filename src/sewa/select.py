@@ -19,20 +19,39 @@ autograd graph ever spans the snapshots. See :mod:`sewa._engine`.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from ._engine import MixedLoss, cycle_batches
+from ._batch import cycle_batches
+from ._engine import MixedLoss
 from .trajectory import Trajectory, TrajectoryError
 from .weights import from_indices
 
-__all__ = ["Selection", "select", "trainable_average", "project_budget", "tau_schedule"]
+__all__ = ["Selection", "SelectionError", "Engine", "select", "run_selection", "trainable_average", "project_budget",
+           "tau_schedule"]
+
+_log = logging.getLogger(__name__)
+
+
+class SelectionError(ValueError):
+    """The selection cannot go on: its loss or the loss's gradient is not finite."""
+
+
+class Engine(Protocol):
+    """What :func:`run_selection` needs from an engine (:class:`~sewa._engine.MixedLoss`, or a
+    distributed one whose values are reduced over ranks)."""
+
+    def __call__(self, mix: Tensor, batch: Any, /) -> tuple[float, Tensor]:
+        """``(loss, ∂loss/∂mix)`` of the mixing weights ``mix`` (M, k), oldest snapshot first,
+        on one ``batch``: the mean loss over the M mixed models, and a tensor like ``mix``."""
+        ...
 
 
 @dataclass
@@ -105,14 +124,18 @@ def _entropy(s: Tensor) -> float:
     return float(-(s * s.log() + (1 - s) * (1 - s).log()).sum())
 
 
-def _prepare(trajectory: Trajectory, top_k: int, steps: int, samples: int) -> None:
-    n = len(trajectory)
+def check_settings(n: int, top_k: int, steps: int, samples: int) -> None:
+    """Raises if the settings do not fit ``n`` held snapshots."""
     if n == 0:
         raise TrajectoryError("the trajectory holds no snapshots: record some before selecting")
     if not isinstance(top_k, int) or not 1 <= top_k <= n:
         raise ValueError(f"top_k must be an integer in [1, {n}] (the number of snapshots held), got {top_k!r}")
     if steps < 1 or samples < 1:
         raise ValueError(f"steps and samples must be >= 1, got steps={steps}, samples={samples}")
+
+
+def refuse_nonfinite_snapshots(trajectory: Trajectory) -> None:
+    """Raises naming the step of the first held snapshot holding NaN or Inf."""
     rows, order = trajectory.matrix()
     refuse_nonfinite_rows(torch.isfinite(rows).all(dim=1), order, trajectory.steps)
 
@@ -143,8 +166,7 @@ def select(
     batch_stats: bool = True,
     vectorize: bool | None = None,
     device: torch.device | str | None = None,
-    progress: bool = False,
-    distributed: Any = None,
+    progress: bool | None = None,
 ) -> Selection:
     """Learns selection probabilities over the held snapshots and picks the top ``K``.
 
@@ -154,7 +176,8 @@ def select(
             copied, never modified).
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar tensor.
         batches: ``(inputs, targets)`` pairs of the selection split, cycled one per step. A
-            validation split is the usual choice; a training split also works.
+            validation split is the usual choice; a training split also works. A one-shot
+            iterator is read once and its batches kept (at most ``sewa._batch.MAX_BATCHES``).
         top_k: How many snapshots to average at the end (paper's ``K``).
         samples: Monte-Carlo mask samples per step (paper's ``M``).
         steps: Gradient steps on ``φ = logit(s)``.
@@ -171,62 +194,101 @@ def select(
             (``False``). ``None``: a loop on CPU (measured faster there); elsewhere vmap when the
             model supports it.
         device: Where to compute; defaults to the trajectory's device.
-        progress: Show a progress bar.
-        distributed: Internal hook for :mod:`sewa.distributed`: an object with
-            ``engine(...)`` (a :class:`~sewa._engine.MixedLoss` look-alike whose gradient is
-            reduced over ranks) and ``shard_batches(batches)``.
+        progress: A progress bar: ``None`` shows one only on a terminal, ``True`` always,
+            ``False`` never.
 
     Returns:
         The :class:`Selection`.
+
+    Raises:
+        SelectionError: if the loss or its gradient is not finite at some step (no result).
     """
-    _prepare(trajectory, top_k, steps, samples)
-    n = len(trajectory)
+    check_settings(len(trajectory), top_k, steps, samples)
+    refuse_nonfinite_snapshots(trajectory)
+    with trajectory.reading():
+        engine = MixedLoss(trajectory, model, loss_fn, batch_stats=batch_stats, vectorize=vectorize, device=device)
+        return run_selection(engine, cycle_batches(batches), trajectory.steps, top_k=top_k, samples=samples,
+                             steps=steps, tau_start=tau_start, tau_end=tau_end, lr=lr, optimizer=optimizer,
+                             budget=budget, seed=seed, progress=progress, config={"batch_stats": batch_stats})
+
+
+def run_selection(
+    engine: Engine,
+    feed: Iterator[Any],
+    held_steps: Sequence[int],
+    *,
+    top_k: int = 10,
+    samples: int = 4,
+    steps: int = 200,
+    tau_start: float = 1.0,
+    tau_end: float = 0.1,
+    lr: float = 0.05,
+    optimizer: str = "adam",
+    budget: bool = True,
+    seed: int = 0,
+    progress: bool | None = None,
+    config: dict[str, Any] | None = None,
+) -> Selection:
+    """The SeWA loop of :func:`select` over any :class:`Engine` and batch ``feed``.
+
+    Args:
+        engine: ``(mix, batch) -> (loss, ∂loss/∂mix)``.
+        feed: One batch per step (e.g. :func:`sewa._batch.cycle_batches`).
+        held_steps: Training steps of the held snapshots, oldest first (``k`` of them).
+        config: Extra settings recorded in :attr:`Selection.config`.
+
+    The other arguments are :func:`select`'s.
+    """
+    n = len(held_steps)
+    check_settings(n, top_k, steps, samples)
     if budget and top_k == n:
         budget = False  # Σ s = k has no interior point; every snapshot is chosen anyway
     config = dict(top_k=top_k, samples=samples, steps=steps, tau_start=tau_start, tau_end=tau_end,
-                  lr=lr, optimizer=optimizer, budget=budget, seed=seed, batch_stats=batch_stats)
+                  lr=lr, optimizer=optimizer, budget=budget, seed=seed) | (config or {})
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(int(seed))
     logits = torch.full((n,), math.log(top_k / n) - math.log1p(-top_k / n) if top_k < n else 0.0,
                         dtype=torch.float64, requires_grad=True)
     opt = _optimizer(optimizer, logits, lr)
     history: dict[str, list[float]] = {"loss": [], "tau": [], "entropy": []}
-    with trajectory.reading():
-        # A distributed helper (sewa.distributed) supplies an engine whose gradient is already
-        # reduced over ranks, and this rank's share of the batches.
-        make_engine = MixedLoss if distributed is None else distributed.engine
-        engine = make_engine(trajectory, model, loss_fn, batch_stats=batch_stats, vectorize=vectorize, device=device)
-        feed = cycle_batches(batches if distributed is None else distributed.shard_batches(batches))
-        for t in _progress(range(steps), progress, "selecting"):
-            tau = tau_schedule(t, steps, tau_start, tau_end)
-            # g_1 - g_0 of two Gumbel(0,1) draws is Logistic(0,1): log u - log(1-u).
-            u = torch.rand(samples, n, generator=gen, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
-            noise = u.log() - (-u).log1p()
-            log_m = nn.functional.logsigmoid((logits + noise) / tau)
-            mix = torch.softmax(log_m, dim=1)  # a_j = m_j / Σ_i m_ij, computed in log space
-            loss, grad_mix = engine(mix.detach(), next(feed))
-            opt.zero_grad()
-            mix.backward(grad_mix.to(mix.dtype))
-            opt.step()
-            if budget:
-                project_budget(logits.data, float(top_k))
-            s = torch.sigmoid(logits.detach())
-            history["loss"].append(loss)
-            history["tau"].append(tau)
-            history["entropy"].append(_entropy(s))
+    for t in _progress(range(steps), progress, "selecting"):
+        tau = tau_schedule(t, steps, tau_start, tau_end)
+        # g_1 - g_0 of two Gumbel(0,1) draws is Logistic(0,1): log u - log(1-u).
+        u = torch.rand(samples, n, generator=gen, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+        noise = u.log() - (-u).log1p()
+        log_m = nn.functional.logsigmoid((logits + noise) / tau)
+        mix = torch.softmax(log_m, dim=1)  # a_j = m_j / Σ_i m_ij, computed in log space
+        loss, grad_mix = engine(mix.detach(), next(feed))
+        _refuse_nonfinite(loss, grad_mix, t, steps, "selection")
+        opt.zero_grad()
+        mix.backward(grad_mix.to(mix.dtype))
+        opt.step()
+        if budget:
+            project_budget(logits.data, float(top_k))
+        s = torch.sigmoid(logits.detach())
+        history["loss"].append(loss)
+        history["tau"].append(tau)
+        history["entropy"].append(_entropy(s))
     probs = torch.sigmoid(logits.detach()).float()
     # Ties (e.g. steps too few to move s) break towards newer snapshots.
     key = probs.double() + torch.arange(n, dtype=torch.float64) * 1e-12
     indices = sorted(torch.topk(key, top_k).indices.tolist())
-    return Selection(
-        indices=indices,
-        probabilities=probs,
-        weights=from_indices(n, indices),
-        steps=[trajectory.steps[i] for i in indices],
-        history=history,
-        seconds=time.perf_counter() - start,
-        config=config,
-    )
+    seconds = time.perf_counter() - start
+    chosen = [held_steps[i] for i in indices]
+    _log.info("selected steps %s of %d snapshots in %.1fs (final loss %.4g)", chosen, n, seconds, history["loss"][-1])
+    return Selection(indices=indices, probabilities=probs, weights=from_indices(n, indices), steps=chosen,
+                     history=history, seconds=seconds, config=config)
+
+
+def _refuse_nonfinite(loss: float, grad: Tensor, t: int, steps: int, what: str) -> None:
+    """Stops a learning loop at the first step whose loss or gradient is NaN or Inf: a result
+    learned from them would look normal and mean nothing."""
+    if not math.isfinite(loss):
+        raise SelectionError(f"{what} step {t + 1} of {steps}: the loss on the selection split is {loss} (not finite); "
+                             "check loss_fn and the selection batches (no result was produced)")
+    if not bool(torch.isfinite(grad).all()):
+        raise SelectionError(f"{what} step {t + 1} of {steps}: the loss is finite ({loss:.6g}) but its gradient w.r.t. "
+                             "the mixing weights holds NaN or Inf; check loss_fn and the model (no result was produced)")
 
 
 def trainable_average(
@@ -240,23 +302,28 @@ def trainable_average(
     batch_stats: bool = True,
     vectorize: bool | None = None,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Tensor:
     """Dense averaging weights ``softmax(α)`` learned on ``batches`` (in the spirit of TWA).
 
     A baseline for SeWA: the same engine and selection split, but every snapshot keeps a
     learned weight instead of a hard top-K choice. Returns the weights, oldest first.
+
+    Raises:
+        SelectionError: if the loss or its gradient is not finite at some step (no result).
     """
-    _prepare(trajectory, 1, steps, 1)
+    check_settings(len(trajectory), 1, steps, 1)
+    refuse_nonfinite_snapshots(trajectory)
     n = len(trajectory)
     alpha = torch.zeros(n, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([alpha], lr=lr)
     with trajectory.reading():
         engine = MixedLoss(trajectory, model, loss_fn, batch_stats=batch_stats, vectorize=vectorize, device=device)
         feed = cycle_batches(batches)
-        for _ in _progress(range(steps), progress, "trainable average"):
+        for t in _progress(range(steps), progress, "trainable average"):
             mix = torch.softmax(alpha, dim=0)[None]
-            _, grad_mix = engine(mix.detach(), next(feed))
+            loss, grad_mix = engine(mix.detach(), next(feed))
+            _refuse_nonfinite(loss, grad_mix, t, steps, "trainable average")
             opt.zero_grad()
             mix.backward(grad_mix.to(mix.dtype))
             opt.step()
@@ -271,9 +338,10 @@ def _optimizer(name: str, param: Tensor, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}: use 'adam' or 'sgd'")
 
 
-def _progress(it: Iterable[int], enabled: bool, desc: str) -> Iterable[int]:
-    if not enabled:
+def _progress(it: Iterable[int], enabled: bool | None, desc: str) -> Iterable[int]:
+    """A tqdm bar over ``it``: ``None`` lets tqdm show it only on a terminal (``disable=None``)."""
+    if enabled is False:
         return it
     from tqdm.auto import tqdm
 
-    return tqdm(it, desc=desc, leave=False)
+    return tqdm(it, desc=desc, leave=False, disable=None if enabled is None else False)
