@@ -3,9 +3,12 @@
 The directory holds:
 
 * ``snapshots.bin``: the ``(window, P)`` snapshot matrix in the storage dtype, memory-mapped,
-  so :attr:`DiskTrajectory.data` is an ordinary tensor and averaging/selection work unchanged;
+  so :attr:`DiskTrajectory.data` is an ordinary tensor and averaging/selection work unchanged.
+  Its space is reserved when it is created (``posix_fallocate``), so a full disk is reported
+  then, never as a crash (SIGBUS) in the middle of recording;
 * ``manifest.json``: the layout (names, shapes, dtypes, aliases, storage dtype, window) and the
-  ``(row, step)`` entries of the complete snapshots, oldest first;
+  ``(row, step, generation)`` entries of the complete snapshots, oldest first. ``generation``
+  counts the rows ever written, so every written row has an entry no other write shares;
 * ``extras.safetensors``: the entries that are not recorded (e.g. BatchNorm counters), newest.
 
 **Crash safety.** The manifest is the only commit point, and it is replaced atomically
@@ -16,6 +19,17 @@ the manifest first drops the oldest entry, and only then is its row overwritten.
 back every snapshot the manifest lists, bit for bit, and recording resumes after the newest.
 A crash can leave the extras one push newer than the newest listed snapshot.
 
+**A refused push changes nothing.** If a write fails (e.g. the disk is full when the manifest
+is replaced), the overwritten row is written back from a copy kept in memory, the previous
+manifest and extras are published again, and memory is as before the push.
+
+**Readers.** ``DiskTrajectory.open(dir, readonly=True)`` maps the file without a lock while a
+writer records into it. A reader does not copy the rows it listed (that would cost the whole
+window in memory); it detects instead: every read (:meth:`~DiskTrajectory.matrix`,
+:meth:`~sewa.Trajectory.snapshot`, :func:`sewa.average`) checks that the manifest still lists
+each of its entries with the same row and generation, and raises :class:`TrajectoryError`
+naming the steps the writer has dropped since, so a reader never averages overwritten rows.
+
 Example:
     >>> traj = DiskTrajectory("run/traj", model, window=500, dtype="bfloat16")
     >>> traj.push(model, step=100)      # same API as Trajectory
@@ -25,9 +39,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import mmap
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from .io import atomic_write
-from .trajectory import Trajectory, TrajectoryError, _dtype, _named_tensors
+from .trajectory import Trajectory, TrajectoryError, _dtype, _named_tensors, check_window
 
 __all__ = ["DiskTrajectory"]
 
@@ -51,6 +67,29 @@ try:
     import fcntl
 except ImportError:  # Windows: no advisory locks, one writer per directory is then up to the user
     fcntl = None  # type: ignore[assignment]
+
+
+def disk_free(directory: Path) -> int:
+    """Free bytes on the filesystem holding ``directory`` (or its nearest existing parent)."""
+    path = directory.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _reserve(fd: int, size: int, path: Path) -> None:
+    """Allocates ``size`` bytes for the file (a sparse file where the filesystem cannot)."""
+    if hasattr(os, "posix_fallocate") and size:
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise TrajectoryError(f"{path} needs {size:,} bytes and the disk is full: free space, "
+                                      "or use a smaller window or a compact dtype (dtype='bfloat16')") from None
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    os.ftruncate(fd, size)
 
 
 def _layout_of(template: nn.Module | Mapping[str, Tensor], window: int, storage: torch.dtype, buffers: bool) -> dict[str, Any]:
@@ -87,6 +126,11 @@ def _difference(found: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | No
     return None
 
 
+def _entry(item: Any) -> tuple[int, int, int | None]:
+    """``(slot, step, generation)`` of a manifest entry (generation is absent in older manifests)."""
+    return int(item[0]), int(item[1]), (int(item[2]) if len(item) > 2 else None)
+
+
 class DiskTrajectory(Trajectory):
     """A :class:`Trajectory` whose snapshot matrix is a memory-mapped file in ``directory``.
 
@@ -98,16 +142,18 @@ class DiskTrajectory(Trajectory):
         directory: Where the trajectory lives (created if missing).
         template: The model (or state dict) that defines the layout, as for :class:`Trajectory`.
         window: Snapshots to keep; the file holds ``window × P`` values of the storage dtype.
-        dtype: Storage dtype: ``float32``, ``bfloat16`` or ``float16``.
+        dtype: Storage dtype: ``float64``, ``float32``, ``bfloat16`` or ``float16``. Default:
+            the existing directory's, else the model's widest floating dtype.
         buffers: Also record floating-point buffers.
-        check_finite: Refuse snapshots holding NaN or Inf.
+        check_finite: Refuse snapshots holding NaN or Inf (or values the storage cannot hold).
         sync: Flush each snapshot and manifest to the disk (``msync``/``fsync``) before moving
             on, so that a power loss cannot lose a listed snapshot. ``False`` is faster and
             still safe against the process being killed (the page cache outlives it).
 
     Raises:
         TrajectoryError: if the directory holds the trajectory of another model (or another
-            window or storage dtype): it is never overwritten; use another directory.
+            window or storage dtype): it is never overwritten; use another directory. Also
+            when the file does not fit on the disk (the message names the bytes needed).
         RuntimeError: if another process has the directory open for writing.
     """
 
@@ -117,28 +163,33 @@ class DiskTrajectory(Trajectory):
         template: nn.Module | Mapping[str, Tensor],
         window: int,
         *,
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | None = None,
         buffers: bool = False,
         check_finite: bool = True,
         sync: bool = True,
         _readonly: bool = False,
         _manifest: dict[str, Any] | None = None,
     ) -> None:
-        if not isinstance(window, int) or window < 1:
-            raise TrajectoryError(f"window must be a positive integer, got {window!r}")
+        window = check_window(window)
         self.directory = Path(directory)
         self.sync = sync
         self.readonly = _readonly
         self._lock_fd: int | None = None
         self._mmap: mmap.mmap | None = None
-        storage = _dtype(dtype)
-        layout = _layout_of(template, window, storage, buffers) if _manifest is None else {k: _manifest[k] for k in _LAYOUT_KEYS}
-        num_params = sum(int(torch.Size(s).numel()) for s in layout["shapes"])
+        self._gens: dict[int, int] = {}  # row -> generation of the snapshot it holds
+        self._generation = 0
+        self._listed: list[tuple[int, int, int | None]] = []  # a reader's entries, as read
+        created = not self.directory.exists()
         if not self.readonly:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._lock()
         try:
             manifest = _manifest if _manifest is not None else self._read_manifest()
+            if dtype is None and manifest is not None:
+                dtype = manifest["storage"]
+            storage = _dtype(dtype, _named_tensors(template, buffers)[0] if dtype is None else None)
+            layout = _layout_of(template, window, storage, buffers) if _manifest is None else {k: _manifest[k] for k in _LAYOUT_KEYS}
+            num_params = sum(int(torch.Size(s).numel()) for s in layout["shapes"])
             if manifest is not None:
                 why = _difference({k: manifest[k] for k in _LAYOUT_KEYS}, layout)
                 if why is not None:
@@ -156,6 +207,11 @@ class DiskTrajectory(Trajectory):
                 self._restore(manifest)
         except BaseException:
             self._unlock()
+            if created and not self.readonly:  # leave no half-made directory behind
+                for name in (DATA, MANIFEST, LOCK):
+                    (self.directory / name).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self.directory.rmdir()
             raise
 
     @classmethod
@@ -167,7 +223,9 @@ class DiskTrajectory(Trajectory):
             directory: A directory written by :class:`DiskTrajectory`.
             readonly: Map the file copy-on-write and take no lock: nothing in the directory is
                 ever modified, and :meth:`push` is refused. Another process may be recording
-                into it; the snapshots seen are those listed when it was opened.
+                into it: the snapshots seen are those listed when it was opened, and a read
+                raises :class:`TrajectoryError` once the writer has dropped one of them (see
+                the module docstring); reopen to see the current ones.
             check_finite: As for :class:`Trajectory`.
             sync: As for :class:`DiskTrajectory`.
         """
@@ -207,15 +265,23 @@ class DiskTrajectory(Trajectory):
 
     def _map(self, window: int, num_params: int, storage: torch.dtype, create: bool) -> Tensor:
         path = self.directory / DATA
-        size = window * num_params * torch.empty((), dtype=storage).element_size()
+        size = window * num_params * storage.itemsize
         if create:
-            with open(path, "wb") as f:  # sparse: the disk fills as snapshots are written
-                f.truncate(size)
+            free = disk_free(self.directory)
+            if size > free:
+                raise TrajectoryError(f"a window of {window:,} snapshots of {num_params:,} values in {storage} needs "
+                                      f"{size:,} bytes in {path}, but the disk has {free:,} free: use a smaller "
+                                      "window, a compact dtype (dtype='bfloat16'), or another disk")
+            with open(path, "wb") as f:
+                _reserve(f.fileno(), size, path)
                 if self.sync:
                     os.fsync(f.fileno())
         elif not path.is_file() or path.stat().st_size != size:
             found = path.stat().st_size if path.is_file() else "no file"
             raise TrajectoryError(f"{path} should hold {size} bytes for this manifest but has {found}; the directory is damaged")
+        elif not self.readonly:
+            with open(path, "r+b") as f:  # a file made sparse by an older version: reserve it now
+                _reserve(f.fileno(), size, path)
         with open(path, "rb" if self.readonly else "r+b") as f:
             # copy-on-write when read-only: the tensor is writable, the file never changes
             self._mmap = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY if self.readonly else mmap.ACCESS_WRITE)
@@ -231,8 +297,8 @@ class DiskTrajectory(Trajectory):
 
     def _manifest(self) -> dict[str, Any]:
         layout = self._layout()
-        return {"format": FORMAT, **{k: layout[k] for k in _LAYOUT_KEYS},
-                "entries": [[slot, step] for slot, step in zip(self._slots, self._steps, strict=True)]}
+        entries = [[slot, step, self._gens.get(slot, 0)] for slot, step in zip(self._ring.slots, self._ring.steps, strict=True)]
+        return {"format": FORMAT, **{k: layout[k] for k in _LAYOUT_KEYS}, "generation": self._generation, "entries": entries}
 
     def _publish(self) -> None:
         """Makes the in-memory entries the directory's committed state (atomically)."""
@@ -251,13 +317,15 @@ class DiskTrajectory(Trajectory):
 
     def _restore(self, manifest: Mapping[str, Any]) -> None:
         """Loads the listed entries, then makes the held rows ``0..n-1`` again (see below)."""
-        entries = [(int(slot), int(step)) for slot, step in manifest["entries"]]
-        slots = [s for s, _ in entries]
-        steps = [t for _, t in entries]
-        if (len(set(slots)) != len(slots) or any(not 0 <= s < self.window for s in slots)
-                or any(a >= b for a, b in zip(steps, steps[1:], strict=False))):
-            raise TrajectoryError(f"{self.directory / MANIFEST} lists invalid entries {entries}; the directory is damaged")
-        self._slots, self._steps = slots, steps
+        entries = [_entry(e) for e in manifest["entries"]]
+        try:
+            self._ring.load((slot, step) for slot, step, _ in entries)
+        except TrajectoryError:
+            raise TrajectoryError(f"{self.directory / MANIFEST} lists invalid entries {manifest['entries']}; "
+                                  "the directory is damaged") from None
+        self._listed = entries
+        self._gens = {slot: gen or 0 for slot, _, gen in entries}
+        self._generation = max([int(manifest.get("generation", 0)), *self._gens.values()])
         extras_path = self.directory / EXTRAS
         if extras_path.is_file():
             from safetensors.torch import load_file
@@ -266,55 +334,87 @@ class DiskTrajectory(Trajectory):
         # A crash after the oldest entry was dropped leaves a hole: held rows are then not
         # 0..n-1, which Trajectory.matrix() relies on. Move the highest held row into the hole,
         # flush, publish; a crash in between leaves the previous (valid) manifest in force.
-        n = len(slots)
-        while set(self._slots) != set(range(n)):
-            hole = min(set(range(n)) - set(self._slots))
-            moved = max(self._slots)
+        for hole, moved in self._ring.holes():
             self.data[hole].copy_(self.data[moved])
             self._flush_row(hole)
-            self._slots[self._slots.index(moved)] = hole
+            self._ring.move(hole, moved)
+            self._generation += 1
+            self._gens[hole] = self._generation
             self._publish()
+
+    # ------------------------------------------------------------------ reading
+    def matrix(self) -> tuple[Tensor, Tensor]:
+        """As :meth:`Trajectory.matrix`; a read-only view first checks that its rows are still listed."""
+        self.check_unchanged()
+        return super().matrix()
+
+    def check_unchanged(self) -> None:
+        """For a read-only view: raises if the writer has dropped or moved a snapshot this view
+        lists, whose row may then hold another snapshot. Nothing to check for a writer."""
+        if not self.readonly or not self._listed:
+            return
+        manifest = _load_manifest(self.directory)
+        now = [_entry(e) for e in manifest["entries"]] if manifest is not None else []
+        keys = {(s, t, g) for s, t, g in now} | {(s, t, None) for s, t, _ in now}
+        gone = [step for slot, step, gen in self._listed if (slot, step, gen) not in keys]
+        if gone:
+            raise TrajectoryError(f"{self.directory} was opened read-only with steps {[t for _, t, _ in self._listed]}; the "
+                                  f"writer has since dropped or moved steps {gone}, whose rows may now hold other "
+                                  "snapshots. Open it again (DiskTrajectory.open(..., readonly=True)) to read the current ones")
 
     # ------------------------------------------------------------------ recording
     def push(self, source: nn.Module | Mapping[str, Tensor], step: int, *, what: str = "model") -> None:
         """Records a snapshot durably; see the module docstring for the order of writes.
 
+        A push that raises (a refused snapshot, or a failed write such as a full disk) leaves
+        the directory and this object as they were.
+
         Raises:
             TrajectoryError: as :meth:`Trajectory.push`.
             RuntimeError: if the trajectory was opened read-only or closed, or is being read.
+            OSError: if a write fails; nothing is changed then.
         """
         if self.readonly:
             raise RuntimeError(f"{self.directory} was opened read-only; open it with DiskTrajectory.open(path) to record")
         if self._lock_fd is None and fcntl is not None:
             raise RuntimeError(f"{self.directory} was closed; open it again to record")
-        step, recorded, others = self._admit(source, step, what)
-        if len(self._slots) == self.window:
-            # 1. unlist the oldest snapshot before its row is overwritten
-            slot = self._slots.pop(0)
-            self._steps.pop(0)
+        slot, step, recorded, others = self._admit(source, step, what)
+        before = (self._ring.state(), dict(self._gens), self._generation, {k: v.clone() for k, v in self.extras.items()})
+        backup = self.data[slot].clone() if self._ring.full else None
+        extras_written = False
+        try:
+            if self._ring.full:
+                # 1. unlist the oldest snapshot before its row is overwritten
+                self._ring.drop_oldest()
+                self._publish()
+            # 2. write the row and flush it
+            self._write(self.data[slot], [recorded[n] for n in self.names])
+            self._flush_row(slot)
+            if self._keep_extras(others):
+                extras_written = True
+                self._save_extras()
+            # 3. list it
+            self._generation += 1
+            self._gens[slot] = self._generation
+            self._ring.commit(slot, step)
             self._publish()
-        else:
-            slot = len(self._slots)
-        # 2. write the row and flush it
-        row = self.data[slot]
-        self._write(row, [recorded[n] for n in self.names])
-        self._flush_row(slot)
-        changed = False
-        for name, t in others.items():
-            held = self.extras.get(name)
-            if held is not None and held.shape == t.shape and held.dtype == t.dtype:
-                if not torch.equal(held, t.to(held.device)):
-                    held.copy_(t)
-                    changed = True
-            else:
-                self.extras[name] = t.detach().to("cpu", copy=True)
-                changed = True
-        if changed:
-            self._save_extras()
-        # 3. list it
-        self._slots.append(slot)
-        self._steps.append(step)
-        self._publish()
+        except BaseException:
+            self._roll_back(before, slot, backup, extras_written)
+            raise
+
+    def _roll_back(self, before: tuple[Any, dict[int, int], int, dict[str, Tensor]], slot: int, backup: Tensor | None,
+                   extras_written: bool) -> None:
+        """Puts memory and (as far as the disk lets) the directory back as they were before a push."""
+        ring, self._gens, self._generation, self.extras = before
+        self._ring.restore(ring)
+        if backup is not None:
+            self.data[slot].copy_(backup)
+            self._flush_row(slot)
+        with contextlib.suppress(OSError):
+            # if this fails too, the directory lists one snapshot fewer (the oldest): still valid
+            self._publish()
+            if extras_written:
+                self._save_extras()
 
     def close(self) -> None:
         """Flushes the file and releases the directory for other writers."""

@@ -3,13 +3,14 @@
 Row ``r`` of :attr:`Trajectory.data` holds one flattened snapshot of the recorded tensors
 (the floating-point parameters, plus the floating-point buffers when asked). Rows are written
 in place, so recording allocates nothing per step. The chronological order of the rows is kept
-separately (``slots``), so dropping the oldest snapshot never moves data.
+separately (a :class:`sewa._ring.Ring`), so dropping the oldest snapshot never moves data.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._names import canonical_name, model_names, strip_shared_prefixes
+from ._ring import Ring, TrajectoryError, check_window
+
 __all__ = ["Trajectory", "TrajectoryError", "all_finite", "canonical_name"]
 
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def all_finite(row: Tensor) -> bool:
@@ -29,23 +32,14 @@ def all_finite(row: Tensor) -> bool:
     return bool(torch.isfinite(row.sum(dtype=torch.float32))) or bool(torch.isfinite(row).all())
 
 
-class TrajectoryError(ValueError):
-    """A snapshot or model does not fit the trajectory it is used with."""
-
-
-def canonical_name(name: str) -> str:
-    """Strips the prefixes that ``torch.compile`` (``_orig_mod.``) and DDP (``module.``) add."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix) :], True
-        name = name.replace("._orig_mod.", ".")
-    return name
-
-
-def _dtype(value: torch.dtype | str) -> torch.dtype:
+def _dtype(value: torch.dtype | str | None, recorded: Mapping[str, Tensor] | None = None) -> torch.dtype:
+    """The storage dtype: ``value``, or (``None``) the widest floating dtype of ``recorded``."""
+    if value is None:
+        found = [t.dtype for t in (recorded or {}).values()]
+        widest = found[0] if found else torch.float32
+        for d in found[1:]:
+            widest = torch.promote_types(widest, d)
+        return widest if widest in _DTYPES.values() else torch.float32
     if isinstance(value, torch.dtype):
         if value not in _DTYPES.values():
             raise TrajectoryError(f"storage dtype {value} is not supported: use one of {list(_DTYPES)}")
@@ -55,37 +49,60 @@ def _dtype(value: torch.dtype | str) -> torch.dtype:
     return _DTYPES[value]
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``, or ``None`` when unknown (cheap)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil  # type: ignore[import-untyped]
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    return None
+
+
 def _named_tensors(source: nn.Module | Mapping[str, Any], buffers: bool) -> tuple[dict[str, Tensor], dict[str, str], dict[str, Tensor]]:
     """Splits a model or state dict into (recorded tensors, aliases, other entries).
 
     From a model, recorded tensors are the floating-point parameters (and floating-point
-    buffers when ``buffers``); ``aliases`` maps the second name of a tied parameter to its
-    first. From a state dict, every floating-point entry is recorded.
+    buffers when ``buffers``), named without the wrappers' prefixes (:mod:`sewa._names`);
+    ``aliases`` maps the second name of a tied parameter to its first. From a state dict,
+    every floating-point entry is recorded under its own key.
     """
     recorded: dict[str, Tensor] = {}
     aliases: dict[str, str] = {}
     others: dict[str, Tensor] = {}
     if isinstance(source, nn.Module):
+        params = list(source.named_parameters(remove_duplicate=False))
+        bufs = [(f"{m}.{b}" if m else b, t, m_obj) for m, m_obj in source.named_modules(remove_duplicate=False)
+                for b, t in m_obj._buffers.items() if t is not None and b not in m_obj._non_persistent_buffers_set]
+        names = model_names(source, [n for n, _ in params] + [n for n, _, _ in bufs])
         seen: dict[int, str] = {}
-        for name, p in source.named_parameters(remove_duplicate=False):
-            name = canonical_name(name)
+        for raw, p in params:
+            name = names[raw]
             if id(p) in seen:
                 aliases[name] = seen[id(p)]
                 continue
             seen[id(p)] = name
             (recorded if p.is_floating_point() else others)[name] = p.detach()
-        for mod_name, mod in source.named_modules(remove_duplicate=False):
-            for b_name, b in mod._buffers.items():
-                if b is None or b_name in mod._non_persistent_buffers_set:
-                    continue
-                name = canonical_name(f"{mod_name}.{b_name}" if mod_name else b_name)
-                (recorded if buffers and b.is_floating_point() else others)[name] = b.detach()
+        for raw, b, _ in bufs:
+            (recorded if buffers and b.is_floating_point() else others)[names[raw]] = b.detach()
         return recorded, aliases, others
     if not isinstance(source, Mapping):
         raise TypeError(f"expected an nn.Module or a state dict, got {type(source).__name__}")
     for name, t in source.items():
         if isinstance(t, Tensor):
-            (recorded if t.is_floating_point() else others)[canonical_name(name)] = t.detach()
+            (recorded if t.is_floating_point() else others)[str(name)] = t.detach()
     return recorded, aliases, others
 
 
@@ -96,12 +113,23 @@ class Trajectory:
         template: The model (or a state dict) whose tensors define the layout. Only names,
             shapes and dtypes are read from it; nothing is recorded until :meth:`push`.
         window: How many snapshots to keep (the paper's ``k``). Older ones are dropped.
-        dtype: Storage dtype: ``float32``, ``bfloat16`` or ``float16``. Averages are always
-            accumulated in float32 or wider.
+        dtype: Storage dtype: ``float64``, ``float32``, ``bfloat16`` or ``float16``. Default
+            (``None``): follow the model, i.e. the widest floating dtype of the recorded
+            tensors, so a float64 model is stored and averaged in float64. Averages are always
+            accumulated in float64.
         buffers: Also record floating-point buffers (e.g. BatchNorm running statistics).
             Non-recorded entries are copied from the newest snapshot.
         device: Where the matrix lives.
-        check_finite: Refuse snapshots holding NaN or Inf (the error names the step).
+        check_finite: Refuse snapshots holding NaN or Inf, or values that the storage dtype
+            cannot hold (the error names the step and the parameter). On a CUDA trajectory the
+            check is deferred so that a push never waits for the GPU: a flag per row is set on
+            the device, and the first read (:meth:`matrix`, :meth:`snapshot`, :meth:`subset`,
+            :meth:`save`) raises naming the bad step; a non-finite row is never averaged.
+
+    Raises:
+        TypeError: if ``window`` is not an integer.
+        TrajectoryError: if ``window`` is not positive, or the matrix does not fit in the free
+            memory of ``device`` (the message names the bytes needed).
 
     Example:
         >>> traj = Trajectory(model, window=100)
@@ -113,14 +141,13 @@ class Trajectory:
         template: nn.Module | Mapping[str, Tensor],
         window: int,
         *,
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | None = None,
         buffers: bool = False,
         device: torch.device | str = "cpu",
         check_finite: bool = True,
         _data: Tensor | None = None,
     ) -> None:
-        if not isinstance(window, int) or window < 1:
-            raise TrajectoryError(f"window must be a positive integer, got {window!r}")
+        window = check_window(window)
         recorded, aliases, others = _named_tensors(template, buffers)
         if not recorded:
             raise TrajectoryError("the template has no floating-point parameters to record")
@@ -134,15 +161,32 @@ class Trajectory:
         self.aliases = aliases
         self.extras: dict[str, Tensor] = {k: v.detach().to("cpu", copy=True) for k, v in others.items()}
         self.num_params = sum(self.numels)
-        storage = _dtype(dtype)
+        storage = _dtype(dtype, recorded)
         if _data is None:
-            _data = torch.zeros(window, self.num_params, dtype=storage, device=device)
+            _data = self._allocate(window, storage, torch.device(device))
         elif tuple(_data.shape) != (window, self.num_params) or _data.dtype != storage:
             raise TrajectoryError(f"storage has shape {tuple(_data.shape)} and dtype {_data.dtype}, expected {(window, self.num_params)} and {storage}")
         self.data = _data
-        self._steps: list[int] = []
-        self._slots: list[int] = []
+        self._ring = Ring(window)
         self._readers = 0
+        # Deferred NaN/Inf check (CUDA): a flag per row, set on the device at each push and read
+        # once by the next read of the trajectory, instead of a host sync per push.
+        self._defer_check = self.data.device.type == "cuda"
+        self._bad_rows: Tensor | None = None
+        self._unchecked = False
+
+    def _allocate(self, window: int, storage: torch.dtype, device: torch.device) -> Tensor:
+        need = window * self.num_params * storage.itemsize
+        free = free_memory(device)
+        if free is not None and need > free:
+            raise TrajectoryError(f"a window of {window:,} snapshots of {self.num_params:,} values in {storage} needs "
+                                  f"{need:,} bytes, but {device} has {free:,} free: use a smaller window, a compact "
+                                  "dtype (e.g. dtype='bfloat16'), or a sewa.disk.DiskTrajectory")
+        try:
+            return torch.zeros(window, self.num_params, dtype=storage, device=device)
+        except (RuntimeError, OverflowError) as e:
+            raise TrajectoryError(f"cannot allocate a window of {window:,} snapshots ({need:,} bytes) on {device}: "
+                                  f"{e}; use a smaller window or a sewa.disk.DiskTrajectory") from e
 
     # ----------------------------------------------------------------- inspection
     @property
@@ -153,19 +197,20 @@ class Trajectory:
     @property
     def steps(self) -> list[int]:
         """Training steps of the held snapshots, oldest first."""
-        return list(self._steps)
+        return list(self._ring.steps)
 
     @property
     def slots(self) -> list[int]:
         """Row of :attr:`data` holding each snapshot, oldest first."""
-        return list(self._slots)
+        return list(self._ring.slots)
 
     def __len__(self) -> int:
-        return len(self._steps)
+        return len(self._ring)
 
     def __repr__(self) -> str:
+        steps = self._ring.steps
         return (f"Trajectory(window={self.window}, held={len(self)}, params={self.num_params:,}, "
-                f"dtype={str(self.dtype).removeprefix('torch.')}, steps={self._steps[:1] + self._steps[-1:]})")
+                f"dtype={str(self.dtype).removeprefix('torch.')}, steps={steps[:1] + steps[-1:]})")
 
     @property
     def nbytes(self) -> int:
@@ -179,16 +224,28 @@ class Trajectory:
             ``(rows, order)``: ``rows`` is ``data[:len(self)]`` (storage order) and ``order[i]``
             is the row of the i-th oldest snapshot. Weights over snapshots ``w`` (oldest first)
             become weights over rows as ``w_rows[order] = w``.
+
+        Raises:
+            TrajectoryError: if the trajectory is empty, or a deferred check found a held
+                snapshot with NaN or Inf (the message names its step).
         """
         n = len(self)
         if n == 0:
             raise TrajectoryError("the trajectory holds no snapshots yet: push some first")
-        return self.data[:n], torch.tensor(self._slots, dtype=torch.long)
+        self._check_rows(self._ring.slots)
+        return self.data[:n], torch.tensor(self._ring.slots, dtype=torch.long)
+
+    def check_unchanged(self) -> None:
+        """Raises if rows handed out by :meth:`matrix` may have changed since (only a read-only
+        :class:`~sewa.disk.DiskTrajectory` whose writer moved on can); call it after reading them."""
 
     def snapshot(self, index: int) -> dict[str, Tensor]:
         """The ``index``-th oldest snapshot as a state dict (``-1`` is the newest)."""
-        row = self.data[self._slots[index]]
-        return self.unflatten(row)
+        slot = self._ring.slots[index]
+        self._check_rows([slot])
+        out = self.unflatten(self.data[slot])
+        self.check_unchanged()
+        return out
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -203,7 +260,7 @@ class Trajectory:
     def views(self, flat: Tensor) -> list[Tensor]:
         """Splits a flat ``(..., P)`` tensor into per-tensor views of the recorded shapes."""
         lead = flat.shape[:-1]
-        return [v.view(*lead, *s) for v, s in zip(flat.split(self.numels, dim=-1), self.shapes, strict=True)]
+        return [v.view(lead + torch.Size(s)) for v, s in zip(flat.split(self.numels, dim=-1), self.shapes, strict=True)]
 
     def unflatten(self, flat: Tensor, *, extras: bool = True) -> dict[str, Tensor]:
         """A state dict from one flat vector: recorded tensors in their original dtype,
@@ -219,11 +276,18 @@ class Trajectory:
 
     def check_compatible(self, source: nn.Module | Mapping[str, Any], what: str = "model") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Splits ``source`` into (recorded tensors, other entries), or raises naming the first
-        parameter whose name, shape or dtype differs from the trajectory's."""
+        parameter whose name, shape or dtype differs from the trajectory's.
+
+        A state dict's keys lose a wrapper prefix shared by every key when that makes them the
+        trajectory's names (see :mod:`sewa._names`), and its floating-point tensors may be in
+        another floating dtype: they are cast into storage.
+        """
         if isinstance(source, nn.Module):
             recorded, _, others = _named_tensors(source, self.buffers)
         elif isinstance(source, Mapping):
-            entries = {canonical_name(k): v.detach() for k, v in source.items() if isinstance(v, Tensor)}
+            keys = [k for k, v in source.items() if isinstance(v, Tensor)]
+            rename = strip_shared_prefixes(keys, expected=self.names)
+            entries = {rename[k]: source[k].detach() for k in keys}
             recorded = {n: entries[n] for n in self.names if n in entries}
             others = {n: t for n, t in entries.items() if n not in recorded and n not in self.aliases}
             unknown = [n for n in others if n not in self.extras]
@@ -238,7 +302,8 @@ class Trajectory:
                 raise TrajectoryError(f"{what} has no parameter {name!r}{hint}; the trajectory was recorded from another architecture")
             if tuple(t.shape) != shape:
                 raise TrajectoryError(f"{what} parameter {name!r} has shape {tuple(t.shape)}, the trajectory expects {shape}")
-            if t.dtype != dtype:
+            castable = isinstance(source, Mapping) and t.is_floating_point()
+            if t.dtype != dtype and not castable:
                 raise TrajectoryError(f"{what} parameter {name!r} has dtype {t.dtype}, the trajectory expects {dtype}")
         if len(recorded) != len(self.names):
             extra = next(n for n in recorded if n not in set(self.names))
@@ -249,65 +314,100 @@ class Trajectory:
     def push(self, source: nn.Module | Mapping[str, Tensor], step: int, *, what: str = "model") -> None:
         """Records a snapshot, dropping the oldest when the window is full.
 
-        Writes straight into the row that will hold it: no copy of the model is made.
+        Writes straight into the row that will hold it: no copy of the model is made. Every
+        check runs before anything is written, so a refused push changes nothing.
 
         Raises:
-            TrajectoryError: if ``source`` does not match the layout, holds NaN/Inf, or ``step``
-                is not after the newest recorded step.
+            TrajectoryError: if ``source`` does not match the layout, holds NaN/Inf or a value
+                the storage dtype turns into Inf, or ``step`` is not after the newest step.
             RuntimeError: if the trajectory is being read (e.g. by :func:`sewa.select`).
 
         ``what`` names ``source`` in error messages (e.g. ``"checkpoint"``).
         """
-        step, recorded, others = self._admit(source, step, what)
-        slot = len(self._slots) if len(self._slots) < self.window else self._slots[0]
-        row = self.data[slot]
-        self._write(row, [recorded[n] for n in self.names])
-        if len(self._slots) == self.window:
-            self._slots.pop(0)
-            self._steps.pop(0)
-        self._slots.append(slot)
-        self._steps.append(step)
+        slot, step, recorded, others = self._admit(source, step, what)
+        self._write(self.data[slot], [recorded[n] for n in self.names])
+        self._flag_row(slot)
+        self._ring.commit(slot, step)
+        self._keep_extras(others)
+
+    def _keep_extras(self, others: Mapping[str, Tensor]) -> bool:
+        """Copies the non-recorded entries of the newest snapshot; returns whether any changed."""
+        changed = False
         for name, t in others.items():
             held = self.extras.get(name)
             if held is not None and held.shape == t.shape and held.dtype == t.dtype:
-                held.copy_(t)
+                if not torch.equal(held, t.to(held.device)):
+                    held.copy_(t)
+                    changed = True
             else:
                 self.extras[name] = t.detach().to("cpu", copy=True)
+                changed = True
+        return changed
 
-    def _admit(self, source: nn.Module | Mapping[str, Tensor], step: int, what: str) -> tuple[int, dict[str, Tensor], dict[str, Tensor]]:
-        """Every check a push makes before it writes anything: returns (step, recorded, others)."""
+    def _admit(self, source: nn.Module | Mapping[str, Tensor], step: int, what: str) -> tuple[int, int, dict[str, Tensor], dict[str, Tensor]]:
+        """Every check a push makes before it writes anything: returns (slot, step, recorded, others)."""
         if self._readers:
             raise RuntimeError("cannot push while the trajectory is being read (a selection is running); push after it returns")
-        step = int(step)
-        if self._steps and step <= self._steps[-1]:
-            raise TrajectoryError(f"step {step} is not after the newest recorded step {self._steps[-1]}")
+        slot = self._ring.admit(step)
         recorded, others = self.check_compatible(source, what)
-        if self.check_finite:
-            self._refuse_nonfinite([recorded[n] for n in self.names], step)
-        return step, recorded, others
+        if self.check_finite and not self._defer_check:
+            self._refuse_unstorable([recorded[n] for n in self.names], int(step))
+        return slot, int(step), recorded, others
 
-    def _refuse_nonfinite(self, sources: list[Tensor], step: int) -> None:
-        """Raises before anything is written if a source holds NaN/Inf, or a value that the
-        float16 storage would turn into Inf: a refused push changes nothing."""
+    def _refuse_unstorable(self, sources: list[Tensor], step: int) -> None:
+        """Raises before anything is written if a source holds NaN/Inf, or a finite value that
+        the storage dtype would turn into Inf (checked after the cast): a refused push changes nothing."""
         with torch.no_grad():
-            # One reduction per tensor and a single host sync on the fast path.
-            checks = [t.sum(dtype=torch.float32) for t in sources]
-            if self.dtype == torch.float16:
-                inf = torch.tensor(float("inf"))
-                checks += [torch.where(t.abs().amax().float().cpu() > 65504.0, inf, 0.0) for t in sources if t.numel()]
-            if bool(torch.isfinite(torch.stack([c.to("cpu") for c in checks]).sum())):
+            # max |x| per tensor in one fused pass (NaN propagates), cast into the storage
+            # dtype: it overflows exactly when some element would. One host sync.
+            nonempty = [t for t in sources if t.numel()]
+            peaks = torch._foreach_norm(nonempty, ord=float("inf")) if nonempty else []
+            stored = [p.to(device="cpu", dtype=self.dtype) for p in peaks]
+            if not stored or bool(torch.isfinite(torch.stack(stored)).all()):
                 return
         for name, t in zip(self.names, sources, strict=True):
             if not bool(torch.isfinite(t).all()):
                 raise TrajectoryError(f"snapshot at step {step} holds NaN or Inf (first in {name!r}); it was not recorded")
-            if self.dtype == torch.float16 and float(t.abs().amax()) > 65504.0:
-                raise TrajectoryError(f"snapshot at step {step} overflows float16 storage in {name!r} "
-                                      "(|value| > 65504); it was not recorded: store in bfloat16 or float32")
+            peak = t.abs().amax() if t.numel() else t.new_zeros(())
+            if not bool(torch.isfinite(peak.to(self.dtype))):
+                limit = torch.finfo(self.dtype).max
+                storage = str(self.dtype).removeprefix("torch.")
+                raise TrajectoryError(f"snapshot at step {step} overflows {storage} storage in {name!r} "
+                                      f"(|value| up to {float(peak):.3g} > {limit:.4g}); it was not recorded: "
+                                      "store in a wider dtype (dtype='float32', or 'float64')")
 
     def _write(self, row: Tensor, sources: list[Tensor]) -> None:
         dests = self.views(row)
         with torch.no_grad():
             torch._foreach_copy_(dests, [s.to(row.device) if s.device != row.device else s for s in sources])
+
+    def _flag_row(self, slot: int) -> None:
+        """Deferred check: marks on the device whether the stored row holds NaN/Inf (no sync)."""
+        if not (self.check_finite and self._defer_check):
+            return
+        with torch.no_grad():
+            if self._bad_rows is None:
+                self._bad_rows = torch.zeros(self.window, dtype=torch.bool, device=self.data.device)
+            low, high = torch.aminmax(self.data[slot])
+            self._bad_rows[slot] = ~(torch.isfinite(low) & torch.isfinite(high))
+        self._unchecked = True
+
+    def _check_rows(self, slots: list[int]) -> None:
+        """Raises naming the step if a deferred check flagged one of ``slots`` (one host sync)."""
+        if not self._unchecked or self._bad_rows is None:
+            return
+        flags = self._bad_rows.to("cpu").tolist()
+        held = dict(zip(self._ring.slots, self._ring.steps, strict=True))
+        bad = [held[s] for s in self._ring.slots if flags[s]]
+        if not bad:
+            self._unchecked = False
+            return
+        wanted = [held[s] for s in slots if flags[s]]
+        if wanted:
+            keep = [i for i, s in enumerate(self._ring.slots) if not flags[s]]
+            raise TrajectoryError(f"the snapshot at step {wanted[0]} holds NaN or Inf (bad steps: {bad}); it was recorded "
+                                  "without waiting for the device and is never averaged: read the others with "
+                                  f"traj.subset({keep}), or keep recording until it leaves the window")
 
     def subset(self, indices: list[int] | range) -> Trajectory:
         """A new trajectory (window = ``len(indices)``) holding copies of the given snapshots.
@@ -315,20 +415,23 @@ class Trajectory:
         Args:
             indices: Oldest-first positions, e.g. ``range(len(t) - 50, len(t))`` for the newest 50.
         """
-        positions = sorted({range(len(self))[i] for i in indices})
+        positions = self._ring.positions(indices)
         if not positions:
             raise TrajectoryError("subset needs at least one snapshot")
+        slots = [self._ring.slots[i] for i in positions]
+        self._check_rows(slots)
         out = Trajectory._from_layout(self._layout(), len(positions), self.data.device)
         out.check_finite = self.check_finite
         out.extras = {k: v.clone() for k, v in self.extras.items()}
-        out.data.copy_(self.data[[self._slots[i] for i in positions]])
-        out._slots = list(range(len(positions)))
-        out._steps = [self._steps[i] for i in positions]
+        out.data.copy_(self.data[slots])
+        self.check_unchanged()
+        out._ring.load((i, self._ring.steps[p]) for i, p in enumerate(positions))
         return out
 
     @classmethod
     def _from_layout(cls, meta: dict[str, Any], window: int, device: torch.device | str) -> Trajectory:
-        template = {n: torch.empty(s, dtype=getattr(torch, d)) for n, s, d in zip(meta["names"], meta["shapes"], meta["dtypes"], strict=True)}
+        template = {n: torch.empty(s, dtype=getattr(torch, d), device="meta")
+                    for n, s, d in zip(meta["names"], meta["shapes"], meta["dtypes"], strict=True)}
         traj = cls(template, window, dtype=meta["storage"], device=device)
         traj.buffers = meta["buffers"]
         traj.aliases = dict(meta["aliases"])
@@ -348,17 +451,17 @@ class Trajectory:
         }
 
     def save(self, path: str | Path) -> None:
-        """Saves the held snapshots (oldest first) and layout to one safetensors file."""
+        """Saves the held snapshots (oldest first) and layout to one safetensors file, atomically."""
         from safetensors.torch import save_file
 
+        from .io import atomic_write
+
         rows, order = self.matrix()
-        tensors = {"snapshots": rows.index_select(0, order).contiguous().cpu()}
+        tensors = {"snapshots": rows.index_select(0, order.to(rows.device)).contiguous().cpu()}
+        self.check_unchanged()
         tensors.update({f"extra/{k}": v.contiguous() for k, v in self.extras.items()})
-        meta = self._layout() | {"steps": self._steps}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"sewa": json.dumps(meta)})
-        tmp.replace(path)
+        meta = self._layout() | {"steps": self._ring.steps}
+        atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"sewa": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | Path, *, window: int | None = None, device: torch.device | str = "cpu") -> Trajectory:
@@ -381,6 +484,5 @@ class Trajectory:
         traj.extras = {k.removeprefix("extra/"): v for k, v in tensors.items() if k.startswith("extra/")}
         n = min(len(meta["steps"]), traj.window)
         traj.data[:n].copy_(snaps[len(meta["steps"]) - n :])
-        traj._slots = list(range(n))
-        traj._steps = [int(s) for s in meta["steps"][-n:]]
+        traj._ring.load((i, int(s)) for i, s in enumerate(meta["steps"][-n:]))
         return traj
