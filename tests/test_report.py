@@ -123,3 +123,60 @@ def test_load_results_rejects_bad_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         load_results(tmp_path / "absent.json")
     assert len(runs_of({"runs": [_run(0, 0.8, 0.5)] * 2})) == 2
+
+
+# ----------------------------------------------------------------- a selection file (sewa select --json)
+def _selection(format: str = "sewa.select/1") -> dict[str, Any]:
+    """Shaped like what ``sewa select --json`` writes: one method's entry and the run's set-up."""
+    entry = _run(4, 0.9, 0.3)["methods"]["sewa"]
+    return entry | {"method": "sewa", "settings": {"top_k": 2, "samples": 4, "steps": 5, "seed": 4}, "format": format,
+                    "task": "task.py", "metric_name": "accuracy", "split": "test", "objective": "val",
+                    "checkpoints": [f"c{i}.pt" for i in range(6)], "checkpoint_steps": [10 * (i + 1) for i in range(6)],
+                    "top_k": 2, "seed": 4, "out": "avg.safetensors", "argv": ["sewa", "select", "--json", "s.json"]}
+
+
+def test_a_selection_file_renders(tmp_path: Path) -> None:
+    source = tmp_path / "s.json"
+    source.write_text(json.dumps(_selection()))
+    results = load_results(source)  # refused before: "has no 'methods' object"
+    written = {p.name for p in write_report(results, tmp_path / "r", results_path=source)}
+    assert written == {"report.md", "results.json", "selection_probabilities.png", "selection_loss_tau.png"}
+    text = (tmp_path / "r" / "report.md").read_text()
+    for fact in ("# sewa select: task.py", "chose the checkpoints at steps [50, 60]", "| test accuracy |",
+                 "4 mask samples x 5 steps", "(selection_loss_tau.png)"):
+        assert fact in text, fact
+    assert json.loads((tmp_path / "r" / "results.json").read_text()) == _selection()  # kept as written
+    assert "sewa" in format_table(results)
+
+
+def test_a_selection_file_from_a_newer_sewa_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"format 'sewa\.select/2'; this sewa reads 'sewa\.select/1'"):
+        runs_of(_selection("sewa.select/2"))
+
+
+# ----------------------------------------------------------------- the metric's name (issue 13.9)
+def test_reports_call_the_metric_by_its_name(tmp_path: Path) -> None:
+    results = _run(0, 0.8, 0.5)  # metric_name "accuracy"
+    write_report(results, tmp_path / "r")
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "*Test accuracy and loss of every method" in text and "| test accuracy |" in text
+    assert "test metric" not in text.lower().replace("test_metric.png", "")
+    unnamed = _run(0, 0.8, 0.5) | {"metric_name": None}
+    assert "*Test metric and loss of every method" in markdown(unnamed, list(PLOTS))
+    assert "*Test loss of every method" in markdown(_run(0, None, 0.5), list(PLOTS))
+
+
+def test_sewa_report_renders_what_sewa_select_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from _tiny_task import write_checkpoints, write_task
+
+    from sewa.cli import main
+
+    task = write_task(tmp_path, "task.py", extra="\nMETRIC_NAME = 'accuracy'\n")
+    write_checkpoints(tmp_path / "ckpts", task, n=4)
+    out = tmp_path / "out"
+    assert main(["select", "--task", str(task), "--checkpoints", str(tmp_path / "ckpts"), "--top-k", "2", "--steps", "3",
+                 "--samples", "2", "--out", str(out / "avg.safetensors"), "--json", str(out / "s.json"), "--quiet"]) == 0
+    assert main(["report", str(out / "s.json"), "--out", str(out / "report")]) == 0, capsys.readouterr().err
+    text = (out / "report" / "report.md").read_text()
+    assert "# sewa select:" in text and "| test accuracy |" in text and "chose the checkpoints at steps" in text
+    assert (out / "report" / "selection_probabilities.png").stat().st_size > 1000

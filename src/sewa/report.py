@@ -1,15 +1,19 @@
 """Reports from results files: a Markdown summary, a results table and three plots.
 
 A results file is what ``sewa compare --json`` writes (one run: a top-level ``"methods"``
-object) or what ``sewa demo`` and the experiments write (``"runs"``: a list of such runs, one
-per seed). Multi-run numbers are reported as mean ± sample standard deviation over runs.
+object), what ``sewa demo`` and the experiments write (``"runs"``: a list of such runs, one
+per seed), or what ``sewa select --json`` writes (format ``"sewa.select/1"``: one method's
+entry with the run's set-up beside it; read as a run with that one method). Multi-run numbers
+are reported as mean ± sample standard deviation over runs. The metric is called by the name
+the task gave it (``metric_name``).
 
 Plots (PNG, drawn with matplotlib's Agg canvas, so no display and no global backend change):
 
 - ``selection_probabilities.png``: SeWA's learned probability of every checkpoint against its
   step, with the chosen top-K marked;
 - ``selection_loss_tau.png``: the selection loss and the temperature tau per selection step;
-- ``test_metric.png``: the test metric (and loss) of every method, bars with error bars over runs.
+- ``test_metric.png``: the test metric (and loss) of every method, bars with error bars over runs
+  (not drawn for a selection file, which holds one method).
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_results", "runs_of", "summarise", "format_table", "markdown", "write_report", "PLOTS"]
+__all__ = ["load_results", "runs_of", "is_selection", "summarise", "format_table", "markdown", "write_report", "PLOTS",
+           "SELECTION_FORMAT"]
+
+# The "format" of what `sewa select --json` writes.
+SELECTION_FORMAT = "sewa.select/1"
 
 PLOTS = {
     "selection_probabilities.png": "SeWA's selection probability of each checkpoint (chosen top-K marked)",
@@ -32,7 +40,8 @@ PLOTS = {
 
 # --------------------------------------------------------------------------- reading
 def load_results(path: str | Path) -> dict[str, Any]:
-    """Reads and checks a results file written by ``sewa compare``, ``sewa demo`` or an experiment."""
+    """Reads and checks a results file written by ``sewa compare``, ``sewa demo``, ``sewa select
+    --json`` or an experiment."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no results file at {path}")
@@ -46,16 +55,29 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return results
 
 
+def is_selection(results: dict[str, Any]) -> bool:
+    """Whether ``results`` is what ``sewa select --json`` wrote (one method, no ``"methods"``)."""
+    return str(results.get("format", "")).startswith("sewa.select/")
+
+
 def runs_of(results: dict[str, Any], source: str = "results") -> list[dict[str, Any]]:
-    """The runs of a results dict: its ``"runs"`` list, or the dict itself for one run."""
-    runs = results.get("runs", [results])
+    """The runs of a results dict: its ``"runs"`` list, or the dict itself for one run. A
+    selection file is one run whose ``"methods"`` hold its one method."""
+    if is_selection(results):
+        if results["format"] != SELECTION_FORMAT:
+            raise ValueError(f"{source} has format {results['format']!r}; this sewa reads {SELECTION_FORMAT!r}: "
+                             "render it with the sewa version that wrote it")
+        runs = [{**results, "methods": {str(results.get("method") or "sewa"): results}}]
+    else:
+        runs = results.get("runs", [results])
     if not isinstance(runs, list) or not runs:
         raise ValueError(f"{source} has an empty 'runs' list")
     for i, run in enumerate(runs):
         methods = run.get("methods") if isinstance(run, dict) else None
         if not isinstance(methods, dict) or not methods:
             where = f"run {i} of {source}" if "runs" in results else source
-            raise ValueError(f"{where} has no 'methods' object: it is not a results file from sewa compare or sewa demo")
+            raise ValueError(f"{where} has no 'methods' object: it is not a results file from sewa compare, sewa demo "
+                             "or sewa select --json")
         for name, entry in methods.items():
             if not isinstance(entry, dict) or "test_loss" not in entry or "weights" not in entry:
                 raise ValueError(f"method {name!r} in {source} lacks 'weights' or 'test_loss'")
@@ -162,7 +184,8 @@ def markdown(results: dict[str, Any], images: Sequence[str] = ()) -> str:
     """The Markdown report: set-up, results table, SeWA's choice, machine, plots."""
     runs = runs_of(results)
     first = runs[0]
-    title = results.get("title") or f"sewa {results.get('command', 'compare')}: {results.get('task', first.get('task', ''))}".rstrip(": ")
+    command = results.get("command") or ("select" if is_selection(results) else "compare")
+    title = results.get("title") or f"sewa {command}: {results.get('task', first.get('task', ''))}".rstrip(": ")
     out = [f"# {title}", ""]
     if results.get("description"):
         out += [str(results["description"]), ""]
@@ -180,7 +203,7 @@ def markdown(results: dict[str, Any], images: Sequence[str] = ()) -> str:
         "checkpoints (k)": f"{len(first.get('checkpoints', steps))}" + (f", steps {steps[0]} to {steps[-1]}" if steps else ""),
         "top-K": first.get("top_k"),
         "seeds": ", ".join(str(s) for s in seeds),
-        "selection": f"on {first.get('objective', 'val')!r}, {first.get('samples')} mask samples x {first.get('steps')} steps",
+        "selection": f"on {first.get('objective', 'val')!r}, {_setting(first, 'samples')} mask samples x {_setting(first, 'steps')} steps",
         "evaluated on": repr(_split(results)),
         "BatchNorm statistics": "recomputed on 'train' for every averaged model" if first.get("batchnorm_recomputed") else "the model has no BatchNorm layers",
     }
@@ -190,10 +213,13 @@ def markdown(results: dict[str, Any], images: Sequence[str] = ()) -> str:
         out += [f"Mean ± sample standard deviation over {len(runs)} runs (seeds {setup['seeds']}).", ""]
     out += ["`selection s` is the time the method took to choose its weights (evaluation of the averaged model excluded).", ""]
     for run in runs:
-        sewa = run["methods"].get("sewa")
-        if sewa and "indices" in sewa:
-            chosen = [run.get("checkpoint_steps", [])[i] for i in sewa["indices"]] if run.get("checkpoint_steps") else sewa["indices"]
-            out.append(f"- SeWA (seed {run.get('seed')}) chose the checkpoints at steps {chosen}.")
+        for name, entry in run["methods"].items():
+            if "indices" not in entry or (name != "sewa" and not is_selection(results)):
+                continue
+            steps = run.get("checkpoint_steps") or []
+            chosen = [steps[i] for i in entry["indices"]] if len(steps) == len(entry["weights"]) else entry["indices"]
+            label = "SeWA" if name == "sewa" else name
+            out.append(f"- {label} (seed {run.get('seed')}) chose the checkpoints at steps {chosen}.")
     out.append("")
     if results.get("selection_time"):
         out += ["**Selection time**", "", *_bullets(results["selection_time"]), ""]
@@ -211,8 +237,25 @@ def markdown(results: dict[str, Any], images: Sequence[str] = ()) -> str:
     if images:
         out += ["## Plots", ""]
         for name in images:
-            out += [f"![{PLOTS.get(name, name)}]({name})", "", f"*{PLOTS.get(name, name)}.*", ""]
+            caption = _caption(name, results)
+            out += [f"![{caption}]({name})", "", f"*{caption}.*", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _setting(run: dict[str, Any], key: str) -> Any:
+    """A selection setting from the run, else from SeWA's own settings (a selection file)."""
+    if run.get(key) is not None:
+        return run[key]
+    return ((run["methods"].get("sewa") or {}).get("settings") or {}).get(key)
+
+
+def _caption(image: str, results: dict[str, Any]) -> str:
+    """The plot's caption, with the metric called by its name."""
+    if image != "test_metric.png":
+        return PLOTS.get(image, image)
+    metric = _metric_name(results)
+    what = f"{_split(results).capitalize()} {metric} and loss" if metric else f"{_split(results).capitalize()} loss"
+    return f"{what} of every method (mean ± std over runs)"
 
 
 # --------------------------------------------------------------------------- plots
@@ -348,7 +391,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path, *, force: bool = 
     drawers = {
         "selection_probabilities.png": lambda p: plot_selection(runs[0], p),
         "selection_loss_tau.png": lambda p: plot_history(runs[0], p),
-        "test_metric.png": lambda p: plot_methods(results, p),
+        "test_metric.png": lambda p: not is_selection(results) and plot_methods(results, p),
     }
     for name, draw in drawers.items():
         if draw(out / name):
