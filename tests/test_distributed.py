@@ -21,6 +21,7 @@ from torch import nn
 
 import sewa
 from sewa import distributed as sd
+from sewa.select import SelectionError
 
 pytestmark = pytest.mark.distributed
 
@@ -109,9 +110,11 @@ def _worker(rank: int, world: int, scenario: str, out: str) -> None:
                 return _loss(out_, target)
 
         before = [p.to_local().clone() for p in model.parameters()] if scenario == "fsdp" else None
+        # A one-shot iterator of batches is read once and cycled, as by sewa.select.
+        given = iter(batches) if scenario == "replicated" else batches
         started = time.monotonic()
         try:
-            sel = sd.select(traj, model, loss_fn, batches, **OPTIONS)
+            sel = sd.select(traj, model, loss_fn, given, **OPTIONS)
         finally:
             result["select_seconds"] = time.monotonic() - started
         result.update(probabilities=sel.probabilities, indices=sel.indices, loss=sel.history["loss"],
@@ -126,6 +129,16 @@ def _worker(rank: int, world: int, scenario: str, out: str) -> None:
             sd.save_average(traj, sel.weights, f"{out}/avg_dcp", format="dcp")
         else:
             sd.save_average(traj, sel.weights, f"{out}/avg.safetensors")
+        if scenario == "nan":
+            # A loss that turns NaN on the last rank only: the reduced loss is NaN on every rank,
+            # and every rank stops with the same SelectionError.
+            def nan_loss(out_: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                return _loss(out_, target) * (float("nan") if rank == world - 1 else 1.0)
+
+            try:
+                sd.select(traj, model, nan_loss, batches, **OPTIONS)
+            except SelectionError as e:
+                result["selection_error"] = str(e)
         torch.distributed.destroy_process_group()
     except BaseException as e:  # reported to the test through the result file
         result["error"] = f"{type(e).__name__}: {e}"
@@ -207,6 +220,8 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
     results, codes, _ = _run(2, "nan", tmp_path)
     traj, ref = _check_against_reference(results)
     assert codes == [0, 0]
+    # A NaN loss on rank 1 only stopped the selection on both ranks, at the first step.
+    assert all(r["selection_error"].startswith("selection step 1 of 25: the loss") for r in results)
     # The NaN was in rank 1's columns only; both ranks refused the snapshot, which changed nothing.
     assert "'2.bias'" in results[1]["nan_error"] and "another rank" in results[0]["nan_error"]
     assert results[0]["steps_after_nan"] == results[1]["steps_after_nan"] == traj.steps

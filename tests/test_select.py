@@ -15,7 +15,9 @@ from torch import Tensor, nn
 
 import sewa
 from sewa import TrajectoryError
-from sewa.select import SelectionError
+from sewa._batch import cycle_batches
+from sewa._engine import MixedLoss
+from sewa.select import SelectionError, run_selection
 
 KINDS = ["mlp", "cnn_bn", "tied"]
 
@@ -373,3 +375,30 @@ def test_select_logs_its_result(problem, caplog: pytest.LogCaptureFixture) -> No
     with caplog.at_level(logging.INFO, logger="sewa"):
         sel = sewa.select(traj, model, ref.cross_entropy, batches, top_k=2, samples=1, steps=2)
     assert f"selected steps {sel.steps}" in caplog.text
+
+
+# ----------------------------------------------------------------- the engine interface
+class LinearEngine:
+    """A toy :class:`sewa.select.Engine`: loss ``(1/M) Σ_j Σ_i a_ji c_i`` for fixed costs ``c``,
+    so snapshots with low cost should win; no model and no batches behind it."""
+
+    def __init__(self, costs: Tensor) -> None:
+        self.costs = costs.double()
+
+    def __call__(self, mix: Tensor, batch: object) -> tuple[float, Tensor]:
+        m = mix.shape[0]
+        return float((mix @ self.costs).mean()), self.costs.expand(m, -1) / m
+
+
+def test_run_selection_takes_any_engine() -> None:
+    costs = torch.tensor([3.0, 0.0, 2.0, 0.1, 5.0, 0.2])
+    sel = run_selection(LinearEngine(costs), itertools.repeat(None), [10, 20, 30, 40, 50, 60], top_k=3, steps=60)
+    assert sel.indices == [1, 3, 5] and sel.steps == [20, 40, 60]
+
+
+def test_select_is_run_selection_over_the_mixed_loss(problem) -> None:
+    model, traj, batches = problem
+    options = dict(top_k=2, samples=2, steps=4, seed=3)
+    engine = MixedLoss(traj, model, ref.cross_entropy)
+    by_hand = run_selection(engine, cycle_batches(batches), traj.steps, **options)
+    assert torch.equal(by_hand.probabilities, sewa.select(traj, model, ref.cross_entropy, batches, **options).probabilities)
