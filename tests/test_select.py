@@ -402,3 +402,23 @@ def test_select_is_run_selection_over_the_mixed_loss(problem) -> None:
     engine = MixedLoss(traj, model, ref.cross_entropy)
     by_hand = run_selection(engine, cycle_batches(batches), traj.steps, **options)
     assert torch.equal(by_hand.probabilities, sewa.select(traj, model, ref.cross_entropy, batches, **options).probabilities)
+
+
+def test_select_on_a_read_only_view_refuses_rows_its_writer_overwrote(tmp_path) -> None:
+    """Issue 12.2 for selections: a read-only DiskTrajectory whose writer wraps the ring during
+    the selection must not return a selection learned partly on other snapshots."""
+    model, _, batches = ref.make_problem("mlp", n=2)
+    writer = sewa.DiskTrajectory(tmp_path, model, window=2, sync=False)
+    writer.push(model, step=1)
+    writer.push(model, step=2)
+    reader = sewa.DiskTrajectory.open(tmp_path, readonly=True)
+
+    def meddling(out: Tensor, y: Tensor) -> Tensor:
+        if writer.steps[-1] < 4:
+            writer.push(model, step=writer.steps[-1] + 1)
+        return ref.cross_entropy(out, y)
+
+    with pytest.raises(TrajectoryError, match=r"writer has since dropped or moved steps \[1, 2\]"):
+        sewa.select(reader, model, meddling, batches, top_k=1, samples=1, steps=3)
+    with pytest.raises(TrajectoryError, match="dropped or moved"):
+        sewa.trainable_average(reader, model, ref.cross_entropy, batches, steps=1)

@@ -207,9 +207,11 @@ def select(
     refuse_nonfinite_snapshots(trajectory)
     with trajectory.reading():
         engine = MixedLoss(trajectory, model, loss_fn, batch_stats=batch_stats, vectorize=vectorize, device=device)
-        return run_selection(engine, cycle_batches(batches), trajectory.steps, top_k=top_k, samples=samples,
-                             steps=steps, tau_start=tau_start, tau_end=tau_end, lr=lr, optimizer=optimizer,
-                             budget=budget, seed=seed, progress=progress, config={"batch_stats": batch_stats})
+        selection = run_selection(engine, cycle_batches(batches), trajectory.steps, top_k=top_k, samples=samples,
+                                  steps=steps, tau_start=tau_start, tau_end=tau_end, lr=lr, optimizer=optimizer,
+                                  budget=budget, seed=seed, progress=progress, config={"batch_stats": batch_stats})
+        trajectory.check_unchanged()  # a read-only disk reader whose writer overwrote the rows read raises
+    return selection
 
 
 def run_selection(
@@ -327,6 +329,7 @@ def trainable_average(
             opt.zero_grad()
             mix.backward(grad_mix.to(mix.dtype))
             opt.step()
+        trajectory.check_unchanged()
     return torch.softmax(alpha.detach(), dim=0)
 
 

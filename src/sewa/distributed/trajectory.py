@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
+from .._ring import Ring, check_window
 from ..trajectory import Trajectory, TrajectoryError, _named_tensors
 from ._comm import collective, comm_device, shard_bounds
 
@@ -70,8 +71,7 @@ class ShardedTrajectory:
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("no process group is running: call sewa.distributed.init() first (under torchrun)")
-        if not isinstance(window, int) or window < 1:
-            raise TrajectoryError(f"window must be a positive integer, got {window!r}")
+        window = check_window(window)
         # The layout (names, shapes, views, unflatten, compatibility checks) is a Trajectory's
         # own; on the meta device it allocates nothing.
         self.layout = Trajectory(template, 1, dtype=dtype, buffers=buffers, device="meta", check_finite=False)
@@ -93,8 +93,7 @@ class ShardedTrajectory:
         if self.mode == "replicated":
             self.lo, self.hi = shard_bounds(self.num_params, self.world_size, self.rank)
         self.data = torch.zeros(window, self.local_params, dtype=self.layout.dtype, device=device)
-        self._steps: list[int] = []
-        self._slots: list[int] = []
+        self._ring = Ring(window)  # which row holds which step: the same on every rank
         self._readers = 0
         self._offsets = [0]
         for n in self.layout.numels:
@@ -149,12 +148,12 @@ class ShardedTrajectory:
     @property
     def steps(self) -> list[int]:
         """Training steps of the held snapshots, oldest first (the same on every rank)."""
-        return list(self._steps)
+        return list(self._ring.steps)
 
     @property
     def slots(self) -> list[int]:
         """Row of :attr:`data` holding each snapshot, oldest first."""
-        return list(self._slots)
+        return list(self._ring.slots)
 
     @property
     def nbytes(self) -> int:
@@ -162,7 +161,7 @@ class ShardedTrajectory:
         return self.data.numel() * self.data.element_size()
 
     def __len__(self) -> int:
-        return len(self._steps)
+        return len(self._ring)
 
     def __repr__(self) -> str:
         return (f"ShardedTrajectory(mode={self.mode}, rank={self.rank}/{self.world_size}, window={self.window}, "
@@ -173,7 +172,11 @@ class ShardedTrajectory:
         n = len(self)
         if n == 0:
             raise TrajectoryError("the trajectory holds no snapshots yet: push some first")
-        return self.data[:n], torch.tensor(self._slots, dtype=torch.long)
+        return self.data[:n], torch.tensor(self._ring.slots, dtype=torch.long)
+
+    def check_unchanged(self) -> None:
+        """Does nothing: no other process writes this rank's rows (as a read-only
+        :class:`~sewa.disk.DiskTrajectory` may), and :meth:`push` refuses while reading."""
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -197,9 +200,8 @@ class ShardedTrajectory:
         """
         if self._readers:
             raise RuntimeError("cannot push while the trajectory is being read (a selection is running); push after it returns")
+        slot = self._ring.admit(step)  # validates the step; nothing changes until commit
         step = int(step)
-        if self._steps and step <= self._steps[-1]:
-            raise TrajectoryError(f"step {step} is not after the newest recorded step {self._steps[-1]}")
         recorded, others = self.layout.check_compatible(source)
         tensors = [recorded[n] for n in self.names]
         if self.mode == "fsdp":
@@ -212,16 +214,11 @@ class ShardedTrajectory:
             sources = [tensors[p.index].reshape(-1)[p.start : p.start + p.length] for p in self.pieces]
         if self.check_finite:
             self._agree_storable(sources, step)  # before writing: a refused snapshot changes nothing
-        slot = len(self._slots) if len(self._slots) < self.window else self._slots[0]
         row = self.data[slot]
         with torch.no_grad():
             dests = [row[p.dst : p.dst + p.length] for p in self.pieces]
             torch._foreach_copy_(dests, [s.to(row.device) for s in sources])
-        if len(self._slots) == self.window:
-            self._slots.pop(0)
-            self._steps.pop(0)
-        self._slots.append(slot)
-        self._steps.append(step)
+        self._ring.commit(slot, step)
         extras = self.layout.extras
         for name, t in others.items():
             held = extras.get(name)
@@ -301,7 +298,7 @@ class ShardedTrajectory:
                           self.window, dtype=self.dtype, buffers=True, device=self.data.device, check_finite=False)
         traj.buffers = self.layout.buffers
         traj.aliases = dict(self.layout.aliases)  # before pushing: unflatten() adds the tied names
-        for values, step in zip(full, self._steps, strict=True):
+        for values, step in zip(full, self._ring.steps, strict=True):
             traj.push(self.layout.unflatten(values, extras=False), step)
         traj.extras = {k: v.clone() for k, v in self.layout.extras.items()}
         return traj
