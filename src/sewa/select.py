@@ -177,7 +177,8 @@ def select(
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar tensor.
         batches: ``(inputs, targets)`` pairs of the selection split, cycled one per step. A
             validation split is the usual choice; a training split also works. A one-shot
-            iterator is read once and its batches kept (at most ``sewa._batch.MAX_BATCHES``).
+            iterator (a generator) is read once, from where it stands, and its batches kept (at
+            most ``sewa._batch.MAX_BATCHES``): pass a fresh one, or a list.
         top_k: How many snapshots to average at the end (paper's ``K``).
         samples: Monte-Carlo mask samples per step (paper's ``M``).
         steps: Gradient steps on ``φ = logit(s)``.
