@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections import Counter, defaultdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 SUBSTITUTES = """\
@@ -35,6 +36,38 @@ substitutes were used, as listed in the project's data notes:
 
 BASELINES = ("last", "uniform", "swa_lr", "ema", "lawa10", "lawa100", "random10", "greedy_soup", "twa")
 ORDER = BASELINES + ("sewa1", "sewa5", "sewa10", "sewa20", "sewa50")
+
+
+# An absolute POSIX path inside a run's data description (ends at a space, ':', ',', ';' or a bracket).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s:,;()]+")
+
+
+def data_source(text: str) -> str:
+    """A run's data description with machine-specific absolute paths replaced by where the data
+    came from, so the generated document reads the same whichever machine ran or renders it.
+
+    - a file inside an installed package (``.../site-packages/PKG/REST``) becomes
+      "the PKG package (REST)";
+    - a file in the data folder beside the repository (``.../shared/data/REST``, where
+      :mod:`sewa.experiments.data` looks by default) becomes ``../shared/data/REST``;
+    - a system package's folder (``/usr/...``) is the same on every machine and stays;
+    - any other path keeps its last two components (``…/folder/file``).
+    """
+    return _ABSOLUTE_PATH.sub(lambda m: _where(m.group(0)), text)
+
+
+def _where(path: str) -> str:
+    parts = PurePosixPath(path).parts
+    if "site-packages" in parts[:-1]:
+        i = parts.index("site-packages")
+        rest = "/".join(parts[i + 2 :])
+        return f"the {parts[i + 1]} package" + (f" ({rest})" if rest else "")
+    if parts[1:2] == ("usr",):
+        return path
+    for i in range(1, len(parts) - 1):
+        if parts[i : i + 2] == ("shared", "data"):
+            return "../" + "/".join(parts[i:])
+    return "…/" + "/".join(parts[-2:])
 
 
 def load_runs(root: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -206,7 +239,7 @@ def render(root: Path, out: Path) -> Path:
             trained_on = f" Training used a fixed subset of {subset} of the training items." if subset else ""
             commits = ", ".join(dict.fromkeys(str(r["git_commit"])[:10] for r in recs))
             md += [f"### {task} ({preset} preset)", "",
-                   f"Data: {r0['data_source']}.{trained_on} Seeds: {[r['seed'] for r in recs]}. Window k={r0['window']} "
+                   f"Data: {data_source(r0['data_source'])}.{trained_on} Seeds: {[r['seed'] for r in recs]}. Window k={r0['window']} "
                    f"snapshots every {r0['config']['every']} steps (steps {r0['steps'][0]}–{r0['steps'][-1]}). "
                    f"Test metric in {unit}, mean ± std over {len(recs)} seeds. Machine: {r0['machine']['platform']}, "
                    f"{r0['machine']['cpus']} CPUs, torch {r0['machine']['torch']}; commits {commits}.", ""]
