@@ -79,11 +79,11 @@ class Ring:
         if isinstance(step, bool):
             raise TypeError(f"step must be an integer, got {step!r}")
         try:
-            step = int(step)  # type: ignore[call-overload]
+            value = int(step)  # type: ignore[call-overload]
         except (TypeError, ValueError):
             raise TypeError(f"step must be an integer, got {step!r} ({type(step).__name__})") from None
-        if self.steps and step <= self.steps[-1]:
-            raise TrajectoryError(f"step {step} is not after the newest recorded step {self.steps[-1]}")
+        if self.steps and value <= self.steps[-1]:
+            raise TrajectoryError(f"step {value} is not after the newest recorded step {self.steps[-1]}")
         return self.next_slot()
 
     def commit(self, slot: int, step: int) -> None:

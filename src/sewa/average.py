@@ -18,11 +18,18 @@ _CHUNK_ELEMENTS = 1 << 24  # rows x columns converted at once: bounds the float6
 
 
 def average_flat(trajectory: Trajectory, weights: Tensor | Sequence[float]) -> Tensor:
-    """``sum_i w_i θ_i`` as one flat float32 vector, accumulated in float64.
+    """``sum_i w_i θ_i`` as one flat vector, accumulated in float64.
+
+    The result is float32, or float64 when the trajectory stores float64 (so a float64 model
+    keeps its precision end to end).
 
     Args:
         trajectory: The snapshots.
         weights: ``n`` non-negative weights summing to 1, oldest snapshot first.
+
+    Raises:
+        TrajectoryError: if a row was found non-finite by a deferred check, or a read-only
+            disk trajectory's writer overwrote a row while it was read.
     """
     rows, order = trajectory.matrix()
     w = check_weights(weights, len(trajectory))
@@ -30,11 +37,16 @@ def average_flat(trajectory: Trajectory, weights: Tensor | Sequence[float]) -> T
     w_rows[order] = w
     used = w_rows.nonzero().flatten()  # skip rows with zero weight: LAWA/top-K read only K rows
     w_used = w_rows[used].to(rows.device)
-    out = torch.empty(rows.shape[1], dtype=torch.float32, device=rows.device)
+    out_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    out = torch.empty(rows.shape[1], dtype=out_dtype, device=rows.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, used.numel()))
     for start in range(0, rows.shape[1], chunk):
         block = rows[used.to(rows.device), start : start + chunk].to(torch.float64)
-        out[start : start + chunk] = (w_used @ block).to(torch.float32)
+        out[start : start + chunk] = (w_used @ block).to(out_dtype)
+    # rows read from a file another process writes (read-only DiskTrajectory): still the listed ones?
+    check_unchanged = getattr(trajectory, "check_unchanged", None)  # a ShardedTrajectory has none
+    if check_unchanged is not None:
+        check_unchanged()
     return out
 
 

@@ -11,9 +11,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
+import stat
 from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .trajectory import Trajectory, TrajectoryError, canonical_name
+from ._names import strip_shared_prefixes
+from ._ring import check_window
+from .trajectory import Trajectory, TrajectoryError
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -36,7 +40,6 @@ __all__ = [
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module")
-_PREFIXES = ("model.", "module.", "_orig_mod.")
 _STEP_KEYS = ("step", "global_step", "iteration")
 # Huggingface-style layouts keep one checkpoint per sub-directory under these names.
 _SUBDIR_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
@@ -49,8 +52,14 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------- reading
-def _read(path: Path) -> tuple[Any, dict[str, str]]:
-    """The raw object stored in ``path`` and (for safetensors) its metadata."""
+def _read(path: Path, *, lazy: bool = False) -> tuple[Any, dict[str, str]]:
+    """The raw object stored in ``path`` and (for safetensors) its metadata.
+
+    ``lazy`` memory-maps a zip-format torch file, so that only its pickle is read: for looking
+    at a step number, never for tensor values. Unmapped loading is what checks that each
+    storage fits in its zip record (a crafted file can claim more and, mapped, read another
+    tensor's bytes).
+    """
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     with open(path, "rb") as f:
@@ -60,8 +69,7 @@ def _read(path: Path) -> tuple[Any, dict[str, str]]:
     if not (head.startswith(_ZIP_MAGIC) or head.startswith(_LEGACY_MAGIC)):
         raise CheckpointError(f"{path} is not a safetensors file or a torch.save file (first bytes {head[:8]!r}); it is corrupt or in another format")
     try:
-        # mmap: storages are paged in from the file as they are copied, not loaded up front
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(_ZIP_MAGIC))
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy and head.startswith(_ZIP_MAGIC))
     except pickle.UnpicklingError as e:
         # torch names what it refused: "Unsupported global: GLOBAL x.Y", "unsupported GLOBAL
         # posix.system whose module posix is blocked", or "Unsupported class x.Y" before 2.4
@@ -101,13 +109,14 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def unwrap_state_dict(obj: Any, *, expected: Collection[str] | None = None, source: str = "checkpoint") -> dict[str, Tensor]:
+def unwrap_state_dict(obj: Any, *, expected: Collection[str] | None = None, source: str = "checkpoint",
+                      strip: bool = True) -> dict[str, Tensor]:
     """The model's state dict inside a loaded checkpoint, under plain parameter names.
 
     Descends into a top-level ``state_dict``, ``model_state_dict``, ``model`` or ``module``
-    entry (repeatedly), drops non-tensor entries, strips a ``model.`` (Lightning),
-    ``module.`` (DDP) or ``_orig_mod.`` (``torch.compile``) prefix shared by every key, and
-    canonicalises each name with :func:`sewa.canonical_name`.
+    entry (repeatedly), drops non-tensor entries, and strips a ``model.`` (Lightning),
+    ``module.`` (DDP) or ``_orig_mod.`` (``torch.compile``) prefix only when every key carries
+    it (the one rule of :mod:`sewa._names`), so two keys never become one.
 
     Args:
         obj: What ``torch.load`` or ``safetensors`` returned.
@@ -115,6 +124,8 @@ def unwrap_state_dict(obj: Any, *, expected: Collection[str] | None = None, sour
             prefix is stripped only while the names do not already match, so a model whose
             submodule really is called ``model`` keeps its names.
         source: How to name the checkpoint in errors (usually its path).
+        strip: Whether to strip shared prefixes at all (``False`` keeps the file's keys, as
+            averaging files without a model does, so the output loads where the inputs did).
 
     Raises:
         CheckpointError: if no tensors are found.
@@ -130,21 +141,18 @@ def unwrap_state_dict(obj: Any, *, expected: Collection[str] | None = None, sour
     if not state:
         raise CheckpointError(f"{source} holds no tensors (top-level keys: {sorted(map(str, obj))[:10]}); "
                               f"expected a state dict or a dict with one of {list(_CONTAINER_KEYS)}")
-    want = set(expected) if expected is not None else None
-    while want is None or not want <= {canonical_name(k) for k in state}:
-        prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in state)), None)
-        if prefix is None:
-            break
-        state = {k[len(prefix) :]: v for k, v in state.items()}
-    return {canonical_name(k): v for k, v in state.items()}
+    if not strip:
+        return state
+    rename = strip_shared_prefixes(state, expected)
+    return {rename[k]: v for k, v in state.items()}
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Reads one checkpoint file as a state dict on the CPU, without running arbitrary code.
 
     ``.safetensors`` files are read with ``safetensors``; ``.pt``/``.pth``/``.bin`` files with
-    ``torch.load(map_location="cpu", weights_only=True)`` (memory-mapped for zip-format files,
-    so tensors are paged in only when used). Wrappers are removed by :func:`unwrap_state_dict`.
+    ``torch.load(map_location="cpu", weights_only=True)``, which checks every storage against
+    its zip record. Wrappers are removed by :func:`unwrap_state_dict`.
 
     Raises:
         FileNotFoundError: if ``path`` is not a file.
@@ -167,7 +175,7 @@ def step_of(path: str | os.PathLike[str], obj: Any = None) -> int | None:
         obj: The loaded object (or safetensors metadata), to avoid reading the file again.
     """
     if obj is None:
-        obj, meta = _read(Path(path))
+        obj, meta = _read(Path(path), lazy=True)
         if meta:
             obj = meta
     if not isinstance(obj, Mapping):
@@ -196,6 +204,7 @@ def _natural_key(path: Path) -> list[Any]:
 def _expand(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     out: list[Path] = []
+    seen: dict[tuple[int, int], Path] = {}
     for item in items:
         p = Path(item)
         if p.is_dir():
@@ -212,17 +221,30 @@ def _expand(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) ->
             out.append(p)
         else:
             raise FileNotFoundError(f"no checkpoint file or directory at {p}")
-    if len(set(out)) != len(out):
-        dup = next(p for p in out if out.count(p) > 1)
-        raise ValueError(f"checkpoint {dup} is listed twice")
+    for p in out:
+        # the same file under two spellings (dir/../dir/x.pt, absolute, symlink, hard link)
+        st = p.stat()
+        first = seen.setdefault((st.st_dev, st.st_ino), p)
+        if first is not p:
+            same = "" if first.resolve() == p.resolve() else " (a link to it)"
+            raise ValueError(f"checkpoint {p} is the same file as {first}{same}: it is listed twice; pass it once")
     return out
+
+
+def _stored_step(path: Path) -> int | None:
+    """The step stored in ``path``, or ``None`` when it has none or cannot be read: a file that
+    is corrupt is reported when (and only if) its tensors are read."""
+    try:
+        return step_of(path)
+    except (CheckpointError, OSError):
+        return None
 
 
 def _ordered(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[tuple[Path, int]]:
     """Files in training order with the step of each: stored steps when every file has one,
     else natural order of the names, with the last number in each name (or the position) as step."""
     files = sorted(_expand(paths), key=_natural_key)
-    stored = [step_of(f) for f in files]
+    stored = [_stored_step(f) for f in files]
     if all(s is not None for s in stored):
         pairs = sorted(zip(files, [int(s) for s in stored if s is not None], strict=True), key=lambda fs: fs[1])
         for (a, sa), (b, sb) in zip(pairs, pairs[1:], strict=False):
@@ -254,7 +276,7 @@ def trajectory_from_files(
     model: nn.Module | None = None,
     *,
     window: int | None = None,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str | None = None,
     buffers: bool = False,
 ) -> Trajectory:
     """A trajectory built from checkpoint files, read one at a time.
@@ -266,20 +288,28 @@ def trajectory_from_files(
     Args:
         paths: Files, directories, or a mix.
         model: The architecture, which decides what is recorded (floating-point parameters,
-            plus floating-point buffers when ``buffers``). Without it the first file is the
-            template and every floating-point entry (buffers included) is recorded.
-        window: Snapshots to keep; only the newest ``window`` files are read. Default: all.
-        dtype: Storage dtype (``float32``, ``bfloat16`` or ``float16``).
+            plus floating-point buffers when ``buffers``), and which wrapper prefixes of the
+            files' keys are removed to match it. Without it the first file is the template,
+            every floating-point entry (buffers included) is recorded, and keys are kept as
+            they are in the files.
+        window: Snapshots to keep; only the newest ``window`` files are read (a corrupt file
+            outside them is not an error). Default: all. Larger than the number of files:
+            as many as there are files.
+        dtype: Storage dtype (``float64``, ``float32``, ``bfloat16`` or ``float16``). Default:
+            the model's (or first file's) widest floating dtype. A tensor stored in another
+            floating dtype in some file is cast.
         buffers: With ``model``: also record floating-point buffers.
 
     Raises:
+        TypeError: if ``window`` is not an integer.
+        ValueError: if ``window`` is not positive, or a file is listed twice.
         CheckpointError: for a file that is corrupt, truncated or unsafe to unpickle.
         TrajectoryError: for a file from another architecture (the message names the file).
     """
+    if window is not None:
+        check_window(window)
     ordered = _ordered(paths)
-    window = len(ordered) if window is None else window
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive integer, got {window!r}")
+    window = len(ordered) if window is None else min(window, len(ordered))
     ordered = ordered[-window:]
     expected: list[str] | None = None
     traj: Trajectory | None = None
@@ -288,7 +318,7 @@ def trajectory_from_files(
         expected = traj.names
     for path, step in ordered:
         obj, _ = _read(path)
-        state = unwrap_state_dict(obj, expected=expected, source=str(path))
+        state = unwrap_state_dict(obj, expected=expected, source=str(path), strip=model is not None)
         del obj
         try:
             if traj is None:
@@ -323,7 +353,21 @@ def atomic_write(path: Path, write: Callable[[Path], object], *, overwrite: bool
     renamed over ``path`` (or hard-linked to it when ``overwrite`` is false, which fails if
     ``path`` exists); the directory is fsynced so the rename survives a power loss. With
     ``sync=False`` the fsyncs are skipped: still atomic if the process dies, not if power fails.
+
+    Raises:
+        FileExistsError: if ``path`` exists and ``overwrite`` is false.
+        ValueError: if ``path`` exists and is not a regular file (a directory, FIFO, device or
+            socket, also through a symlink): ``overwrite`` replaces only regular files, so
+            ``--force`` can never turn ``/dev/null`` into a file.
     """
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a character device"
+                    if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "not a regular file")
+            raise ValueError(f"{path} is {kind}, not a regular file: sewa writes and replaces only regular files; "
+                             "give the path of a file")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
