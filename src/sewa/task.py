@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._batch import MAX_BATCHES, forward
+
 __all__ = ["Task", "TaskError", "load_task", "forward", "batch_size", "REQUIRED", "SPLITS", "MAX_BATCHES"]
 
 REQUIRED = ("model", "batches", "loss")
 SPLITS = ("train", "val", "test")
-# The most batches one pass over a split may yield: more means an endless iterable.
-MAX_BATCHES = 100_000
 # Metric function names that say nothing: reports call such a metric "metric".
 _ANONYMOUS = ("metric", "<lambda>")
 # What a task's batches(split) may raise to say "I have no such split".
@@ -47,16 +47,6 @@ _CONTRACT = "a task defines model(), batches(split) and loss(outputs, targets), 
 
 class TaskError(ValueError):
     """A task file or module does not meet the task contract."""
-
-
-def forward(model: nn.Module, inputs: Any) -> Any:
-    """Calls ``model`` on a tensor, a tuple of positional inputs, or a dict of keyword inputs
-    (the same conventions as :func:`sewa.select`)."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def batch_size(targets: Any) -> int:
