@@ -261,6 +261,14 @@ class MixedLoss:
         """``W = A Θ`` (M, P) for weights on the rows in slot order (see :attr:`inverse`)."""
         return self.columns.mix(a_rows)
 
+    def model_grad(self, mixed: Tensor, inputs: Any, targets: Any) -> tuple[Tensor, Tensor]:
+        """``G``: per-sample losses (M,) and gradients ``∂L_j/∂W_j`` (M, P) (see :class:`ModelPasses`)."""
+        return self.passes.model_grad(mixed, inputs, targets)
+
+    def grad_mix(self, g: Tensor) -> Tensor:
+        """``G Θᵀ`` (M, k) per row in slot order."""
+        return self.columns.grad(g)
+
     def mix_weights(self, weights: Tensor) -> Tensor:
         """The flat averaged parameters ``Σ_i w_i θ_i`` (P,) for weights oldest first (k,);
         a view of a buffer the next call overwrites."""
