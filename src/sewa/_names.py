@@ -13,9 +13,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["STATE_DICT_PREFIXES", "canonical_name", "model_names", "strip_shared_prefixes"]
 
@@ -114,3 +115,38 @@ def _refuse_collision(mapping: dict[str, str]) -> None:
             raise ValueError(f"{seen[name]!r} and {raw!r} would both be called {name!r} once the wrapper prefix "
                              "is removed; rename one of them")
         seen[name] = raw
+
+
+def _named_tensors(source: nn.Module | Mapping[str, Any], buffers: bool) -> tuple[dict[str, Tensor], dict[str, str], dict[str, Tensor]]:
+    """Splits a model or state dict into (recorded tensors, aliases, other entries).
+
+    From a model, recorded tensors are the floating-point parameters (and floating-point
+    buffers when ``buffers``), named without the wrappers' prefixes (:mod:`sewa._names`);
+    ``aliases`` maps the second name of a tied parameter to its first. From a state dict,
+    every floating-point entry is recorded under its own key.
+    """
+    recorded: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    others: dict[str, Tensor] = {}
+    if isinstance(source, nn.Module):
+        params = list(source.named_parameters(remove_duplicate=False))
+        bufs = [(f"{m}.{b}" if m else b, t, m_obj) for m, m_obj in source.named_modules(remove_duplicate=False)
+                for b, t in m_obj._buffers.items() if t is not None and b not in m_obj._non_persistent_buffers_set]
+        names = model_names(source, [n for n, _ in params] + [n for n, _, _ in bufs])
+        seen: dict[int, str] = {}
+        for raw, p in params:
+            name = names[raw]
+            if id(p) in seen:
+                aliases[name] = seen[id(p)]
+                continue
+            seen[id(p)] = name
+            (recorded if p.is_floating_point() else others)[name] = p.detach()
+        for raw, b, _ in bufs:
+            (recorded if buffers and b.is_floating_point() else others)[names[raw]] = b.detach()
+        return recorded, aliases, others
+    if not isinstance(source, Mapping):
+        raise TypeError(f"expected an nn.Module or a state dict, got {type(source).__name__}")
+    for name, t in source.items():
+        if isinstance(t, Tensor):
+            (recorded if t.is_floating_point() else others)[str(name)] = t.detach()
+    return recorded, aliases, others

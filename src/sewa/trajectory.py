@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,92 +17,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._names import canonical_name, model_names, strip_shared_prefixes
+from ._names import _named_tensors, canonical_name, strip_shared_prefixes
 from ._ring import Ring, TrajectoryError, check_window
+from ._storage import _dtype, free_memory
 
 __all__ = ["Trajectory", "TrajectoryError", "all_finite", "canonical_name"]
-
-_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def all_finite(row: Tensor) -> bool:
     """Whether ``row`` holds no NaN or Inf, at about the cost of one sum."""
     # NaN/Inf propagate through a sum; the exact (mask-building) test runs only if it overflowed.
     return bool(torch.isfinite(row.sum(dtype=torch.float32))) or bool(torch.isfinite(row).all())
-
-
-def _dtype(value: torch.dtype | str | None, recorded: Mapping[str, Tensor] | None = None) -> torch.dtype:
-    """The storage dtype: ``value``, or (``None``) the widest floating dtype of ``recorded``."""
-    if value is None:
-        found = [t.dtype for t in (recorded or {}).values()]
-        widest = found[0] if found else torch.float32
-        for d in found[1:]:
-            widest = torch.promote_types(widest, d)
-        return widest if widest in _DTYPES.values() else torch.float32
-    if isinstance(value, torch.dtype):
-        if value not in _DTYPES.values():
-            raise TrajectoryError(f"storage dtype {value} is not supported: use one of {list(_DTYPES)}")
-        return value
-    if value not in _DTYPES:
-        raise TrajectoryError(f"storage dtype {value!r} is not supported: use one of {list(_DTYPES)}")
-    return _DTYPES[value]
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on ``device``, or ``None`` when unknown (cheap)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type != "cpu":
-        return None
-    try:
-        import psutil  # type: ignore[import-untyped]
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    with contextlib.suppress(ValueError, OSError, AttributeError):
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    return None
-
-
-def _named_tensors(source: nn.Module | Mapping[str, Any], buffers: bool) -> tuple[dict[str, Tensor], dict[str, str], dict[str, Tensor]]:
-    """Splits a model or state dict into (recorded tensors, aliases, other entries).
-
-    From a model, recorded tensors are the floating-point parameters (and floating-point
-    buffers when ``buffers``), named without the wrappers' prefixes (:mod:`sewa._names`);
-    ``aliases`` maps the second name of a tied parameter to its first. From a state dict,
-    every floating-point entry is recorded under its own key.
-    """
-    recorded: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    others: dict[str, Tensor] = {}
-    if isinstance(source, nn.Module):
-        params = list(source.named_parameters(remove_duplicate=False))
-        bufs = [(f"{m}.{b}" if m else b, t, m_obj) for m, m_obj in source.named_modules(remove_duplicate=False)
-                for b, t in m_obj._buffers.items() if t is not None and b not in m_obj._non_persistent_buffers_set]
-        names = model_names(source, [n for n, _ in params] + [n for n, _, _ in bufs])
-        seen: dict[int, str] = {}
-        for raw, p in params:
-            name = names[raw]
-            if id(p) in seen:
-                aliases[name] = seen[id(p)]
-                continue
-            seen[id(p)] = name
-            (recorded if p.is_floating_point() else others)[name] = p.detach()
-        for raw, b, _ in bufs:
-            (recorded if buffers and b.is_floating_point() else others)[names[raw]] = b.detach()
-        return recorded, aliases, others
-    if not isinstance(source, Mapping):
-        raise TypeError(f"expected an nn.Module or a state dict, got {type(source).__name__}")
-    for name, t in source.items():
-        if isinstance(t, Tensor):
-            (recorded if t.is_floating_point() else others)[str(name)] = t.detach()
-    return recorded, aliases, others
 
 
 class Trajectory:
@@ -278,12 +201,16 @@ class Trajectory:
         """Splits ``source`` into (recorded tensors, other entries), or raises naming the first
         parameter whose name, shape or dtype differs from the trajectory's.
 
-        A state dict's keys lose a wrapper prefix shared by every key when that makes them the
-        trajectory's names (see :mod:`sewa._names`), and its floating-point tensors may be in
-        another floating dtype: they are cast into storage.
+        Names lose a wrapper prefix shared by every name when that makes them the trajectory's
+        names (see :mod:`sewa._names`). A state dict's floating-point tensors may be in another
+        floating dtype: they are cast into storage.
         """
         if isinstance(source, nn.Module):
             recorded, _, others = _named_tensors(source, self.buffers)
+            if not set(self.names) <= set(recorded):  # e.g. a wrapper of the template's own class
+                rename = strip_shared_prefixes([*recorded, *others], expected=self.names)
+                recorded = {rename[k]: t for k, t in recorded.items()}
+                others = {rename[k]: t for k, t in others.items()}
         elif isinstance(source, Mapping):
             keys = [k for k, v in source.items() if isinstance(v, Tensor)]
             rename = strip_shared_prefixes(keys, expected=self.names)
