@@ -54,3 +54,4 @@ def test_positions_and_window() -> None:
         check_window(True)
     with pytest.raises(TrajectoryError, match="got -1"):
         check_window(-1)
+

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["STATE_DICT_PREFIXES", "canonical_name", "model_names", "strip_shared_prefixes"]
+__all__ = ["STATE_DICT_PREFIXES", "canonical_name", "model_names", "named_parameters", "strip_shared_prefixes"]
 
 # What wrappers prepend to every key of a saved state dict: Lightning (``model.``), DDP
 # (``module.``) and torch.compile (``_orig_mod.``).
@@ -75,6 +75,21 @@ def model_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
         out[raw] = name
     _refuse_collision(out)
     return out
+
+
+def named_parameters(model: nn.Module, expected: Collection[str] | None = None) -> dict[str, nn.Parameter]:
+    """``model.named_parameters()`` under the names a :class:`~sewa.Trajectory` records.
+
+    Wrappers' segments are removed by :func:`model_names`; when ``expected`` (e.g. a
+    trajectory's ``names``) is given and still not matched, a prefix shared by every name is
+    removed too (a wrapper of the user's own, such as Lightning's ``model.``).
+    """
+    params = list(model.named_parameters())
+    names = model_names(model, [n for n, _ in params])
+    if expected is not None and not set(expected) <= set(names.values()):
+        again = strip_shared_prefixes(names.values(), expected)
+        names = {raw: again[name] for raw, name in names.items()}
+    return {names[raw]: p for raw, p in params}
 
 
 def strip_shared_prefixes(keys: Iterable[str], expected: Collection[str] | None = None) -> dict[str, str]:
