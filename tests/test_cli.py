@@ -23,11 +23,12 @@ from matplotlib.image import imread
 from safetensors.torch import load_file
 
 from sewa import Trajectory, apply
+from sewa import weights as rules
 from sewa.cli import main
 from sewa.io import load_state_dict_file, trajectory_from_files
 from sewa.task import load_task
 
-METHODS = ("last", "uniform", "lawa", "ema", "random", "greedy_soup", "sewa")
+METHODS = ("last", "uniform", "lawa", "ema", "random_k", "greedy_soup", "sewa")
 PNGS = ("selection_probabilities.png", "selection_loss_tau.png", "test_metric.png")
 
 
@@ -81,7 +82,7 @@ def check_contract(data: dict, files: list[Path], top_k: int, seed: int, split: 
     assert data["methods"]["last"]["weights"][-1] == 1.0
     assert [w > 0 for w in data["methods"]["lawa"]["weights"]] == [i >= k - top_k for i in range(k)]
     ema = data["methods"]["ema"]["weights"]
-    assert all(a < b for a, b in zip(ema, ema[1:], strict=False))
+    assert ema == pytest.approx(rules.ema(k, 0.9).tolist(), abs=1e-12)  # the default decay
 
 
 @pytest.fixture(scope="module")
@@ -253,8 +254,8 @@ def _bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
                                           "never writes next to"),
         "average sewa without task": (["average", "--checkpoints", ck, "--method", "sewa", "--top-k", "2", "--out",
                                        str(root / "a.safetensors")], "needs --task"),
-        "average lawa without K": (["average", "--checkpoints", ck, "--method", "lawa", "--out", str(root / "a.safetensors")],
-                                   "needs --top-k"),
+        "average lawa, default K above checkpoints": (["average", "--checkpoints", ck, "--method", "lawa", "--out",
+                                                       str(root / "a.safetensors")], "top-k 10 is larger than the number"),
         "missing required option": (["compare", "--task", str(t / "task.py"), "--checkpoints", ck, "--json", out], "--top-k"),
         "report missing results": (["report", str(root / "nope.json")], "no results file"),
         "report not json": (["report", str(root / "not_json.json")], "not a JSON file"),

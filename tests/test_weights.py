@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import reference as ref
 import torch
 
 from sewa import weights
-from sewa.methods import DEFAULT_METHODS, METHODS, Context, run_method
 
 
 def assert_weights(w: torch.Tensor, expected: list[float]) -> None:
@@ -191,31 +187,3 @@ def test_bad_arguments_name_the_problem() -> None:
         weights.from_indices(3, [3])
     with pytest.raises(ValueError, match="at least one index"):
         weights.from_indices(3, [])
-
-
-# ----------------------------------------------------------------- the registry, every method
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_registered_method_returns_valid_weights(name: str) -> None:
-    model, traj, batches = ref.make_problem("cnn_bn", n=6)
-    ctx = Context(traj, top_k=2, seed=3, ema_decay=0.5, model=model, loss_fn=ref.cross_entropy,
-                  batches=batches, select_options={"steps": 4, "samples": 2})
-    result = run_method(name, ctx)
-    w = result.weights
-    assert result.name == name and result.seconds >= 0
-    assert w.dtype == torch.float64 and w.shape == (6,)
-    assert bool((w >= 0).all()) and float(w.sum()) == pytest.approx(1.0, abs=1e-9)
-    if name in ("lawa", "random", "sewa"):
-        assert int((w > 0).sum()) == 2 and torch.equal(w, weights.from_indices(6, w.nonzero().flatten()))
-    json.dumps(result.info)  # details are JSON-ready for reports
-    # The same context gives the same weights: every method is deterministic given its seed.
-    assert torch.equal(run_method(name, ctx).weights, w)
-
-
-def test_registry_names() -> None:
-    assert set(DEFAULT_METHODS) <= set(METHODS)
-    traj = ref.make_problem("mlp", n=3)[1]
-    with pytest.raises(ValueError, match="unknown method 'nope'"):
-        run_method("nope", Context(traj))
-    with pytest.raises(ValueError, match="'sewa' evaluates averaged models.*needs a model"):
-        run_method("sewa", Context(traj))
-    assert torch.equal(run_method("ema", Context(traj, ema_decay=0.5)).weights, weights.ema(3, 0.5))

@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally
 import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
+import sewa
 from sewa.integrations.transformers import SeWACallback
 
 
@@ -60,7 +61,7 @@ def main() -> None:
                           eval_dataset=Sequences(500, args.seed + 2))
 
         # The two lines: create the callback, and attach it (it reads the eval dataset).
-        sewa_cb = SeWACallback(window=40, top_k=8, every=5, start=0.5, select_options={"steps": 100}).attach(trainer)
+        sewa_cb = SeWACallback(window=40, method=sewa.methods.sewa(top_k=8, steps=100), every=5, start=0.5).attach(trainer)
         trainer.train()
 
         traj, sel = sewa_cb.trajectory, sewa_cb.selection

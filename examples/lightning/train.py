@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import sewa
 from sewa.integrations.lightning import SeWACallback
 
 
@@ -71,7 +72,7 @@ def main() -> None:
     module = Classifier(args.lr)
 
     # The two lines: create the callback, and pass it to the Trainer.
-    sewa_cb = SeWACallback(window=50, top_k=10, every=4, start=0.5, select_options={"steps": 100})
+    sewa_cb = SeWACallback(window=50, method=sewa.methods.sewa(top_k=10, steps=100), every=4, start=0.5)
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[sewa_cb])
     trainer.fit(module, train, val)

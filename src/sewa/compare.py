@@ -9,12 +9,13 @@ split). The result is a JSON-ready dict in the format ``sewa compare --json`` wr
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +24,26 @@ from torch import Tensor, nn
 
 from .average import apply
 from .bn import has_batchnorm
-from .methods import DEFAULT_METHODS, METHODS, Context, run_method
+from .methods import DEFAULT_METHODS, Evaluator, Method, MethodError, canonical, create
 from .task import Task
 from .trajectory import Trajectory
 
-__all__ = ["FORMAT", "averaged_model", "evaluate_method", "run_compare", "environment", "check_top_k", "check_methods"]
+__all__ = ["FORMAT", "averaged_model", "evaluate_method", "run_compare", "environment", "check_top_k", "check_methods",
+           "build_methods"]
 
 FORMAT = "sewa.results/1"
 OBJECTIVES = ("val", "train")
+MethodSpec = Method | str
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
-    """The method names, or a ``ValueError`` naming the first unknown one."""
-    names = list(methods)
+    """The registry names of ``methods`` (aliases resolved), or a ``ValueError`` naming the
+    first unknown one or a repeated one."""
+    names = [canonical(m) for m in methods]
     if not names:
         raise ValueError("no methods to run: name at least one")
-    for name in names:
-        if name not in METHODS:
-            raise ValueError(f"unknown method {name!r}: choose from {', '.join(METHODS)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"method list {names} names a method twice")
+        raise ValueError(f"method list {list(methods)} names a method twice")
     return names
 
 
@@ -52,6 +53,21 @@ def check_top_k(top_k: int, n: int) -> None:
         raise ValueError(f"--top-k must be at least 1, got {top_k}")
     if top_k > n:
         raise ValueError(f"--top-k {top_k} is larger than the number of checkpoints ({n}): pass a smaller K or more checkpoints")
+
+
+def build_methods(methods: Sequence[MethodSpec] | Mapping[str, MethodSpec], **settings: Any) -> dict[str, Method]:
+    """``{label: method}`` from method objects or registry names; a name is built with the
+    ``settings`` its constructor takes (e.g. one ``top_k`` for every method that has one)."""
+    items = list(methods.items()) if isinstance(methods, Mapping) else [
+        (m.name if isinstance(m, Method) else canonical(m), m) for m in methods]
+    if not items:
+        raise ValueError("no methods to run: name at least one")
+    out: dict[str, Method] = {}
+    for label, m in items:
+        if label in out:
+            raise ValueError(f"method list names {label!r} twice; give each method its own label")
+        out[label] = m if isinstance(m, Method) else create(m, **settings)
+    return out
 
 
 def averaged_model(task: Task, trajectory: Trajectory, weights: Tensor | Sequence[float]) -> nn.Module:
@@ -64,19 +80,26 @@ def averaged_model(task: Task, trajectory: Trajectory, weights: Tensor | Sequenc
     return apply(model, trajectory, weights, bn_batches=bn_batches)
 
 
-def evaluate_method(name: str, ctx: Context, task: Task, split: str) -> tuple[dict[str, Any], nn.Module]:
+def evaluate_method(method: Method, trajectory: Trajectory, evaluator: Evaluator | None, task: Task,
+                    split: str) -> tuple[dict[str, Any], nn.Module]:
     """Runs one method, evaluates its averaged model on ``split``.
 
     Returns:
-        The JSON-ready entry (``weights`` oldest first, ``test_loss``, ``test_metric``,
-        ``seconds`` of the method itself, ``eval_seconds``, ``num_averaged``, plus the method's
-        own details such as SeWA's ``probabilities`` and ``indices``) and the averaged model.
+        The JSON-ready entry (``method``, ``settings``, ``weights`` oldest first, ``test_loss``,
+        ``test_metric``, ``seconds`` of the method itself, ``eval_seconds``, ``num_averaged``,
+        plus what the method learned, such as SeWA's ``probabilities`` and ``indices``) and the
+        averaged model.
     """
-    result = run_method(name, ctx)
+    result = method.weights(trajectory, evaluator)
     start = time.perf_counter()
-    model = averaged_model(task, ctx.trajectory, result.weights)
+    model = averaged_model(task, trajectory, result.weights)
     loss, metric = task.evaluate(model, split)
+    if not math.isfinite(loss) or (metric is not None and not math.isfinite(metric)):
+        raise MethodError(f"the averaged model of {method.label} has a non-finite {split} loss or metric "
+                          f"({loss}, {metric}): check the task's loss and metric")
     entry: dict[str, Any] = {
+        "method": method.name,
+        "settings": dict(method.settings),
         "weights": result.weights.tolist(),
         "test_loss": loss,
         "test_metric": metric,
@@ -85,7 +108,8 @@ def evaluate_method(name: str, ctx: Context, task: Task, split: str) -> tuple[di
         "num_averaged": int((result.weights > 0).sum()),
     }
     for key, value in result.info.items():
-        entry.setdefault(key, value)
+        if key not in method.settings:
+            entry.setdefault(key, value)
     return entry, model
 
 
@@ -93,41 +117,38 @@ def run_compare(
     trajectory: Trajectory,
     task: Task,
     *,
-    methods: Sequence[str] = DEFAULT_METHODS,
-    top_k: int = 10,
-    seed: int = 0,
+    methods: Sequence[MethodSpec] | Mapping[str, MethodSpec] = DEFAULT_METHODS,
     objective: str = "val",
-    samples: int = 4,
-    steps: int = 200,
-    ema_decay: float = 0.9,
-    select_options: dict[str, Any] | None = None,
     checkpoints: Sequence[str] | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
+    on_error: str = "raise",
+    **settings: Any,
 ) -> dict[str, Any]:
     """Runs ``methods`` on ``trajectory`` and evaluates each averaged model.
 
     Args:
         trajectory: The snapshots, oldest first (the order of ``checkpoints``).
         task: Model, batches, loss and optional metric.
-        methods: Method names from :data:`sewa.METHODS`.
-        top_k: ``K`` for LAWA, random-K and SeWA.
-        seed: Seed of random-K and of SeWA's mask noise.
-        objective: The split SeWA and greedy soup select on: ``"val"`` or ``"train"``.
-        samples: SeWA's mask samples per step (``M``).
-        steps: SeWA's selection steps.
-        ema_decay: EMA decay per snapshot.
-        select_options: More keyword arguments for :func:`sewa.select`.
+        methods: Method objects (``sewa.methods.lawa(top_k=5)``), registry names, or a
+            ``{label: method}`` mapping.
+        objective: The split the learning methods select on: ``"val"`` or ``"train"``.
         checkpoints: One label per snapshot (file paths); default ``"step N"``.
-        progress: Show progress bars.
+        progress: Progress bars (``None``: only on a terminal).
+        on_error: ``"raise"``: a method that fails (e.g. on a non-finite loss) stops the run;
+            ``"record"``: its entry gets ``null`` scores and an ``error`` message, and the others run.
+        **settings: Settings for the methods given by name (e.g. ``top_k=10, seed=0``), each
+            passed to the constructors that take it.
 
     Returns:
-        The results dict: ``methods`` (one entry per method, see :func:`evaluate_method`),
-        ``checkpoints``, ``checkpoint_steps``, ``top_k``, ``seed``, ``split``, ``objective`` and
-        the settings and machine used.
+        The results dict: ``methods`` (one entry per label, see :func:`evaluate_method`),
+        ``checkpoints``, ``checkpoint_steps``, ``split``, ``objective``, ``top_k`` and ``seed``
+        (when the methods share one) and the machine used.
     """
-    names = check_methods(methods)
+    chosen = build_methods(methods, **settings)
     n = len(trajectory)
-    check_top_k(top_k, n)
+    for m in chosen.values():
+        if m.top_k is not None:
+            check_top_k(m.top_k, n)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     labels = [f"step {s}" for s in trajectory.steps] if checkpoints is None else [str(c) for c in checkpoints]
@@ -136,14 +157,22 @@ def run_compare(
     split = task.eval_split()
     model = task.new_model()
     trajectory.check_compatible(model)
-    selection_batches = list(task.require(objective, f"to select checkpoints (--objective {objective})"))
-    options = {"samples": samples, "steps": steps, "progress": progress} | dict(select_options or {})
-    ctx = Context(trajectory, top_k=top_k, seed=seed, ema_decay=ema_decay, model=model, loss_fn=task.loss,
-                  batches=selection_batches, select_options=options)
+    evaluator = None
+    if any(m.evaluates for m in chosen.values()):
+        batches = task.require(objective, f"to select checkpoints (--objective {objective})")
+        evaluator = Evaluator(model, task.loss, batches, progress=progress)
     start = time.perf_counter()
     entries: dict[str, Any] = {}
-    for name in _bar(names, progress):
-        entries[name], _ = evaluate_method(name, ctx, task, split)
+    if on_error not in ("raise", "record"):
+        raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
+    for label, m in _bar(chosen.items(), progress):
+        try:
+            entries[label], _ = evaluate_method(m, trajectory, evaluator, task, split)
+        except ValueError as e:
+            if on_error == "raise":
+                raise
+            entries[label] = {"method": m.name, "settings": dict(m.settings), "weights": None, "test_loss": None,
+                              "test_metric": None, "error": str(e)}
     return {
         "format": FORMAT,
         "task": task.source,
@@ -152,11 +181,8 @@ def run_compare(
         "objective": objective,
         "checkpoints": labels,
         "checkpoint_steps": trajectory.steps,
-        "top_k": top_k,
-        "seed": seed,
-        "samples": samples,
-        "steps": steps,
-        "ema_decay": ema_decay,
+        "top_k": _shared(chosen, "top_k"),
+        "seed": _shared(chosen, "seed"),
         "batchnorm_recomputed": has_batchnorm(model),
         "methods": entries,
         "seconds": time.perf_counter() - start,
@@ -164,12 +190,18 @@ def run_compare(
     }
 
 
-def _bar(names: list[str], enabled: bool) -> Any:
-    if not enabled:
-        return names
+def _shared(methods: Mapping[str, Method], key: str) -> Any:
+    """The value of setting ``key`` when every method that has it agrees, else ``None``."""
+    values = {repr(m.settings[key]): m.settings[key] for m in methods.values() if key in m.settings}
+    return next(iter(values.values())) if len(values) == 1 else None
+
+
+def _bar(items: Any, enabled: bool | None) -> Any:
+    if enabled is False:
+        return items
     from tqdm.auto import tqdm
 
-    return tqdm(names, desc="methods", leave=False)
+    return tqdm(list(items), desc="methods", leave=False, disable=None if enabled is None else not enabled)
 
 
 def _git_commit() -> str | None:

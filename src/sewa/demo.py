@@ -141,7 +141,7 @@ def _batches(split: Split, size: int, gen: torch.Generator) -> Iterator[Split]:
         yield x[idx], y[idx]
 
 
-def train_run(data: dict[str, Any], config: DemoConfig, seed: int, progress: bool = False) -> tuple[Trajectory, dict[str, Any]]:
+def train_run(data: dict[str, Any], config: DemoConfig, seed: int, progress: bool | None = False) -> tuple[Trajectory, dict[str, Any]]:
     """Trains one MLP with SGD and records the final stage.
 
     Returns:
@@ -183,15 +183,16 @@ def train_run(data: dict[str, Any], config: DemoConfig, seed: int, progress: boo
                   "train_seconds": float(sum(epoch_seconds)), "final_train_loss": loss}
 
 
-def _bar(total: int, enabled: bool, desc: str) -> Any:
-    if not enabled:
+def _bar(total: int, enabled: bool | None, desc: str) -> Any:
+    if enabled is False:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, unit="epoch")
+    # None: a bar only where a person watches (a terminal), never into a log file.
+    return tqdm(total=total, desc=desc, leave=False, unit="epoch", disable=None if enabled is None else not enabled)
 
 
-def run_demo(config: DemoConfig, progress: bool = False) -> dict[str, Any]:
+def run_demo(config: DemoConfig, progress: bool | None = False) -> dict[str, Any]:
     """Runs the demo for seeds ``0..config.seeds-1``.
 
     Returns:
@@ -209,7 +210,7 @@ def run_demo(config: DemoConfig, progress: bool = False) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
-def _run_demo(config: DemoConfig, progress: bool) -> dict[str, Any]:
+def _run_demo(config: DemoConfig, progress: bool | None) -> dict[str, Any]:
     start = time.perf_counter()
     data = digits(config.label_noise, config.data_seed, config.val_size, config.test_size)
     task = demo_task(data, config)

@@ -1,14 +1,33 @@
-"""A registry of averaging methods by name, for the CLI and the experiments.
+"""Averaging methods as small frozen objects, and the registry that names them.
 
-A method maps a :class:`Context` to weights over the held snapshots (plus JSON-ready details).
-Rules that need no evaluation ignore the model, loss and batches.
+A method is made by a constructor that owns its settings and their defaults, in the style of
+optax's transforms::
+
+    m = sewa.methods.lawa(top_k=10)
+    result = m.weights(trajectory)                   # MethodResult: weights, seconds, info
+    m = sewa.methods.sewa(top_k=10, steps=200)
+    result = m.weights(trajectory, Evaluator(model, loss_fn, val_batches))
+
+Every method gives mixing weights over the held snapshots (oldest first) followed by one
+weighted average (:func:`sewa.average`). The rules themselves are the pure functions of
+:mod:`sewa.weights`; SeWA and the learned soup run the engine of :mod:`sewa.select`.
+
+The registry :data:`METHODS` maps a name to its constructor. The command line builds its flags
+and their help from the constructors' signatures and docstrings (:func:`settings_of`), and the
+callbacks and experiments build methods through the same constructors: a default lives in one
+place. Adding a rule is one constructor plus one :func:`register` call.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+import re
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -19,49 +38,29 @@ from ._engine import MixedLoss, to_device
 from .select import select, trainable_average
 from .trajectory import Trajectory
 
-__all__ = ["Context", "MethodResult", "METHODS", "DEFAULT_METHODS", "NEEDS_EVALUATION", "register", "run_method", "make_evaluator"]
+__all__ = [
+    "Method", "MethodResult", "Evaluator", "Setting", "METHODS", "ALIASES", "DEFAULT_METHODS",
+    "register", "create", "canonical", "settings_of", "make_evaluator",
+    "last", "uniform", "lawa", "ema", "random_k", "greedy_soup", "learned_soup", "sewa",
+]
+
+Rule = Callable[[Trajectory, "Evaluator | None", Mapping[str, Any]], "tuple[Tensor, dict[str, Any]]"]
 
 
-@dataclass
-class Context:
-    """Everything a method may use.
-
-    Attributes:
-        trajectory: The snapshots.
-        top_k: ``K`` for LAWA, random-K and SeWA.
-        seed: Seed for random-K and SeWA.
-        ema_decay: Decay per snapshot for EMA.
-        model: A model of the trajectory's architecture (needed by evaluating methods).
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
-        batches: The selection split (validation by default), ``(inputs, targets)`` pairs.
-        select_options: Extra keyword arguments for :func:`sewa.select`.
-    """
-
-    trajectory: Trajectory
-    top_k: int = 10
-    seed: int = 0
-    ema_decay: float = 0.9
-    model: nn.Module | None = None
-    loss_fn: Callable[[Any, Any], Tensor] | None = None
-    batches: Iterable[Any] | None = None
-    select_options: dict[str, Any] = field(default_factory=dict)
-    _evaluate: Callable[[Tensor], float] | None = None
-
-    def require_evaluation(self, method: str) -> None:
-        if self.model is None or self.loss_fn is None or self.batches is None:
-            raise ValueError(f"method {method!r} evaluates averaged models: it needs a model, a loss and selection batches (a task)")
-
-    def evaluate(self, w: Tensor) -> float:
-        """Loss of the average with weights ``w`` on the selection split."""
-        if self._evaluate is None:
-            self.require_evaluation("evaluate")
-            self._evaluate = make_evaluator(self.trajectory, self.model, self.loss_fn, self.batches)  # type: ignore[arg-type]
-        return self._evaluate(w)
+class MethodError(ValueError):
+    """A method cannot run as asked (missing selection split, bad setting, non-finite loss)."""
 
 
 @dataclass
 class MethodResult:
-    """Weights chosen by one method, how long it took, and method-specific details."""
+    """Weights chosen by one method, how long it took, and what it learned.
+
+    Attributes:
+        name: The method's registry name.
+        weights: Mixing weights over the snapshots, oldest first (non-negative, sum 1).
+        seconds: Wall-clock time of the method itself (not of evaluating its average).
+        info: JSON-ready details: the settings, and e.g. SeWA's ``probabilities`` and ``indices``.
+    """
 
     name: str
     weights: Tensor
@@ -69,101 +68,343 @@ class MethodResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-Method = Callable[[Context], "tuple[Tensor, dict[str, Any]]"]
-METHODS: dict[str, Method] = {}
-NEEDS_EVALUATION: set[str] = set()
-DEFAULT_METHODS = ("last", "uniform", "lawa", "ema", "random", "greedy_soup", "sewa")
+class Evaluator:
+    """The selection split and how an average is scored on it, shared by the methods that learn.
 
+    Scores are computed exactly as :func:`sewa.select` computes its loss (the same engine: eval
+    mode, BatchNorm on batch statistics), as the batch-size-weighted mean over ``batches``.
 
-def register(name: str, *, evaluates: bool = False) -> Callable[[Method], Method]:
-    """Registers a method under ``name`` (``evaluates``: it needs a model, loss and batches)."""
+    Args:
+        model: A model of the trajectory's architecture (only its structure is used).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``.
+        batches: ``(inputs, targets)`` pairs of the selection split: a re-iterable (a list, a
+            DataLoader), streamed by the learning methods and held in memory by :meth:`loss`.
+        batch_stats: Evaluate BatchNorm with batch statistics (see :func:`sewa.select`).
+        vectorize: Passed to the engine (see :func:`sewa.select`).
+        device: Where to compute; defaults to the trajectory's device.
+        progress: Progress bars for the long methods (``None``: only on a terminal).
+    """
 
-    def deco(fn: Method) -> Method:
-        METHODS[name] = fn
-        if evaluates:
-            NEEDS_EVALUATION.add(name)
-        return fn
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any], *,
+                 batch_stats: bool = True, vectorize: bool | None = None, device: torch.device | str | None = None,
+                 progress: bool | None = False) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        # A one-shot iterator is read once here; a re-iterable (a list, a DataLoader) is kept as
+        # it is, so that the selection streams it instead of holding it in memory.
+        self.batches: Iterable[Any] = list(batches) if iter(batches) is batches else batches
+        if isinstance(self.batches, list) and not self.batches:
+            raise MethodError("the selection split has no batches")
+        self.batch_stats = batch_stats
+        self.vectorize = vectorize
+        self.device = device
+        self.progress = progress
+        self._held: tuple[Trajectory, MixedLoss, list[tuple[Any, Any]]] | None = None
 
-    return deco
-
-
-def run_method(name: str, ctx: Context) -> MethodResult:
-    """Runs the method registered as ``name``."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}: choose from {', '.join(METHODS)}")
-    if name in NEEDS_EVALUATION:
-        ctx.require_evaluation(name)
-    start = time.perf_counter()
-    w, info = METHODS[name](ctx)
-    return MethodResult(name, rules.check_weights(w, len(ctx.trajectory)), time.perf_counter() - start, info)
-
-
-def make_evaluator(
-    trajectory: Trajectory, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any], *, batch_stats: bool = True
-) -> Callable[[Tensor], float]:
-    """``weights -> mean loss over batches`` of the averaged model (weighted by batch size),
-    evaluated exactly as :func:`sewa.select` evaluates (the same engine: eval mode, BatchNorm on
-    batch statistics)."""
-    engine = MixedLoss(trajectory, model, loss_fn, batch_stats=batch_stats)
-    held = [(to_device(x, engine.device), to_device(y, engine.device)) for x, y in batches]
-    if not held:
-        raise ValueError("the selection split has no batches")
+    def engine_options(self) -> dict[str, Any]:
+        """The keyword arguments every engine-based method passes on."""
+        return {"batch_stats": self.batch_stats, "vectorize": self.vectorize, "device": self.device, "progress": self.progress}
 
     @torch.no_grad()
-    def evaluate(w: Tensor) -> float:
+    def loss(self, trajectory: Trajectory, w: Tensor) -> float:
+        """Mean loss on the selection split of the average of ``trajectory`` with weights ``w``."""
+        if self._held is None or self._held[0] is not trajectory:  # one engine, for the latest trajectory
+            engine = MixedLoss(trajectory, self.model, self.loss_fn, batch_stats=self.batch_stats, device=self.device)
+            pairs = [(to_device(x, engine.device), to_device(y, engine.device)) for x, y in self.batches]
+            if not pairs:
+                raise MethodError("the selection split has no batches")
+            self._held = (trajectory, engine, pairs)
+        _, engine, pairs = self._held
         mix = rules.check_weights(w, len(trajectory))[None]
         flat = engine.mix(mix[:, engine.inverse].to(engine.device, torch.float32))[0]
         total, count = 0.0, 0
-        for x, y in held:
+        for x, y in pairs:
             size = len(y) if hasattr(y, "__len__") else 1
             total += float(engine._loss(flat, x, y)) * size
             count += size
-        return total / count
-
-    return evaluate
-
-
-@register("last")
-def _last(ctx: Context) -> tuple[Tensor, dict[str, Any]]:
-    return rules.last(len(ctx.trajectory)), {}
+        value = total / count
+        if not math.isfinite(value):
+            chosen = [i for i, v in enumerate(w.tolist()) if v > 0]
+            raise MethodError(f"the selection loss of an average (snapshots {chosen}) is {value}: the task's loss is not "
+                              "finite on the selection split; check the loss function and the data")
+        return value
 
 
-@register("uniform")
-def _uniform(ctx: Context) -> tuple[Tensor, dict[str, Any]]:
-    return rules.uniform(len(ctx.trajectory)), {}
+def make_evaluator(trajectory: Trajectory, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any],
+                   *, batch_stats: bool = True) -> Callable[[Tensor], float]:
+    """``weights -> mean selection loss`` of the average (greedy soup's yardstick), from an
+    :class:`Evaluator`."""
+    ev = Evaluator(model, loss_fn, batches, batch_stats=batch_stats)
+    return lambda w: ev.loss(trajectory, w)
 
 
-@register("lawa")
-def _lawa(ctx: Context) -> tuple[Tensor, dict[str, Any]]:
-    return rules.lawa(len(ctx.trajectory), ctx.top_k), {"top_k": ctx.top_k}
+@dataclass(frozen=True)
+class Method:
+    """An averaging method: its name, its settings, and the rule that gives its weights.
+
+    Made by a constructor (:func:`lawa`, :func:`sewa`, ...); :meth:`replace` makes a changed copy.
+
+    Attributes:
+        name: The registry name (``"lawa"``, ``"sewa"``, ...).
+        settings: The settings, read-only (``{"top_k": 10}``).
+        evaluates: Whether it scores averages on a selection split (needs an :class:`Evaluator`).
+        rule: ``rule(trajectory, evaluator, settings) -> (weights, info)``.
+    """
+
+    name: str
+    settings: Mapping[str, Any]
+    rule: Rule = field(repr=False, compare=False)
+    evaluates: bool = False
+
+    @property
+    def top_k(self) -> int | None:
+        """``K`` when the method averages a chosen ``K`` snapshots, else ``None``."""
+        value = self.settings.get("top_k")
+        return None if value is None else int(value)
+
+    @property
+    def label(self) -> str:
+        """A short display name, e.g. ``lawa(top_k=10)``."""
+        inner = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        return f"{self.name}({inner})"
+
+    def replace(self, **changes: Any) -> Method:
+        """The same method with some settings changed (checked by its constructor)."""
+        unknown = sorted(set(changes) - set(self.settings))
+        if unknown:
+            raise MethodError(f"method {self.name!r} has no setting {', '.join(unknown)}: its settings are "
+                              f"{', '.join(self.settings) or 'none'}")
+        return create(self.name, **({**self.settings, **changes}))
+
+    def weights(self, trajectory: Trajectory, evaluator: Evaluator | None = None) -> MethodResult:
+        """Runs the method on ``trajectory``.
+
+        Args:
+            trajectory: The snapshots.
+            evaluator: The selection split; required when :attr:`evaluates`.
+
+        Returns:
+            The :class:`MethodResult`, whose ``info`` holds the settings and what was learned.
+        """
+        n = len(trajectory)
+        if n == 0:
+            raise MethodError(f"method {self.name!r}: the trajectory holds no snapshots")
+        if self.top_k is not None and self.top_k > n:
+            raise MethodError(f"method {self.name!r}: top_k={self.top_k} is larger than the number of snapshots ({n}): "
+                              "pass a smaller top_k or record more snapshots")
+        if self.evaluates and evaluator is None:
+            raise MethodError(f"method {self.name!r} evaluates averaged models: it needs a model, a loss and selection "
+                              "batches (an Evaluator, or a task file on the command line)")
+        start = time.perf_counter()
+        w, info = self.rule(trajectory, evaluator, self.settings)
+        seconds = time.perf_counter() - start
+        return MethodResult(self.name, rules.check_weights(w, n), seconds, dict(self.settings) | info)
 
 
-@register("ema")
-def _ema(ctx: Context) -> tuple[Tensor, dict[str, Any]]:
-    return rules.ema(len(ctx.trajectory), ctx.ema_decay), {"decay": ctx.ema_decay}
+# --------------------------------------------------------------------------- registry
+METHODS: dict[str, Callable[..., Method]] = {}
+ALIASES: dict[str, str] = {}
+_DEPRECATED: dict[str, str] = {}
+DEFAULT_METHODS = ("last", "uniform", "lawa", "ema", "random_k", "greedy_soup", "sewa")
 
 
-@register("random")
-def _random(ctx: Context) -> tuple[Tensor, dict[str, Any]]:
-    return rules.random_k(len(ctx.trajectory), ctx.top_k, ctx.seed), {"top_k": ctx.top_k, "seed": ctx.seed}
+def register(name: str, constructor: Callable[..., Method], *, aliases: Iterable[str] = (),
+             deprecated: Iterable[str] = ()) -> Callable[..., Method]:
+    """Registers ``constructor`` under ``name``; ``aliases`` name it too, ``deprecated`` names
+    still work with a :class:`DeprecationWarning`. Returns the constructor."""
+    METHODS[name] = constructor
+    for alias in aliases:
+        ALIASES[alias] = name
+    for old in deprecated:
+        ALIASES[old] = name
+        _DEPRECATED[old] = name
+    return constructor
 
 
-@register("greedy_soup", evaluates=True)
-def _greedy_soup(ctx: Context) -> tuple[Tensor, dict[str, Any]]:
-    w = rules.greedy_soup(len(ctx.trajectory), ctx.evaluate)
-    return w, {"indices": w.nonzero().flatten().tolist()}
+def canonical(name: str) -> str:
+    """The registry name for ``name`` (an alias or an old name), or a ``ValueError``."""
+    if name in METHODS:
+        return name
+    if name in ALIASES:
+        if name in _DEPRECATED:
+            warnings.warn(f"method name {name!r} is deprecated: use {ALIASES[name]!r}", DeprecationWarning, stacklevel=3)
+        return ALIASES[name]
+    raise MethodError(f"unknown method {name!r}: choose from {', '.join(METHODS)}")
 
 
-@register("sewa", evaluates=True)
-def _sewa(ctx: Context) -> tuple[Tensor, dict[str, Any]]:
-    options = {"top_k": ctx.top_k, "seed": ctx.seed} | ctx.select_options
-    sel = select(ctx.trajectory, ctx.model, ctx.loss_fn, ctx.batches, **options)  # type: ignore[arg-type]
-    info = {"probabilities": sel.probabilities.tolist(), "indices": sel.indices, "history": sel.history, "config": sel.config}
-    return sel.weights, info
+def create(name: str, **settings: Any) -> Method:
+    """The method registered as ``name`` with the given settings; settings it does not take are
+    ignored, so one set of options (e.g. the CLI's) can build any method."""
+    constructor = METHODS[canonical(name)]
+    accepted = settings_of(constructor)
+    return constructor(**{k: v for k, v in settings.items() if k in accepted and v is not None})
 
 
-@register("twa", evaluates=True)
-def _twa(ctx: Context) -> tuple[Tensor, dict[str, Any]]:
-    keep = {k: v for k, v in ctx.select_options.items() if k in ("steps", "lr", "batch_stats", "vectorize", "device", "progress")}
-    w = trainable_average(ctx.trajectory, ctx.model, ctx.loss_fn, ctx.batches, **keep)  # type: ignore[arg-type]
-    return w, {}
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a method constructor: its default, its type and its help line."""
+
+    name: str
+    default: Any
+    type: type
+    help: str
+
+
+def settings_of(constructor: Callable[..., Any]) -> dict[str, Setting]:
+    """The settings a constructor takes, read from its signature (defaults, types) and the
+    ``Args:`` section of its docstring (help)."""
+    source = getattr(constructor, "settings_source", constructor)
+    helps = _arg_help(inspect.getdoc(source) or "")
+    out: dict[str, Setting] = {}
+    skip = getattr(constructor, "settings_skip", ())
+    for p in inspect.signature(source).parameters.values():
+        if p.kind is not p.KEYWORD_ONLY and p.kind is not p.POSITIONAL_OR_KEYWORD or p.default is p.empty or p.name in skip:
+            continue
+        out[p.name] = Setting(p.name, p.default, type(p.default), helps.get(p.name, ""))
+    return out
+
+
+def _arg_help(doc: str) -> dict[str, str]:
+    """``{argument: first sentence}`` from a Google-style ``Args:`` section."""
+    section = re.split(r"^\s*Args:\s*$", doc, maxsplit=1, flags=re.M)
+    if len(section) < 2:
+        return {}
+    out: dict[str, str] = {}
+    current = None
+    for line in section[1].splitlines():
+        if re.match(r"^\S", line) or re.match(r"^\s*(Returns|Raises|Yields|Example|Attributes):", line):
+            break
+        m = re.match(r"^\s{2,8}(\w+)(?: \([^)]*\))?:\s*(.*)$", line)
+        if m:
+            current = m.group(1)
+            out[current] = m.group(2)
+        elif current and line.strip():
+            out[current] += " " + line.strip()
+    return {k: v.strip() for k, v in out.items()}
+
+
+def _positive_int(name: str, method: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MethodError(f"{method}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _frozen(settings: dict[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(settings))
+
+
+# --------------------------------------------------------------------------- constructors
+def last() -> Method:
+    """The newest snapshot alone: no averaging."""
+    return Method("last", _frozen({}), lambda t, e, s: (rules.last(len(t)), {}))
+
+
+def uniform() -> Method:
+    """``1/k`` on every snapshot of the window: SWA (Izmailov et al. 2018). Also named ``swa``."""
+    return Method("uniform", _frozen({}), lambda t, e, s: (rules.uniform(len(t)), {}))
+
+
+def lawa(top_k: int = 10) -> Method:
+    """``1/K`` on the newest ``K`` snapshots: latest weight averaging (Kaddour 2022).
+
+    Args:
+        top_k: K, the number of snapshots averaged (LAWA, random-K, SeWA).
+    """
+    _positive_int("top_k", "lawa", top_k)
+    return Method("lawa", _frozen({"top_k": top_k}), lambda t, e, s: (rules.lawa(len(t), s["top_k"]), {}))
+
+
+def ema(decay: float = 0.9, tail: str = "oldest") -> Method:
+    """Exponential moving average over the snapshots, by default exactly torch's
+    ``AveragedModel`` recursion (see :func:`sewa.weights.ema`).
+
+    Args:
+        decay: EMA decay per recorded snapshot (not per optimizer step), in [0, 1); see
+            sewa.weights.ema_decay_per_snapshot to convert a per-step decay or a half-life.
+        tail: EMA's oldest weight: "oldest" keeps decay^(n-1) on it, as torch; "renormalize"
+            rescales the truncated series instead.
+    """
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+        raise MethodError(f"ema: decay must lie in [0, 1), got {decay!r}")
+    if tail not in rules.EMA_TAILS:
+        raise MethodError(f"ema: tail must be one of {rules.EMA_TAILS}, got {tail!r}")
+    return Method("ema", _frozen({"decay": float(decay), "tail": tail}),
+                  lambda t, e, s: (rules.ema(len(t), s["decay"], tail=s["tail"]), {}))
+
+
+def random_k(top_k: int = 10, seed: int = 0) -> Method:
+    """``1/K`` on ``K`` snapshots drawn at random without replacement.
+
+    Args:
+        top_k: K, the number of snapshots averaged (LAWA, random-K, SeWA).
+        seed: Seed of the random draws (random-K) and of SeWA's mask noise.
+    """
+    _positive_int("top_k", "random_k", top_k)
+    return Method("random_k", _frozen({"top_k": top_k, "seed": seed}),
+                  lambda t, e, s: (rules.random_k(len(t), s["top_k"], s["seed"]), {}))
+
+
+def greedy_soup() -> Method:
+    """Greedy soup (Wortsman et al. 2022): snapshots ranked by their own selection loss are added
+    one by one while the average's selection loss improves."""
+
+    def rule(t: Trajectory, e: Evaluator | None, s: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        assert e is not None
+        w = rules.greedy_soup(len(t), lambda v: e.loss(t, v))
+        return w, {"indices": w.nonzero().flatten().tolist()}
+
+    return Method("greedy_soup", _frozen({}), rule, evaluates=True)
+
+
+def learned_soup(steps: int = 200, lr: float = 0.05) -> Method:
+    """Dense convex weights ``softmax(α)`` learned on the selection split (a learned soup, in the
+    spirit of TWA); see :func:`sewa.trainable_average`.
+
+    Args:
+        steps: Gradient steps of the learned weights (SeWA and the learned soup).
+        lr: Learning rate of the learned weights (SeWA's φ and the learned soup's α).
+    """
+    _positive_int("steps", "learned_soup", steps)
+
+    def rule(t: Trajectory, e: Evaluator | None, s: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        assert e is not None
+        return trainable_average(t, e.model, e.loss_fn, e.batches, **s, **e.engine_options()), {}
+
+    return Method("learned_soup", _frozen({"steps": steps, "lr": lr}), rule, evaluates=True)
+
+
+def sewa(**settings: Any) -> Method:
+    """SeWA (Wang et al. 2025): learned selection probabilities, then the top-K averaged uniformly.
+
+    Its settings and their defaults are those of :func:`sewa.select` (``top_k``, ``samples``,
+    ``steps``, ``tau_start``, ``tau_end``, ``lr``, ``optimizer``, ``budget``, ``seed``).
+    """
+    accepted = settings_of(sewa)
+    unknown = sorted(set(settings) - set(accepted))
+    if unknown:
+        raise MethodError(f"sewa has no setting {', '.join(unknown)}: its settings are {', '.join(accepted)}")
+    full = {name: settings.get(name, s.default) for name, s in accepted.items()}
+    for name in ("top_k", "samples", "steps"):
+        _positive_int(name, "sewa", full[name])
+
+    def rule(t: Trajectory, e: Evaluator | None, s: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        assert e is not None
+        sel = select(t, e.model, e.loss_fn, e.batches, **s, **e.engine_options())
+        return sel.weights, {"probabilities": sel.probabilities.tolist(), "indices": sel.indices, "chosen_steps": sel.steps,
+                             "history": sel.history, "config": sel.config}
+
+    return Method("sewa", _frozen(full), rule, evaluates=True)
+
+
+# SeWA's settings are select()'s keyword arguments: their defaults are declared there, once.
+sewa.settings_source = select  # type: ignore[attr-defined]
+sewa.settings_skip = ("batch_stats", "vectorize", "device", "progress", "distributed")  # type: ignore[attr-defined]
+
+register("last", last)
+register("uniform", uniform, aliases=("swa",))
+register("lawa", lawa)
+register("ema", ema)
+register("random_k", random_k, deprecated=("random",))
+register("greedy_soup", greedy_soup)
+register("learned_soup", learned_soup, deprecated=("twa",))
+register("sewa", sewa)

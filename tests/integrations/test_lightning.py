@@ -74,7 +74,7 @@ def fit(cb: SeWACallback, val: bool = True, **trainer_args: object) -> tuple[Net
 
 def test_records_every_optimizer_step_and_loads_the_selected_average() -> None:
     # 8 batches per epoch, 2 accumulated per optimizer step: 4 steps per epoch, 12 in all.
-    cb = SeWACallback(window=4, top_k=2, every=2, start=3, select_options={"steps": 4, "samples": 2})
+    cb = SeWACallback(window=4, method=sewa.methods.sewa(top_k=2, steps=4, samples=2), every=2, start=3)
     module, trainer, train = fit(cb, accumulate_grad_batches=2)
     assert trainer.global_step == 12 and module.optimizer_steps == 12
     traj = cb.trajectory
@@ -143,7 +143,7 @@ def test_selection_without_a_loss_fails_before_training() -> None:
 
 def test_bad_options_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown method"):
-        SeWACallback(method="swa")
+        SeWACallback(method="nope")
     with pytest.raises(ValueError, match="fraction"):
         SeWACallback(start=1.5)
     with pytest.raises(ValueError, match="every"):
@@ -175,8 +175,8 @@ def test_dict_batches_and_a_validation_loop_that_never_ran() -> None:
         calls.append(len(batch["y"]))
         return batch["x"], batch["y"]
 
-    cb = SeWACallback(window=3, top_k=1, loss_fn=F.cross_entropy, batch_to_pair=to_pair, bn_max_batches=3,
-                      select_options={"steps": 2, "samples": 2})
+    cb = SeWACallback(window=3, method=sewa.methods.sewa(top_k=1, steps=2, samples=2), loss_fn=F.cross_entropy,
+                      batch_to_pair=to_pair, bn_max_batches=3)
     pl.seed_everything(0, verbose=False)
     module = DictNet()
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,

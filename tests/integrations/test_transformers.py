@@ -72,7 +72,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[transformers.Trai
     args = arguments(tmp_path_factory.mktemp("bert"), gradient_accumulation_steps=2, num_train_epochs=2)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(32, 1), eval_dataset=Tokens(16, 2),
                                    optimizers=(optimizer, None))
-    cb = SeWACallback(window=3, top_k=2, every=2, start=3, select_options={"steps": 3, "samples": 2})
+    cb = SeWACallback(window=3, method=sewa.methods.sewa(top_k=2, steps=3, samples=2), every=2, start=3)
     assert cb.attach(trainer) is cb and cb in trainer.callback_handler.callbacks
     eval_calls: list[int] = []
     get_eval = trainer.get_eval_dataloader
@@ -102,7 +102,7 @@ def test_selects_on_the_eval_dataset_and_loads_the_average(trained: tuple) -> No
     sel = cb.selection
     assert eval_calls and sel is not None and len(sel.indices) == 2 and len(sel.history["loss"]) == 3
     assert cb.result is not None and cb.result.name == "sewa" and sel.config["samples"] == 2
-    assert cb.select_options["vectorize"] is False  # the default for transformers: loop over samples
+    assert cb.vectorize is False  # the default for transformers: loop over samples
     avg = sewa.average(cb.trajectory, sel.weights)
     state = trainer.model.state_dict()
     for name in cb.trajectory.names:
@@ -152,7 +152,7 @@ def test_baseline_rule_without_eval_data_recomputes_batchnorm(tmp_path: os.PathL
     torch.manual_seed(0)
     model = BatchNormNet()
     data = Tokens(8, 3)
-    cb = SeWACallback(window=10, method="ema", ema_decay=0.5, start=0.5)  # no Trainer needed: nothing is evaluated
+    cb = SeWACallback(window=10, method=sewa.methods.ema(decay=0.5), start=0.5)  # no Trainer needed: nothing is evaluated
     trainer = transformers.Trainer(model=model, args=arguments(tmp_path, per_device_train_batch_size=8, max_steps=6),
                                    train_dataset=data, callbacks=[cb])
     trainer.train()
@@ -171,8 +171,8 @@ def test_user_batches_and_loss_without_the_trainer(tmp_path: os.PathLike[str]) -
     model = tiny_bert()
     val = Tokens(8, 4)
     batches = [{k: torch.stack([val[i][k] for i in range(8)]) for k in ("input_ids", "attention_mask", "labels")}]
-    cb = SeWACallback(window=2, top_k=1, loss_fn=logits_cross_entropy, selection_batches=batches,
-                      select_options={"steps": 2, "samples": 2, "vectorize": True})  # the run above loops
+    cb = SeWACallback(window=2, method=sewa.methods.sewa(top_k=1, steps=2, samples=2), loss_fn=logits_cross_entropy,
+                      selection_batches=batches, vectorize=True)  # the run above loops
     trainer = transformers.Trainer(model=model, args=arguments(tmp_path, max_steps=3), train_dataset=Tokens(16, 1),
                                    callbacks=[cb])
     trainer.train()

@@ -2,11 +2,11 @@
 
 Example:
     >>> from sewa.integrations.lightning import SeWACallback
-    >>> cb = SeWACallback(window=20, top_k=5, every=10, start=0.5, loss_fn=F.cross_entropy)
+    >>> cb = SeWACallback(window=20, method=sewa.methods.sewa(top_k=5), every=10, start=0.5, loss_fn=F.cross_entropy)
     >>> lightning.Trainer(callbacks=[cb]).fit(module, train_loader, val_loader)
     >>> cb.selection.steps  # the chosen snapshots; their average is now in ``module``
 
-Requires the ``lightning`` extra (``pip install "sewa[lightning]"``).
+Requires the ``lightning`` extra (``pip install "torch-sewa[lightning]"``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from ..methods import Method
 from ..trajectory import Trajectory
 from . import AveragingCallbackBase, Batches, LossFn, MappedBatches
 
@@ -34,17 +35,16 @@ class SeWACallback(AveragingCallbackBase, pl.Callback):
 
     Args:
         window: Snapshots kept (paper's ``k``); older ones are dropped.
-        top_k: Snapshots averaged at the end (paper's ``K``; also ``K`` of ``lawa``/``random``).
-            Lowered to the number recorded, with a warning, if fewer were.
+        method: What to do at the end: a method object (``sewa.methods.sewa(top_k=5, steps=100)``,
+            ``sewa.methods.lawa(top_k=10)``, ...), a registry name for its defaults (``"sewa"``,
+            ``"uniform"``, ``"ema"``, ...), or ``None`` to only record. A ``top_k`` above the
+            number of snapshots recorded is lowered to it, with a warning.
         every: Record every ``every`` optimizer steps.
         start: First step to record: a step (int), or a fraction of training (float in
-            ``[0, 1)``) of ``trainer.estimated_stepping_batches``.
+            ``[0, 1]``) of ``trainer.estimated_stepping_batches``.
         dtype: Storage dtype of the trajectory (``float32``, ``bfloat16``, ``float16``).
         buffers: Also record floating-point buffers.
-        device: Where the trajectory lives (and, by default, where the selection computes;
-            pass ``select_options={"device": "cuda"}`` to compute elsewhere).
-        method: What to do at the end: ``"sewa"``, any name in :data:`sewa.METHODS`
-            (``"uniform"``, ``"lawa"``, ``"ema"``, ...) as a baseline, or ``None`` to only record.
+        device: Where the trajectory lives (and where the selection computes).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` for the selection. Defaults to the
             module's ``loss_fn`` attribute when it has one.
         selection_batches: The selection split; defaults to the trainer's validation
@@ -53,15 +53,13 @@ class SeWACallback(AveragingCallbackBase, pl.Callback):
             dataloader.
         batch_to_pair: Turns a dataloader batch into an ``(inputs, targets)`` pair; applied to
             selection and BatchNorm batches. Not needed when batches already are ``(x, y)``.
-        seed: Seed of SeWA (and of ``random``).
-        ema_decay: Decay per snapshot of ``method="ema"``.
-        select_options: More keyword arguments for :func:`sewa.select` (``steps``, ``samples``,
-            ``lr``, ``vectorize``, ``device``, ...).
         load: Load the average into the module (else only :attr:`result` is set).
         bn: Recompute BatchNorm statistics after loading, when the module has BatchNorm.
         bn_max_batches: Use at most this many training batches for that (default: all).
         trajectory: Record into this trajectory instead of a new one (e.g. to keep recording
             across several ``fit`` calls).
+        vectorize: Run the selection's mask samples with ``vmap`` (see :func:`sewa.select`).
+        progress: Show the selection's progress bar (``None``: only on a terminal).
 
     Attributes:
         trajectory: The recorded :class:`sewa.Trajectory` (created when training starts).
@@ -80,24 +78,22 @@ class SeWACallback(AveragingCallbackBase, pl.Callback):
         selection_batches: Iterable[Any] | None = None,
         bn_batches: Iterable[Any] | None = None,
         batch_to_pair: Callable[[Any], tuple[Any, Any]] | None = None,
-        top_k: int = 5,
+        method: Method | str | None = "sewa",
         every: int = 1,
         start: int | float = 0,
         dtype: torch.dtype | str = torch.float32,
         buffers: bool = False,
         device: torch.device | str = "cpu",
-        method: str | None = "sewa",
-        seed: int = 0,
-        ema_decay: float = 0.9,
-        select_options: dict[str, Any] | None = None,
         load: bool = True,
         bn: bool = True,
         bn_max_batches: int | None = None,
         trajectory: Trajectory | None = None,
+        vectorize: bool | None = None,
+        progress: bool | None = None,
     ) -> None:
-        super().__init__(window, top_k=top_k, every=every, start=start, dtype=dtype, buffers=buffers, device=device,
-                         method=method, seed=seed, ema_decay=ema_decay, select_options=select_options, load=load,
-                         bn=bn, bn_max_batches=bn_max_batches, trajectory=trajectory)
+        super().__init__(window, method=method, every=every, start=start, dtype=dtype, buffers=buffers, device=device,
+                         load=load, bn=bn, bn_max_batches=bn_max_batches, trajectory=trajectory, vectorize=vectorize,
+                         progress=progress)
         self.loss_fn = loss_fn
         self.selection_batches = selection_batches
         self.bn_batches = bn_batches

@@ -4,11 +4,11 @@ them when training ends.
 Example:
     >>> from sewa.integrations.transformers import SeWACallback
     >>> trainer = Trainer(model, args, train_dataset=train, eval_dataset=val)
-    >>> cb = SeWACallback(window=20, top_k=5, every=10, start=0.5).attach(trainer)
+    >>> cb = SeWACallback(window=20, method=sewa.methods.sewa(top_k=5), every=10, start=0.5).attach(trainer)
     >>> trainer.train()
     >>> cb.selection.steps  # the chosen snapshots; their average is now in ``trainer.model``
 
-Requires the ``transformers`` extra (``pip install "sewa[transformers]"``).
+Requires the ``transformers`` extra (``pip install "torch-sewa[transformers]"``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import transformers
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..methods import Method
 from ..trajectory import Trajectory
 from . import AveragingCallbackBase, Batches, LossFn, MappedBatches
 
@@ -75,25 +76,22 @@ class SeWACallback(AveragingCallbackBase, transformers.TrainerCallback):
             first).
         label_names: Label keys of a batch; default: the Trainer's (``["labels"]`` for most
             models).
-        top_k: Snapshots averaged at the end (paper's ``K``). Lowered to the number recorded,
-            with a warning, if fewer were.
+        method: What to do at the end: a method object (``sewa.methods.sewa(top_k=5)``, ...), a
+            registry name for its defaults (``"sewa"``, ``"uniform"``, ...), or ``None`` to only
+            record. A ``top_k`` above the number of snapshots recorded is lowered to it.
         every: Record every ``every`` optimizer steps.
-        start: First step to record: a step (int), or a fraction (float in ``[0, 1)``) of
+        start: First step to record: a step (int), or a fraction (float in ``[0, 1]``) of
             ``state.max_steps``.
         dtype: Storage dtype of the trajectory (``float32``, ``bfloat16``, ``float16``).
         buffers: Also record floating-point buffers.
         device: Where the trajectory lives (and, by default, where the selection computes).
-        method: ``"sewa"``, any name in :data:`sewa.METHODS` as a baseline, or ``None`` to only
-            record.
-        seed: Seed of SeWA (and of ``random``).
-        ema_decay: Decay per snapshot of ``method="ema"``.
-        select_options: More keyword arguments for :func:`sewa.select` (``steps``, ``samples``,
-            ``device``, ...). ``vectorize`` defaults to ``False`` here (a loop over the mask
-            samples), since attention kernels mostly lack ``vmap`` batching rules.
         load: Load the average into the model (else only :attr:`result` is set).
         bn: Recompute BatchNorm statistics after loading, when the model has BatchNorm.
         bn_max_batches: Use at most this many training batches for that (default: all).
         trajectory: Record into this trajectory instead of a new one per run.
+        vectorize: Run the selection's mask samples with ``vmap``; default ``False`` here (a
+            loop), since attention kernels mostly lack ``vmap`` batching rules.
+        progress: Show the selection's progress bar (``None``: only on a terminal).
 
     Attributes:
         trajectory: The recorded :class:`sewa.Trajectory`.
@@ -111,27 +109,25 @@ class SeWACallback(AveragingCallbackBase, transformers.TrainerCallback):
         bn_batches: Iterable[Any] | None = None,
         eval_dataset_name: str | None = None,
         label_names: list[str] | None = None,
-        top_k: int = 5,
+        method: Method | str | None = "sewa",
         every: int = 1,
         start: int | float = 0,
         dtype: torch.dtype | str = torch.float32,
         buffers: bool = False,
         device: torch.device | str = "cpu",
-        method: str | None = "sewa",
-        seed: int = 0,
-        ema_decay: float = 0.9,
-        select_options: dict[str, Any] | None = None,
         load: bool = True,
         bn: bool = True,
         bn_max_batches: int | None = None,
         trajectory: Trajectory | None = None,
+        vectorize: bool | None = None,
+        progress: bool | None = None,
     ) -> None:
-        super().__init__(window, top_k=top_k, every=every, start=start, dtype=dtype, buffers=buffers, device=device,
-                         method=method, seed=seed, ema_decay=ema_decay, select_options=select_options, load=load,
-                         bn=bn, bn_max_batches=bn_max_batches, trajectory=trajectory)
+        super().__init__(window, method=method, every=every, start=start, dtype=dtype, buffers=buffers, device=device,
+                         load=load, bn=bn, bn_max_batches=bn_max_batches, trajectory=trajectory, vectorize=vectorize,
+                         progress=progress)
         # Attention kernels mostly lack vmap batching rules: PyTorch's fallback runs them one by
         # one, slower than the plain loop (a tiny BERT on CPU: 2.1-3.5 s against 1.5 s).
-        self.select_options.setdefault("vectorize", False)
+        self.vectorize = False if vectorize is None else vectorize
         self.trainer = trainer
         self.loss_fn = loss_fn
         self.selection_batches = selection_batches
