@@ -17,7 +17,7 @@ import sewa
 from sewa import TrajectoryError
 from sewa._batch import cycle_batches
 from sewa._engine import MixedLoss
-from sewa.select import SelectionError, run_selection
+from sewa.select import SelectionError, run_selection, select_settings
 
 KINDS = ["mlp", "cnn_bn", "tied"]
 
@@ -392,7 +392,8 @@ class LinearEngine:
 
 def test_run_selection_takes_any_engine() -> None:
     costs = torch.tensor([3.0, 0.0, 2.0, 0.1, 5.0, 0.2])
-    sel = run_selection(LinearEngine(costs), itertools.repeat(None), [10, 20, 30, 40, 50, 60], top_k=3, steps=60)
+    _, settings = select_settings(top_k=3, steps=60)
+    sel = run_selection(LinearEngine(costs), itertools.repeat(None), [10, 20, 30, 40, 50, 60], **settings)
     assert sel.indices == [1, 3, 5] and sel.steps == [20, 40, 60]
 
 
@@ -400,7 +401,8 @@ def test_select_is_run_selection_over_the_mixed_loss(problem) -> None:
     model, traj, batches = problem
     options = dict(top_k=2, samples=2, steps=4, seed=3)
     engine = MixedLoss(traj, model, ref.cross_entropy)
-    by_hand = run_selection(engine, cycle_batches(batches), traj.steps, **options)
+    _, settings = select_settings(**options)
+    by_hand = run_selection(engine, cycle_batches(batches), traj.steps, **settings)
     assert torch.equal(by_hand.probabilities, sewa.select(traj, model, ref.cross_entropy, batches, **options).probabilities)
 
 
@@ -422,3 +424,11 @@ def test_select_on_a_read_only_view_refuses_rows_its_writer_overwrote(tmp_path) 
         sewa.select(reader, model, meddling, batches, top_k=1, samples=1, steps=3)
     with pytest.raises(TrajectoryError, match="dropped or moved"):
         sewa.trainable_average(reader, model, ref.cross_entropy, batches, steps=1)
+
+
+def test_select_settings_are_selects_defaults() -> None:
+    engine, settings = select_settings(top_k=3, device="cpu")
+    assert engine == {"batch_stats": True, "vectorize": None, "device": "cpu"}
+    assert settings["top_k"] == 3 and settings["steps"] == 200 and settings["progress"] is None
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['topk'\]"):
+        select_settings(topk=3)

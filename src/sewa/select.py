@@ -19,6 +19,7 @@ autograd graph ever spans the snapshots. See :mod:`sewa._engine`.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -34,7 +35,7 @@ from ._engine import MixedLoss
 from .trajectory import Trajectory, TrajectoryError
 from .weights import from_indices
 
-__all__ = ["Selection", "SelectionError", "Engine", "select", "run_selection", "trainable_average", "project_budget",
+__all__ = ["Selection", "SelectionError", "Engine", "select", "select_settings", "run_selection", "trainable_average", "project_budget",
            "tau_schedule"]
 
 _log = logging.getLogger(__name__)
@@ -215,21 +216,41 @@ def select(
     return selection
 
 
+_ENGINE_OPTIONS = ("batch_stats", "vectorize", "device")
+
+
+def select_settings(**options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`select`'s keyword arguments, its defaults (declared once, in its signature)
+    updated by ``options``, as ``(engine options, loop settings)``: ``batch_stats``,
+    ``vectorize`` and ``device`` for the engine; the rest for :func:`run_selection`.
+
+    Raises:
+        TypeError: for a name that :func:`select` does not take.
+    """
+    defaults = {name: p.default for name, p in inspect.signature(select).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"select() got unexpected keyword arguments {unknown}; it takes {sorted(defaults)}")
+    settings = defaults | options
+    engine = {name: settings.pop(name) for name in _ENGINE_OPTIONS}
+    return engine, settings
+
+
 def run_selection(
     engine: Engine,
     feed: Iterator[Any],
     held_steps: Sequence[int],
     *,
-    top_k: int = 10,
-    samples: int = 4,
-    steps: int = 200,
-    tau_start: float = 1.0,
-    tau_end: float = 0.1,
-    lr: float = 0.05,
-    optimizer: str = "adam",
-    budget: bool = True,
-    seed: int = 0,
-    progress: bool | None = None,
+    top_k: int,
+    samples: int,
+    steps: int,
+    tau_start: float,
+    tau_end: float,
+    lr: float,
+    optimizer: str,
+    budget: bool,
+    seed: int,
+    progress: bool | None,
     config: dict[str, Any] | None = None,
 ) -> Selection:
     """The SeWA loop of :func:`select` over any :class:`Engine` and batch ``feed``.
@@ -240,7 +261,8 @@ def run_selection(
         held_steps: Training steps of the held snapshots, oldest first (``k`` of them).
         config: Extra settings recorded in :attr:`Selection.config`.
 
-    The other arguments are :func:`select`'s.
+    The other arguments are :func:`select`'s, without defaults: :func:`select_settings` fills
+    them in from :func:`select`'s signature, where they are declared once.
     """
     n = len(held_steps)
     check_settings(n, top_k, steps, samples)

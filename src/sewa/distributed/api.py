@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from .._batch import cycle_batches
 from ..average import average_flat as _average_flat
 from ..bn import has_batchnorm
-from ..select import Engine, Selection, refuse_nonfinite_rows, run_selection
+from ..select import Engine, Selection, refuse_nonfinite_rows, run_selection, select_settings
 from ..trajectory import Trajectory, canonical_name
 from ._comm import CommStats, collective, comm_device
 from .engines import FSDPEngine, ReplicatedEngine, Share, share_of, unwrap
@@ -115,15 +115,15 @@ def select(
         ValueError: if the ranks hold different steps or were given different options.
         DistributedError: if a collective fails (another rank died or stopped).
     """
-    _agree(trajectory, options)
+    engine_options, settings = select_settings(**options)
+    _agree(trajectory, engine_options | settings)
     if trajectory.rank != 0:
-        options["progress"] = False
+        settings["progress"] = False
     ctx = DistributedContext(split_batches=split_batches)
-    batch_stats = options.pop("batch_stats", True)
-    vectorize, device = options.pop("vectorize", None), options.pop("device", None)
     with trajectory.reading():
-        engine = ctx.engine(trajectory, model, loss_fn, batch_stats=batch_stats, vectorize=vectorize, device=device)
-        sel = run_selection(engine, ctx.feed(batches), trajectory.steps, config={"batch_stats": batch_stats}, **options)
+        engine = ctx.engine(trajectory, model, loss_fn, **engine_options)
+        sel = run_selection(engine, ctx.feed(batches), trajectory.steps, config={"batch_stats": engine_options["batch_stats"]},
+                            **settings)
     sel.config["distributed"] = {
         "world_size": trajectory.world_size,
         "mode": trajectory.mode,

@@ -1,8 +1,8 @@
 """The distributed selection engines and this rank's share of each batch.
 
-Both engines hold a :class:`~sewa._columns.Columns` over this rank's columns ``Θ_r`` (the
-products ``W_r = A Θ_r`` and ``G_r Θ_rᵀ``) and finish with :func:`reduce_mask_gradient`; they
-differ in how ``W`` meets the model:
+Both engines hold a :class:`RankColumns`: a :class:`~sewa._columns.Columns` over this rank's
+columns ``Θ_r`` (the products ``W_r = A Θ_r`` and ``G_r Θ_rᵀ``) and the all_reduce that
+completes ``∂L/∂A``; they differ in how ``W`` meets the model:
 
 - :class:`ReplicatedEngine`: all_gather ``W``, run :class:`~sewa._engine.ModelPasses` (the
   single-process passes) on this rank's share of the batch, reduce_scatter ``G``;
@@ -38,7 +38,7 @@ from ._comm import (
 )
 from .trajectory import ShardedTrajectory
 
-__all__ = ["Share", "share_of", "unwrap", "reduce_mask_gradient", "ReplicatedEngine", "FSDPEngine"]
+__all__ = ["Share", "share_of", "unwrap", "RankColumns", "ReplicatedEngine", "FSDPEngine"]
 
 
 @dataclass
@@ -101,24 +101,45 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def reduce_mask_gradient(columns: Columns, group: dist.ProcessGroup | None, comm: CommStats, partial: Tensor,
-                         losses: Tensor, mix: Tensor) -> tuple[float, Tensor]:
-    """``∂L/∂A = Σ_r G_r Θ_rᵀ`` and the loss: one all_reduce of ``[G_r Θ_rᵀ | weighted losses]``
-    (M, k+1) in float64; returns the mean loss and ``∂L/∂A`` oldest first, like ``mix``."""
-    k = partial.shape[1]
-    packed = torch.empty(partial.shape[0], k + 1, dtype=torch.float64, device=columns.device)
-    packed[:, :k] = partial
-    packed[:, k] = losses
-    with collective("all_reduce of the mask gradient", group):
-        dist.all_reduce(packed, group=group)
-    comm.add("all_reduce", packed)
-    comm.steps += 1
-    return float(packed[:, k].mean()), columns.to_oldest(packed[:, :k], mix)
+class RankColumns:
+    """What both engines hold: this rank's columns ``Θ_r`` as a :class:`~sewa._columns.Columns`,
+    and the all_reduce that completes ``∂L/∂A``.
 
+    Args:
+        comm: Where the bytes moved are counted.
+        trajectory: This rank's columns.
+        model: The model to select with (checked against the trajectory's layout).
+        device: Compute device (default: see :func:`~sewa.distributed._comm.engine_device`).
+    """
 
-def _local_columns(trajectory: ShardedTrajectory, device: torch.device) -> Columns:
-    rows, order = trajectory.matrix()
-    return Columns(rows, order, device=device)
+    def __init__(self, comm: CommStats, trajectory: ShardedTrajectory, model: nn.Module,
+                 device: torch.device | str | None) -> None:
+        trajectory.layout.check_compatible(model)
+        self.device = engine_device(model, trajectory.group, device)
+        rows, order = trajectory.matrix()
+        self.columns = Columns(rows, order, device=self.device)
+        self.comm = comm
+        self.trajectory = trajectory
+        self.group = trajectory.group
+
+    def mix(self, mix: Tensor) -> Tensor:
+        """``W_r = A Θ_r`` (M, S_r) for ``mix`` (M, k) oldest first."""
+        return self.columns.mix(self.columns.to_rows(mix))
+
+    def reduce(self, g_local: Tensor, losses: Tensor, mix: Tensor) -> tuple[float, Tensor]:
+        """``∂L/∂A = Σ_r G_r Θ_rᵀ`` and the loss: one all_reduce of ``[G_r Θ_rᵀ | weighted
+        losses]`` (M, k+1) in float64; returns the mean loss and ``∂L/∂A`` oldest first, like
+        ``mix``."""
+        partial = self.columns.grad(g_local)
+        k = partial.shape[1]
+        packed = torch.empty(partial.shape[0], k + 1, dtype=torch.float64, device=self.device)
+        packed[:, :k] = partial
+        packed[:, k] = losses
+        with collective("all_reduce of the mask gradient", self.group):
+            dist.all_reduce(packed, group=self.group)
+        self.comm.add("all_reduce", packed)
+        self.comm.steps += 1
+        return float(packed[:, k].mean()), self.columns.to_oldest(packed[:, :k], mix)
 
 
 class ReplicatedEngine:
@@ -137,14 +158,11 @@ class ReplicatedEngine:
     def __init__(self, comm: CommStats, trajectory: ShardedTrajectory, model: nn.Module,
                  loss_fn: Callable[[Any, Any], Tensor], *, batch_stats: bool, vectorize: bool | None,
                  device: torch.device | str | None) -> None:
-        trajectory.layout.check_compatible(model)
-        self.device = engine_device(model, trajectory.group, device)
-        self.columns = _local_columns(trajectory, self.device)
+        self.local = RankColumns(comm, trajectory, model, device)
+        self.device, self.group = self.local.device, trajectory.group
         self.passes = ModelPasses(selection_model(unwrap(model), batch_stats, self.device), trajectory.names,
                                   trajectory.layout.views, loss_fn, vectorize)
-        self.comm = comm
         self.trajectory = trajectory
-        self.group = trajectory.group
         self.width = -(-trajectory.num_params // trajectory.world_size)  # every rank's padded slice
 
     def __call__(self, mix: Tensor, share: Share) -> tuple[float, Tensor]:
@@ -152,11 +170,11 @@ class ReplicatedEngine:
         lo, hi = self.trajectory.lo, self.trajectory.hi
         m = mix.shape[0]
         send = torch.zeros(m, width, device=self.device)
-        send[:, : hi - lo] = self.columns.mix(self.columns.to_rows(mix))
+        send[:, : hi - lo] = self.local.mix(mix)
         gathered = torch.empty(ranks * m, width, device=self.device)
         with collective("all_gather of the mixed parameters", self.group):
             all_gather_single(gathered, send, group=self.group)
-        self.comm.add("all_gather", gathered)
+        self.local.comm.add("all_gather", gathered)
         mixed = gathered.view(ranks, m, width).transpose(0, 1).reshape(m, ranks * width)[:, :p]
         if share.count == 0:  # fewer samples than ranks: this rank only relays
             losses, grads = torch.zeros(m, device=self.device), torch.zeros(m, p, device=self.device)
@@ -175,10 +193,10 @@ class ReplicatedEngine:
             g_block = torch.empty(m, width, device=self.device)
             with collective("reduce_scatter of the parameter gradients", self.group):
                 reduce_scatter_single(g_block, blocks.view(ranks * m, width), group=self.group)
-            self.comm.add("reduce_scatter", blocks)
+            self.local.comm.add("reduce_scatter", blocks)
             g_local = g_block[:, : hi - lo]
             losses = losses * share.weight
-        return reduce_mask_gradient(self.columns, self.group, self.comm, self.columns.grad(g_local), losses, mix)
+        return self.local.reduce(g_local, losses, mix)
 
 
 class FSDPEngine:
@@ -192,12 +210,9 @@ class FSDPEngine:
     def __init__(self, comm: CommStats, trajectory: ShardedTrajectory, model: nn.Module,
                  loss_fn: Callable[[Any, Any], Tensor], *, batch_stats: bool, vectorize: bool | None,
                  device: torch.device | str | None) -> None:
-        trajectory.layout.check_compatible(model)
-        self.device = engine_device(model, trajectory.group, device)
-        self.columns = _local_columns(trajectory, self.device)
-        self.comm = comm
+        self.local = RankColumns(comm, trajectory, model, device)
+        self.device, self.group = self.local.device, trajectory.group
         self.trajectory = trajectory
-        self.group = trajectory.group
         named = {canonical_name(n): p for n, p in model.named_parameters()}
         self.params = [named[n] for n in trajectory.names]
         for piece, param in zip(trajectory.pieces, self.params, strict=True):
@@ -236,7 +251,7 @@ class FSDPEngine:
         if 0 <= share.size < ranks:
             raise ValueError(f"a batch of {share.size} samples cannot be split over {ranks} FSDP ranks (each must run the "
                              "forward pass): use batches of at least as many samples as ranks")
-        mixed = self.columns.mix(self.columns.to_rows(mix))
+        mixed = self.local.mix(mix)
         grads = torch.zeros_like(mixed)
         losses = torch.zeros(m, device=self.device)
         # FSDP2 averages gradients over ranks: scaling by R makes the reduced gradient Σ_r w_r ∂L_r.
@@ -267,4 +282,4 @@ class FSDPEngine:
             losses = losses if self.trajectory.rank == 0 else torch.zeros_like(losses)
         else:
             losses = losses * share.weight
-        return reduce_mask_gradient(self.columns, self.group, self.comm, self.columns.grad(grads), losses, mix)
+        return self.local.reduce(grads, losses, mix)
