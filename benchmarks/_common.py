@@ -1,9 +1,19 @@
-"""Shared helpers of the benchmarks: timing (warm-up, interleaved repeats, medians), the
-memory-bandwidth reference, peak memory, machine facts and JSON lines.
+"""The measuring core every benchmark shares.
 
-Timing on a shared machine: variants are timed in *interleaved* rounds (one call of each per
-round), so a burst of load from elsewhere hits them alike, and the figure kept is the median
-over rounds. Ratios between variants of one round are what the benchmarks report.
+- Timing: :func:`interleaved` (warm-up, then one call of each variant per round, so a burst of
+  load from elsewhere hits them alike), :func:`summarize` (median, quartiles, IQR over the
+  rounds) and :func:`ratios` (each variant against a baseline or the best, measured in the same
+  process: the only form in which a speed figure is reported).
+- Conditions: :func:`set_threads`, :func:`busy_cores` (a busy-loop process on every core for
+  the duration of a block), :func:`load_average`, :func:`machine`.
+- Memory: :func:`copy_bandwidth`, :func:`maxrss_bytes`.
+- Output: :class:`JsonLines` / :func:`read_jsonl`, :func:`emit` (a JSON line on stdout),
+  :func:`write_json`, :func:`table` (Markdown), :func:`write_generated` (the generated section
+  of a Markdown file).
+
+A new benchmark is a short file: build the variants as zero-argument callables, time them with
+:func:`interleaved`, reduce with :func:`summarize` and :func:`ratios`, write the record with
+:func:`write_json` and render it with :func:`table` (``benchmarks/threads.py`` is the example).
 """
 
 from __future__ import annotations
@@ -14,17 +24,20 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = [
-    "set_threads", "time_call", "interleaved", "median", "copy_bandwidth", "maxrss_bytes",
-    "machine", "JsonLines", "read_jsonl", "loglog_slope", "load_average", "write_generated",
+    "set_threads", "time_call", "interleaved", "median", "summarize", "ratios", "busy_cores",
+    "copy_bandwidth", "maxrss_bytes", "machine", "JsonLines", "read_jsonl", "emit", "write_json",
+    "loglog_slope", "load_average", "load_averages", "table", "write_generated",
 ]
 
 
@@ -73,6 +86,43 @@ def median(xs: Iterable[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+def summarize(xs: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles (inclusive method), IQR, minimum and count of per-call seconds."""
+    values = sorted(xs)
+    if not values:
+        nan = float("nan")
+        return {"median": nan, "q1": nan, "q3": nan, "iqr": nan, "min": nan, "n": 0}
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {"median": median(values), "q1": q1, "q3": q3, "iqr": q3 - q1, "min": values[0], "n": len(values)}
+
+
+def ratios(medians: Mapping[str, float], baseline: str | None = None) -> dict[str, float]:
+    """Each variant's time over the ``baseline`` variant's (by default the fastest one's)."""
+    ref = medians[baseline] if baseline is not None else min(medians.values())
+    return {name: value / ref for name, value in medians.items()}
+
+
+@contextmanager
+def busy_cores(n: int | None = None) -> Iterator[list[int]]:
+    """Runs ``n`` (default: one per logical CPU) busy-loop processes for the block, and ends
+    them, by their process ids, after it.
+
+    Yields:
+        The busy processes' ids.
+    """
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(n if n is not None else os.cpu_count() or 1):
+            procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+        time.sleep(0.5)  # let them start and take their cores
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
 def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> tuple[float, list[float]]:
     """Memory bandwidth of a large float32 tensor copy, counted as STREAM does (bytes read +
     bytes written per second), median over ``repeats`` copies.
@@ -99,6 +149,14 @@ def load_average() -> float:
         return float(os.getloadavg()[0])
     except OSError:
         return float("nan")
+
+
+def load_averages() -> list[float]:
+    """The 1-, 5- and 15-minute load averages (empty where unavailable)."""
+    try:
+        return [float(x) for x in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def _cpu_model() -> str:
@@ -156,6 +214,21 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def emit(record: Mapping[str, Any], sink: JsonLines | None = None) -> dict[str, Any]:
+    """Prints ``record`` as one JSON line (and appends it to ``sink``); returns it as a dict."""
+    print(json.dumps(record, sort_keys=True), flush=True)
+    if sink is not None:
+        sink.write(record)
+    return dict(record)
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Writes ``data`` as indented JSON, creating the folder."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
+
+
 def loglog_slope(xs: Iterable[float], ys: Iterable[float]) -> float:
     """Least-squares slope of ``log y`` against ``log x`` (NaN with fewer than two points)."""
     pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if x > 0 and y > 0]
@@ -166,6 +239,13 @@ def loglog_slope(xs: Iterable[float], ys: Iterable[float]) -> float:
     sxx = sum((p[0] - mx) ** 2 for p in pts)
     sxy = sum((p[0] - mx) * (p[1] - my) for p in pts)
     return sxy / sxx if sxx > 0 else float("nan")
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table (cells formatted with ``str``)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def write_generated(path: Path, section: str, begin: str, end: str, heading: str = "") -> None:
