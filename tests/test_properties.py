@@ -182,3 +182,24 @@ def test_select_returns_exactly_k_distinct_indices(n: int, data: st.DataObject) 
     assert len(sel.indices) == top_k == len(set(sel.indices))
     assert sel.indices == sorted(sel.indices) and all(0 <= i < n for i in sel.indices)
     assert torch.equal(sel.weights.nonzero().flatten(), torch.tensor(sel.indices))
+
+
+# ----------------------------------------------------------------- the ring buffer
+@FAST
+@given(window=st.integers(1, 5), steps=st.lists(st.integers(0, 30), max_size=25))
+def test_ring_keeps_the_newest_window_of_accepted_steps_in_rows_0_to_n(window: int, steps: list[int]) -> None:
+    """Whatever the pushes (some refused for a step that does not increase), the held snapshots
+    are the newest ``window`` accepted ones, oldest first, in rows ``0..n-1``, each row its own."""
+    traj = sewa.Trajectory({"x": torch.zeros(1)}, window=window)
+    accepted: list[int] = []
+    for step in steps:
+        if accepted and step <= accepted[-1]:
+            with pytest.raises(sewa.TrajectoryError, match="not after"):
+                traj.push({"x": torch.tensor([float(step)])}, step=step)
+            continue
+        traj.push({"x": torch.tensor([float(step)])}, step=step)
+        accepted.append(step)
+    assert traj.steps == accepted[-window:]
+    assert sorted(traj.slots) == list(range(len(traj)))
+    if accepted:
+        assert stored(traj).flatten().tolist() == [float(s) for s in traj.steps]
