@@ -152,8 +152,10 @@ def test_the_same_checkpoint_under_another_spelling_is_refused(tmp_path: Path) -
     for step in (1, 2):
         torch.save(_fill(_net(), float(step)).state_dict(), run / f"ckpt-{step}.pt")
     (tmp_path / "link.pt").symlink_to(run / "ckpt-1.pt")
+    os.link(run / "ckpt-2.pt", tmp_path / "hard.pt")
     for spelling in ([run, run / ".." / "run" / "ckpt-2.pt"], [run / "ckpt-1.pt", (run / "ckpt-1.pt").absolute()],
-                     [tmp_path / "link.pt", run / "ckpt-2.pt", run / "ckpt-1.pt"], [str(run), f"{run}/"]):
+                     [tmp_path / "link.pt", run / "ckpt-2.pt", run / "ckpt-1.pt"], [str(run), f"{run}/"],
+                     [tmp_path / "hard.pt", run / "ckpt-2.pt"]):
         with pytest.raises(ValueError, match="same file as.*listed twice"):
             trajectory_from_files(spelling, _net())
     assert trajectory_from_files([run / "ckpt-2.pt", run / "ckpt-1.pt"], _net()).steps == [1, 2]
