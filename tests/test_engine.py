@@ -159,8 +159,8 @@ def test_recorded_batchnorm_statistics_are_not_used_on_batch_statistics() -> Non
 
 
 def test_mix_weights_and_loss_of_give_the_averaged_models_loss() -> None:
-    """The public pair :func:`sewa.methods.make_evaluator` uses: the average's flat vector, and
-    its loss, equal a model loaded with ``sewa.average`` (eval mode, no BatchNorm here)."""
+    """What the evaluator uses: the average's flat vector, its outputs and its loss equal those
+    of a model loaded with ``sewa.average`` (eval mode, no BatchNorm here)."""
     model, traj, batches = ref.make_problem("mlp", n=3)
     engine = MixedLoss(traj, model, ref.cross_entropy)
     w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
@@ -169,6 +169,7 @@ def test_mix_weights_and_loss_of_give_the_averaged_models_loss() -> None:
     loaded.load_state_dict(sewa.average(traj, w))
     x, y = batches[0]
     torch.testing.assert_close(engine.loss_of(flat, x, y), ref.cross_entropy(loaded(x), y), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(engine.outputs_of(flat, x), loaded(x), rtol=1e-6, atol=1e-6)
 
 
 def test_columns_of_no_width_give_zero_gradients() -> None:

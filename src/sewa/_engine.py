@@ -114,10 +114,14 @@ class ModelPasses:
             self._used = used
         return self._used
 
+    def outputs_of(self, flat: Tensor, inputs: Any) -> Any:
+        """``f(w)``: the model's outputs at one flat parameter vector ``w`` (P,)."""
+        params = {n: v for n, v, u in zip(self.names, self.views(flat), self._used_names(), strict=True) if u}
+        return functional_forward(self.model, params, inputs)
+
     def loss_of(self, flat: Tensor, inputs: Any, targets: Any) -> Tensor:
         """``L(f(w))`` of the model at one flat parameter vector ``w`` (P,), as a tensor."""
-        params = {n: v for n, v, u in zip(self.names, self.views(flat), self._used_names(), strict=True) if u}
-        return self.loss_fn(functional_forward(self.model, params, inputs), targets)
+        return self.loss_fn(self.outputs_of(flat, inputs), targets)
 
     def _check(self, flat: Tensor, inputs: Any, targets: Any) -> None:
         loss = self.loss_of(flat, inputs, targets)
@@ -278,7 +282,9 @@ class MixedLoss:
         """The loss of the model at flat parameters ``flat`` (P,) on one batch (on :attr:`device`)."""
         return self.passes.loss_of(flat, inputs, targets)
 
-    _loss = loss_of  # the name sewa.methods.make_evaluator calls
+    def outputs_of(self, flat: Tensor, inputs: Any) -> Any:
+        """The model's outputs at flat parameters ``flat`` (P,) on one batch's inputs."""
+        return self.passes.outputs_of(flat, inputs)
 
     def __call__(self, mix: Tensor, batch: Any) -> tuple[float, Tensor]:
         """Mean loss over the M mixed models and its gradient w.r.t. ``mix`` (M, k), oldest
