@@ -15,7 +15,7 @@ from torch import Tensor, nn
 import sewa
 from sewa import _batch
 from sewa._columns import Columns
-from sewa._engine import MixedLoss
+from sewa._engine import MixedLoss, batch_statistics, restore_statistics
 
 KINDS = ["mlp", "cnn_bn", "tied"]
 
@@ -254,3 +254,16 @@ def test_non_finite_loss_surfaces_from_the_engine() -> None:
     engine = MixedLoss(traj, model, lambda out, y: ref.cross_entropy(out, y) * math.nan)
     loss, grad = engine(torch.full((1, 3), 1 / 3, dtype=torch.float64), batches[0])
     assert math.isnan(loss) and bool(grad.isnan().any())
+
+
+def test_batch_statistics_are_put_back_as_they_were() -> None:
+    """The FSDP engine borrows the user's model: BatchNorm goes on batch statistics for the
+    selection and comes back with the very same running tensors."""
+    model = ref.ConvBN()
+    before = {n: b for n, b in model.named_buffers()}
+    saved = batch_statistics(model)
+    assert model.bn.running_mean is None and not model.bn1.track_running_stats
+    assert dict(model.named_buffers()) == {}
+    restore_statistics(saved)
+    assert model.bn.track_running_stats and all(b is before[n] for n, b in model.named_buffers())
+    assert before.keys() == dict(model.named_buffers()).keys()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -368,6 +370,22 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(problem, capsys: pytest.C
     assert "selecting" not in capsys.readouterr().err
     sewa.select(traj, model, ref.cross_entropy, batches, top_k=2, samples=1, steps=2, progress=True)
     assert "selecting" in capsys.readouterr().err
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_by_default_on_a_terminal(problem, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, traj, batches = problem
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    sewa.select(traj, model, ref.cross_entropy, batches, top_k=2, samples=1, steps=2)
+    assert "selecting" in sys.stderr.getvalue()
+    sewa.trainable_average(traj, model, ref.cross_entropy, batches, steps=2)
+    assert "trainable average" in sys.stderr.getvalue()
 
 
 def test_select_logs_its_result(problem, caplog: pytest.LogCaptureFixture) -> None:
