@@ -285,12 +285,22 @@ class Trajectory:
         """Raises before anything is written if a source holds NaN/Inf, or a finite value that
         the storage dtype would turn into Inf (checked after the cast): a refused push changes nothing."""
         with torch.no_grad():
-            # max |x| per tensor in one fused pass (NaN propagates), cast into the storage
-            # dtype: it overflows exactly when some element would. One host sync.
-            nonempty = [t for t in sources if t.numel()]
-            peaks = torch._foreach_norm(nonempty, ord=float("inf")) if nonempty else []
-            stored = [p.to(device="cpu", dtype=self.dtype) for p in peaks]
-            if not stored or bool(torch.isfinite(torch.stack(stored)).all()):
+            # A tensor already in the storage dtype needs only a NaN/Inf test: one sum (NaN/Inf
+            # propagate; an overflowing sum sends us to the exact test below). Any other is
+            # checked after the cast: its min and max overflow the storage exactly when some
+            # element would. One host sync in all.
+            checks: list[Tensor] = []
+            for t in sources:
+                if not t.numel():
+                    continue
+                if t.dtype == self.dtype:
+                    checks.append(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))
+                else:
+                    checks.extend(e.to(self.dtype) for e in torch.aminmax(t))
+            if not checks:
+                return
+            device = checks[0].device if all(c.device == checks[0].device for c in checks) else torch.device("cpu")
+            if bool(torch.isfinite(torch.stack([c.to(device=device, dtype=torch.float64) for c in checks])).all()):
                 return
         for name, t in zip(self.names, sources, strict=True):
             if not bool(torch.isfinite(t).all()):
