@@ -9,10 +9,16 @@ from . import methods, weights
 from .average import apply, average, average_flat
 from .bn import has_batchnorm, update_bn
 from .disk import DiskTrajectory
-from .io import CheckpointError, load_state_dict_file, order_checkpoints, save_state_dict, trajectory_from_files
+from .io import (
+    CheckpointError,
+    load_state_dict_file,
+    order_checkpoints,
+    save_state_dict,
+    trajectory_from_files,
+)
 from .methods import Evaluator, Method, MethodResult
 from .recording import Recorder, record
-from .select import Selection, project_budget, select, tau_schedule, trainable_average
+from .select import Selection, SelectionError, project_budget, select, tau_schedule, trainable_average
 from .trajectory import Trajectory, TrajectoryError, canonical_name
 
 __version__ = "0.1.0"
@@ -30,6 +36,7 @@ __all__ = [
     "Evaluator",
     "select",
     "Selection",
+    "SelectionError",
     "trainable_average",
     "average",
     "apply",

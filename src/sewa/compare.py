@@ -10,21 +10,16 @@ split). The result is a JSON-ready dict in the format ``sewa compare --json`` wr
 from __future__ import annotations
 
 import math
-import os
-import platform
-import subprocess
-import sys
 import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .average import apply
 from .bn import has_batchnorm
 from .methods import DEFAULT_METHODS, Evaluator, Method, MethodError, canonical, create
+from .provenance import environment
 from .task import Task
 from .trajectory import Trajectory
 
@@ -80,9 +75,16 @@ def averaged_model(task: Task, trajectory: Trajectory, weights: Tensor | Sequenc
     return apply(model, trajectory, weights, bn_batches=bn_batches)
 
 
+Score = Callable[[nn.Module], Mapping[str, Any]]
+
+
 def evaluate_method(method: Method, trajectory: Trajectory, evaluator: Evaluator | None, task: Task,
-                    split: str) -> tuple[dict[str, Any], nn.Module]:
+                    split: str, score: Score | None = None) -> tuple[dict[str, Any], nn.Module]:
     """Runs one method, evaluates its averaged model on ``split``.
+
+    ``score(model)``, when given, replaces the task's evaluation: it returns the entry's scores
+    (at least ``test_loss`` and ``test_metric``; the experiments add validation scores and
+    behaviour-cloning returns).
 
     Returns:
         The JSON-ready entry (``method``, ``settings``, ``weights`` oldest first, ``test_loss``,
@@ -93,16 +95,19 @@ def evaluate_method(method: Method, trajectory: Trajectory, evaluator: Evaluator
     result = method.weights(trajectory, evaluator)
     start = time.perf_counter()
     model = averaged_model(task, trajectory, result.weights)
-    loss, metric = task.evaluate(model, split)
-    if not math.isfinite(loss) or (metric is not None and not math.isfinite(metric)):
-        raise MethodError(f"the averaged model of {method.label} has a non-finite {split} loss or metric "
-                          f"({loss}, {metric}): check the task's loss and metric")
+    if score is None:
+        loss, metric = task.evaluate(model, split)
+        scores: Mapping[str, Any] = {"test_loss": loss, "test_metric": metric}
+    else:
+        scores = score(model)
+    bad = {k: v for k, v in scores.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise MethodError(f"the averaged model of {method.label} has non-finite scores {bad}: check the task's loss and metric")
     entry: dict[str, Any] = {
         "method": method.name,
         "settings": dict(method.settings),
         "weights": result.weights.tolist(),
-        "test_loss": loss,
-        "test_metric": metric,
+        **scores,
         "seconds": result.seconds,
         "eval_seconds": time.perf_counter() - start,
         "num_averaged": int((result.weights > 0).sum()),
@@ -122,6 +127,7 @@ def run_compare(
     checkpoints: Sequence[str] | None = None,
     progress: bool | None = False,
     on_error: str = "raise",
+    score: Score | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Runs ``methods`` on ``trajectory`` and evaluates each averaged model.
@@ -136,6 +142,8 @@ def run_compare(
         progress: Progress bars (``None``: only on a terminal).
         on_error: ``"raise"``: a method that fails (e.g. on a non-finite loss) stops the run;
             ``"record"``: its entry gets ``null`` scores and an ``error`` message, and the others run.
+        score: ``score(model) -> {"test_loss": ..., "test_metric": ..., ...}`` in place of the
+            task's evaluation on its test split (see :func:`evaluate_method`).
         **settings: Settings for the methods given by name (e.g. ``top_k=10, seed=0``), each
             passed to the constructors that take it.
 
@@ -159,15 +167,14 @@ def run_compare(
     trajectory.check_compatible(model)
     evaluator = None
     if any(m.evaluates for m in chosen.values()):
-        batches = task.require(objective, f"to select checkpoints (--objective {objective})")
-        evaluator = Evaluator(model, task.loss, batches, progress=progress)
+        evaluator = task.evaluator(objective, f"to select checkpoints (--objective {objective})", progress=progress)
     start = time.perf_counter()
     entries: dict[str, Any] = {}
     if on_error not in ("raise", "record"):
         raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
     for label, m in _bar(chosen.items(), progress):
         try:
-            entries[label], _ = evaluate_method(m, trajectory, evaluator, task, split)
+            entries[label], _ = evaluate_method(m, trajectory, evaluator, task, split, score)
         except ValueError as e:
             if on_error == "raise":
                 raise
@@ -202,41 +209,3 @@ def _bar(items: Any, enabled: bool | None) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(list(items), desc="methods", leave=False, disable=None if enabled is None else not enabled)
-
-
-def _git_commit() -> str | None:
-    """The commit of the sewa source tree this runs from, when it is a git checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()
-        # An installed copy inside some other repository must not report that repository's commit.
-        if Path(top).resolve() / "src" / "sewa" != here:
-            return None
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=here,
-                             capture_output=True, text=True, timeout=5, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def environment() -> dict[str, Any]:
-    """The machine and software a result was produced on (for reports)."""
-    from . import __version__
-
-    usable: int | None
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count()
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": usable,
-        "torch_threads": torch.get_num_threads(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "sewa": __version__,
-        "git_commit": _git_commit(),
-    }

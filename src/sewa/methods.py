@@ -21,7 +21,6 @@ place. Adding a rule is one constructor plus one :func:`register` call.
 from __future__ import annotations
 
 import inspect
-import math
 import re
 import time
 import warnings
@@ -30,16 +29,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import weights as rules
-from ._engine import MixedLoss, to_device
+from .evaluator import EvaluationError, Evaluator, make_evaluator
 from .select import select, trainable_average
 from .trajectory import Trajectory
 
 __all__ = [
-    "Method", "MethodResult", "Evaluator", "Setting", "METHODS", "ALIASES", "DEFAULT_METHODS",
+    "Method", "MethodResult", "MethodError", "Evaluator", "EvaluationError", "Setting", "METHODS", "ALIASES", "DEFAULT_METHODS",
     "register", "create", "canonical", "settings_of", "make_evaluator",
     "last", "uniform", "lawa", "ema", "random_k", "greedy_soup", "learned_soup", "sewa",
 ]
@@ -48,7 +46,7 @@ Rule = Callable[[Trajectory, "Evaluator | None", Mapping[str, Any]], "tuple[Tens
 
 
 class MethodError(ValueError):
-    """A method cannot run as asked (missing selection split, bad setting, non-finite loss)."""
+    """A method cannot run as asked (an unknown name, a bad setting, a missing selection split)."""
 
 
 @dataclass
@@ -66,76 +64,6 @@ class MethodResult:
     weights: Tensor
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
-
-
-class Evaluator:
-    """The selection split and how an average is scored on it, shared by the methods that learn.
-
-    Scores are computed exactly as :func:`sewa.select` computes its loss (the same engine: eval
-    mode, BatchNorm on batch statistics), as the batch-size-weighted mean over ``batches``.
-
-    Args:
-        model: A model of the trajectory's architecture (only its structure is used).
-        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``.
-        batches: ``(inputs, targets)`` pairs of the selection split: a re-iterable (a list, a
-            DataLoader), streamed by the learning methods and held in memory by :meth:`loss`.
-        batch_stats: Evaluate BatchNorm with batch statistics (see :func:`sewa.select`).
-        vectorize: Passed to the engine (see :func:`sewa.select`).
-        device: Where to compute; defaults to the trajectory's device.
-        progress: Progress bars for the long methods (``None``: only on a terminal).
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any], *,
-                 batch_stats: bool = True, vectorize: bool | None = None, device: torch.device | str | None = None,
-                 progress: bool | None = False) -> None:
-        self.model = model
-        self.loss_fn = loss_fn
-        # A one-shot iterator is read once here; a re-iterable (a list, a DataLoader) is kept as
-        # it is, so that the selection streams it instead of holding it in memory.
-        self.batches: Iterable[Any] = list(batches) if iter(batches) is batches else batches
-        if isinstance(self.batches, list) and not self.batches:
-            raise MethodError("the selection split has no batches")
-        self.batch_stats = batch_stats
-        self.vectorize = vectorize
-        self.device = device
-        self.progress = progress
-        self._held: tuple[Trajectory, MixedLoss, list[tuple[Any, Any]]] | None = None
-
-    def engine_options(self) -> dict[str, Any]:
-        """The keyword arguments every engine-based method passes on."""
-        return {"batch_stats": self.batch_stats, "vectorize": self.vectorize, "device": self.device, "progress": self.progress}
-
-    @torch.no_grad()
-    def loss(self, trajectory: Trajectory, w: Tensor) -> float:
-        """Mean loss on the selection split of the average of ``trajectory`` with weights ``w``."""
-        if self._held is None or self._held[0] is not trajectory:  # one engine, for the latest trajectory
-            engine = MixedLoss(trajectory, self.model, self.loss_fn, batch_stats=self.batch_stats, device=self.device)
-            pairs = [(to_device(x, engine.device), to_device(y, engine.device)) for x, y in self.batches]
-            if not pairs:
-                raise MethodError("the selection split has no batches")
-            self._held = (trajectory, engine, pairs)
-        _, engine, pairs = self._held
-        mix = rules.check_weights(w, len(trajectory))[None]
-        flat = engine.mix(mix[:, engine.inverse].to(engine.device, torch.float32))[0]
-        total, count = 0.0, 0
-        for x, y in pairs:
-            size = len(y) if hasattr(y, "__len__") else 1
-            total += float(engine._loss(flat, x, y)) * size
-            count += size
-        value = total / count
-        if not math.isfinite(value):
-            chosen = [i for i, v in enumerate(w.tolist()) if v > 0]
-            raise MethodError(f"the selection loss of an average (snapshots {chosen}) is {value}: the task's loss is not "
-                              "finite on the selection split; check the loss function and the data")
-        return value
-
-
-def make_evaluator(trajectory: Trajectory, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any],
-                   *, batch_stats: bool = True) -> Callable[[Tensor], float]:
-    """``weights -> mean selection loss`` of the average (greedy soup's yardstick), from an
-    :class:`Evaluator`."""
-    ev = Evaluator(model, loss_fn, batches, batch_stats=batch_stats)
-    return lambda w: ev.loss(trajectory, w)
 
 
 @dataclass(frozen=True)
@@ -344,16 +272,34 @@ def random_k(top_k: int = 10, seed: int = 0) -> Method:
                   lambda t, e, s: (rules.random_k(len(t), s["top_k"], s["seed"]), {}))
 
 
-def greedy_soup() -> Method:
-    """Greedy soup (Wortsman et al. 2022): snapshots ranked by their own selection loss are added
-    one by one while the average's selection loss improves."""
+def greedy_soup(by: str = "loss") -> Method:
+    """Greedy soup (Wortsman et al. 2022): snapshots ranked by their own selection score are
+    added one by one while the average's selection score improves.
+
+    Args:
+        by: What greedy soup ranks and accepts by: "loss" (the selection loss) or "metric" (the
+            task's metric, as model soups use held-out accuracy; ties broken by the loss).
+    """
+    if by not in ("loss", "metric"):
+        raise MethodError(f"greedy_soup: by must be 'loss' or 'metric', got {by!r}")
 
     def rule(t: Trajectory, e: Evaluator | None, s: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         assert e is not None
-        w = rules.greedy_soup(len(t), lambda v: e.loss(t, v))
+        if s["by"] == "metric":
+            if e.metric is None:
+                raise MethodError("greedy_soup(by='metric') needs a metric: the task defines none")
+
+            def cost(v: Tensor) -> float:
+                scores = e.per_batch(t, v)  # higher metric first, then lower loss
+                return -scores.mean("metric") + 1e-9 * scores.mean("loss")
+        else:
+            def cost(v: Tensor) -> float:
+                return e.loss(t, v)
+
+        w = rules.greedy_soup(len(t), cost)
         return w, {"indices": w.nonzero().flatten().tolist()}
 
-    return Method("greedy_soup", _frozen({}), rule, evaluates=True)
+    return Method("greedy_soup", _frozen({"by": by}), rule, evaluates=True)
 
 
 def learned_soup(steps: int = 200, lr: float = 0.05) -> Method:

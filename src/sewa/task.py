@@ -27,12 +27,15 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ._batch import MAX_BATCHES, forward
+
+if TYPE_CHECKING:
+    from .evaluator import Evaluator
 
 __all__ = ["Task", "TaskError", "load_task", "forward", "batch_size", "REQUIRED", "SPLITS", "MAX_BATCHES"]
 
@@ -147,6 +150,14 @@ class Task:
         if out is None:
             raise TaskError(f"task {self.source} has no {name!r} split (batches({name!r}) gave none); it is needed {why}")
         return out
+
+    def evaluator(self, split: str, why: str, **options: Any) -> Evaluator:
+        """An :class:`~sewa.evaluator.Evaluator` over split ``split`` with this task's model, loss
+        and metric (``options``: its engine settings, e.g. ``progress``)."""
+        from .evaluator import Evaluator
+
+        return Evaluator(self.new_model(), self.loss, self.require(split, why), metric=self.metric,
+                         metric_name=self.metric_name, **options)
 
     def has_split(self, name: str) -> bool:
         """Whether ``batches(name)`` yields at least one well-formed batch (read once)."""

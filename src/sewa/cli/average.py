@@ -38,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
     from ..average import average
     from ..compare import averaged_model, check_top_k
     from ..io import save_state_dict, trajectory_from_files
-    from ..methods import Evaluator
     from ._common import (
         apply_run_args,
         build,
@@ -64,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.task is not None:
         needs = [(args.objective, "to select checkpoints")] if method.evaluates else []
         task, traj, _ = load_for_task(args, files, needs)
-        evaluator = (Evaluator(task.new_model(), task.loss, task.require(args.objective, "to select checkpoints"),
-                               progress=progress(args)) if method.evaluates else None)
+        evaluator = task.evaluator(args.objective, "to select checkpoints", progress=progress(args)) if method.evaluates else None
         result = method.weights(traj, evaluator)
         state = averaged_model(task, traj, result.weights).state_dict()
     else:

@@ -41,7 +41,6 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..compare import check_top_k, environment, evaluate_method
     from ..io import save_state_dict
-    from ..methods import Evaluator
     from ._common import (
         apply_run_args,
         build,
@@ -67,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if method.top_k is not None:
         check_top_k(method.top_k, len(files))
     task, traj, split = load_for_task(args, files, [(args.objective, f"to select checkpoints (--objective {args.objective})")])
-    evaluator = Evaluator(task.new_model(), task.loss, task.require(args.objective, "to select checkpoints"), progress=progress(args))
+    evaluator = task.evaluator(args.objective, "to select checkpoints", progress=progress(args))
     entry, model = evaluate_method(method, traj, evaluator, task, split)
     chosen = [i for i, w in enumerate(entry["weights"]) if w > 0]
     names = relative_names(files)

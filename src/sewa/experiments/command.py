@@ -28,6 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--data", default=None, help="local path to the original data (CIFAR-100 folder, AG News CSVs, D4RL hdf5)")
     p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None,
                    help="run the ablations (default: on for the experiments that define them)")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="run even though src/ has uncommitted changes (the run records dirty: true; it is not evidence)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on small shared machines)")
     p.set_defaults(func=run)
     return p
@@ -37,11 +39,16 @@ def run(args: argparse.Namespace) -> int:
     """Runs the requested seeds and prints one line per seed."""
     import torch
 
+    from ..provenance import git_state
     from . import runner
     from .tasks import SPECS
 
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    commit, dirty = git_state()
+    if dirty and not args.allow_dirty:
+        raise ValueError(f"src/ has uncommitted changes (HEAD {commit}): a result is evidence only from a committed tree; "
+                         "commit first, or pass --allow-dirty for a trial run")
     torch.set_num_threads(args.threads)
     spec = SPECS[args.name].with_preset(args.preset)
     seeds = range(args.first_seed, args.first_seed + (args.seeds or spec.seeds))

@@ -242,7 +242,7 @@ def render(root: Path, out: Path) -> Path:
                    f"Data: {data_source(r0['data_source'])}.{trained_on} Seeds: {[r['seed'] for r in recs]}. Window k={r0['window']} "
                    f"snapshots every {r0['config']['every']} steps (steps {r0['steps'][0]}–{r0['steps'][-1]}). "
                    f"Test metric in {unit}, mean ± std over {len(recs)} seeds. Machine: {r0['machine']['platform']}, "
-                   f"{r0['machine']['cpus']} CPUs, torch {r0['machine']['torch']}; commits {commits}.", ""]
+                   f"{r0['machine'].get('cpus', r0['machine'].get('cpu_count'))} CPUs, torch {r0['machine']['torch']}; commits {commits}.", ""]
             md += method_table(recs) + [""]
             lines, verdicts = paired_table(recs)
             md += lines + [""]

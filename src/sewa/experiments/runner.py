@@ -10,9 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import platform
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,10 +20,13 @@ from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel
 from tqdm.auto import tqdm
 
+from .. import methods as M
 from .. import weights as rules
 from ..average import apply
-from ..methods import Context, run_method
-from ..select import select
+from ..compare import environment, run_compare
+from ..evaluator import Evaluator
+from ..methods import Method
+from ..task import Task
 from ..trajectory import Trajectory
 from . import tasks as T
 
@@ -40,23 +40,6 @@ QUICK_GRID: dict[str, tuple[Any, ...]] = {
     "window": (10, 20), "tau": (0.5, "annealed"), "samples": (1, 2), "steps": (10, 30), "split": (0.3, 1.0),
     "convergence": (0.5, 1.0),
 }
-
-
-def machine() -> dict[str, Any]:
-    """Where a run happened."""
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
-
-
-def git_commit() -> str | None:
-    """The repository commit, when run from a checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _optimizer(spec: T.Spec, model: nn.Module) -> torch.optim.Optimizer:
@@ -102,37 +85,54 @@ class _Scorer:
         return self.model(model)
 
 
-def _method_table(ctx: Context, score: _Scorer) -> dict[str, Any]:
-    """Every method of the main table on one trajectory."""
-    n = len(ctx.trajectory)
-    plan: list[tuple[str, str, dict[str, Any]]] = [
-        ("last", "last", {}), ("uniform", "uniform", {}), ("ema", "ema", {}),
-        ("lawa10", "lawa", {"top_k": min(10, n)}), (f"lawa{min(100, n)}", "lawa", {"top_k": min(100, n)}),
-        ("random10", "random", {"top_k": min(10, n)}), ("greedy_soup", "greedy_soup", {}), ("twa", "twa", {}),
-    ] + [(f"sewa{k}", "sewa", {"top_k": k}) for k in SEWA_KS if k <= n]
+_COMPARE_KEYS = {"method", "settings", "weights", "seconds", "eval_seconds", "num_averaged", "probabilities", "indices",
+                 "history", "chosen_steps", "config"}
+
+
+def _task(spec: T.Spec, template: nn.Module, bn: list[Any], selection: list[Any]) -> Task:
+    """The experiment as a :class:`sewa.task.Task`: averages load into copies of the trained
+    model, BatchNorm is refreshed on ``bn`` training batches, and methods select on
+    ``selection`` (scores come from the experiment's own scorer, not from a test split here)."""
+    splits = {"train": bn, "val": selection}
+    return Task(model=lambda: copy.deepcopy(template), batches=lambda split: splits[split], loss=spec.loss,
+                metric=T.accuracy if spec.family != "bc" else None, source=f"sewa.experiments:{spec.name}",
+                metric_name=spec.metric_name)
+
+
+def plan(n: int, spec: T.Spec, seed: int) -> dict[str, Method]:
+    """The main table: ``{label: method}`` on a window of ``n`` snapshots."""
+    sewa = M.sewa(steps=spec.sel_steps, samples=spec.sel_samples, seed=seed)
+    return {
+        "last": M.last(), "uniform": M.uniform(), "ema": M.ema(tail="renormalize"),
+        "lawa10": M.lawa(top_k=min(10, n)), f"lawa{min(100, n)}": M.lawa(top_k=min(100, n)),
+        "random10": M.random_k(top_k=min(10, n), seed=seed), "greedy_soup": M.greedy_soup(),
+        "twa": M.learned_soup(steps=spec.sel_steps),
+    } | {f"sewa{k}": sewa.replace(top_k=k) for k in SEWA_KS if k <= n}
+
+
+def _method_table(traj: Trajectory, task: Task, methods: dict[str, Method], score: _Scorer) -> dict[str, Any]:
+    """Every method of the main table on one trajectory, through :func:`sewa.compare.run_compare`."""
+    results = run_compare(traj, task, methods=methods, objective="val", progress=None, score=score.model)
     out: dict[str, Any] = {}
-    for label, method, over in tqdm(plan, desc="methods", leave=False):
-        c = copy.copy(ctx)
-        c.top_k = over.get("top_k", ctx.top_k)
-        res = run_method(method, c)
-        out[label] = {"method": method, "top_k": c.top_k, "seconds": res.seconds, "weights": res.weights.tolist(),
-                      "averaged": int((res.weights > 0).sum())} | score(ctx.trajectory, res.weights)
-        if method == "sewa":
-            out[label] |= {"probabilities": res.info["probabilities"], "indices": res.info["indices"], "history": res.info["history"]}
+    for label, e in results["methods"].items():
+        out[label] = {"method": e["method"], "top_k": e["settings"].get("top_k", 10), "seconds": e["seconds"],
+                      "weights": e["weights"], "averaged": e["num_averaged"]}
+        out[label] |= {k: v for k, v in e.items() if k not in _COMPARE_KEYS}  # the scorer's fields
+        if e["method"] == "sewa":
+            out[label] |= {"probabilities": e["probabilities"], "indices": e["indices"], "history": e["history"]}
     return out
 
 
-def _ablations(ctx: Context, score: _Scorer, full: Trajectory, data: T.TaskData, spec: T.Spec) -> dict[str, list[dict[str, Any]]]:
+def _ablations(traj: Trajectory, evaluator: Evaluator, score: _Scorer, full: Trajectory, data: T.TaskData, spec: T.Spec,
+               seed: int) -> dict[str, list[dict[str, Any]]]:
     """SeWA(K=10) under one changed setting at a time (the reviewers' questions)."""
-    base = {"top_k": 10, "seed": ctx.seed, "steps": spec.sel_steps, "samples": spec.sel_samples}
-    n_val = len(data.val[1])
-    sel_batches = ctx.batches
+    base = M.sewa(top_k=10, seed=seed, steps=spec.sel_steps, samples=spec.sel_samples)
 
-    def run(traj: Trajectory, batches: Any = None, **over: Any) -> dict[str, Any]:
-        opts = base | over
-        opts["top_k"] = min(opts["top_k"], len(traj))
-        sel = select(traj, ctx.model, ctx.loss_fn, batches or sel_batches, **opts)  # type: ignore[arg-type]
-        return {"seconds": sel.seconds, "indices": sel.indices} | score(traj, sel.weights)
+    def run(t: Trajectory, batches: Any = None, **over: Any) -> dict[str, Any]:
+        method = base.replace(**over, top_k=min(over.get("top_k", 10), len(t)))
+        ev = evaluator if batches is None else Evaluator(evaluator.model, evaluator.loss_fn, batches)
+        res = method.weights(t, ev)
+        return {"seconds": res.seconds, "indices": res.info["indices"]} | score(t, res.weights)
 
     def split(fraction: float, source: T.Split) -> list[T.Split]:
         x, y = source
@@ -141,11 +141,11 @@ def _ablations(ctx: Context, score: _Scorer, full: Trajectory, data: T.TaskData,
 
     ab: dict[str, list[dict[str, Any]]] = {k: [] for k in ("window", "tau", "samples", "steps", "objective", "budget", "split", "convergence")}
     grid = QUICK_GRID if spec.options.get("quick") else GRID
+    n_val = len(data.val[1])
     k_all = len(full)
     for k in grid["window"]:
         if k <= k_all:
             ab["window"].append({"value": k} | run(full.subset(range(k_all - k, k_all))))
-    traj = ctx.trajectory
     for tau in grid["tau"]:
         over = {} if tau == "annealed" else {"tau_start": tau, "tau_end": tau}
         ab["tau"].append({"value": tau} | run(traj, **over))
@@ -232,17 +232,17 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
 
     score = _Scorer(spec, data, model, seed)
     main = traj.subset(range(len(traj) - min(spec.window, len(traj)), len(traj)))
-    # The selection split (SeWA, TWA, greedy soup alike): the validation set, or its first
-    # ``sel_subset`` items where evaluating the whole of it hundreds of times would be too slow.
+    # The selection split (SeWA, the learned soup, greedy soup alike): the validation set, or its
+    # first ``sel_subset`` items where evaluating the whole of it hundreds of times would be too slow.
     x_val, y_val = T._subset(data.val, spec.sel_subset, 0) if spec.sel_subset else data.val
     sel_batches = list(T.loader((x_val, y_val), spec.sel_batch, False, 0))
-    ctx = Context(main, top_k=10, seed=seed, model=model, loss_fn=spec.loss, batches=sel_batches,
-                  select_options={"steps": spec.sel_steps, "samples": spec.sel_samples})
-    methods = _method_table(ctx, score)
+    task = _task(spec, model, score.bn, sel_batches)
+    methods = _method_table(main, task, plan(len(main), spec, seed), score)
     methods["swa_lr"] = _swa_lr_branch(spec, branch["model"], branch["opt"], data, seed, start, total, score)
+    env = environment()
     record: dict[str, Any] = {
         "task": name, "family": spec.family, "preset": preset, "seed": seed, "config": T.describe(spec),
-        "data_source": data.source, "git_commit": git_commit(), "machine": machine(),
+        "data_source": data.source, "git_commit": env["git_commit"], "dirty": env["dirty"], "machine": env,
         "metric": spec.metric_name, "window": len(main), "recorded": len(traj), "steps": main.steps,
         "compute": {"epoch_seconds": sum(epoch_seconds) / len(epoch_seconds), "train_seconds": sum(epoch_seconds),
                     "selection_seconds": methods.get("sewa10", {}).get("seconds"),
@@ -254,7 +254,7 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
     if c["selection_seconds"] is not None:
         c["selection_over_epoch"] = c["selection_seconds"] / c["epoch_seconds"]
     if spec.ablations if ablations is None else ablations:
-        record["ablations"] = _ablations(ctx, score, traj, data, spec)
+        record["ablations"] = _ablations(main, task.evaluator("val", "for the ablations"), score, traj, data, spec, seed)
     out = Path(out_dir) / name / preset / f"seed{seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")

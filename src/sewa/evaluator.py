@@ -1,0 +1,151 @@
+"""The selection split, and how an average of snapshots is scored on it.
+
+Methods that learn (greedy soup, the learned soup, SeWA, ``auto``) share one :class:`Evaluator`:
+it holds the model, the loss, the optional metric and the selection batches, and scores any
+weight vector exactly as :func:`sewa.select` computes its loss (the same engine: eval mode,
+BatchNorm on batch statistics). Scores are batch-size-weighted means; :meth:`Evaluator.per_batch`
+gives them batch by batch, for methods that cross-fit over folds of the split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import weights as rules
+from ._batch import bounded, split_batch, to_device
+from ._engine import MixedLoss
+from .task import batch_size
+from .trajectory import Trajectory
+
+__all__ = ["Evaluator", "EvaluationError", "Scores", "make_evaluator"]
+
+
+class EvaluationError(ValueError):
+    """An average cannot be scored: an empty split, or a loss or metric that is not finite."""
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-batch scores of one average on the selection split.
+
+    Attributes:
+        loss: Mean loss of each batch (B,), float64.
+        metric: Mean metric of each batch (B,), or ``None`` without a metric.
+        sizes: Examples per batch (B,), float64.
+    """
+
+    loss: Tensor
+    metric: Tensor | None
+    sizes: Tensor
+
+    def mean(self, which: str = "loss", batches: Tensor | None = None) -> float:
+        """The size-weighted mean of ``"loss"`` or ``"metric"`` over all batches, or over the
+        batch indices ``batches`` (a fold)."""
+        values = self.loss if which == "loss" else self.metric
+        if values is None:
+            raise EvaluationError("this evaluator has no metric: pass metric= to score by it")
+        sizes = self.sizes
+        if batches is not None:
+            values, sizes = values[batches], sizes[batches]
+        return float((values * sizes).sum() / sizes.sum())
+
+
+class Evaluator:
+    """The selection split and how an average is scored on it.
+
+    Args:
+        model: A model of the trajectory's architecture (only its structure is used).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``.
+        batches: ``(inputs, targets)`` pairs of the selection split: a re-iterable (a list, a
+            DataLoader) is streamed by the learning methods; scoring holds the batches in memory.
+        metric: Optional ``metric(outputs, targets) -> float``, higher is better (accuracy).
+        metric_name: How reports name the metric.
+        batch_stats: Evaluate BatchNorm with batch statistics (see :func:`sewa.select`).
+        vectorize: Passed to the engine (see :func:`sewa.select`).
+        device: Where to compute; defaults to the trajectory's device.
+        progress: Progress bars for the long methods (``None``: only on a terminal).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any], *,
+                 metric: Callable[[Any, Any], float] | None = None, metric_name: str = "metric", batch_stats: bool = True,
+                 vectorize: bool | None = None, device: torch.device | str | None = None,
+                 progress: bool | None = False) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        # A one-shot iterator is read once here; a re-iterable (a list, a DataLoader) is kept as
+        # it is, so that the selection streams it instead of holding it in memory.
+        self.batches: Iterable[Any] = list(bounded(batches, "the selection split")) if iter(batches) is batches else batches
+        if isinstance(self.batches, list) and not self.batches:
+            raise EvaluationError("the selection split has no batches")
+        self.metric = metric
+        self.metric_name = metric_name
+        self.batch_stats = batch_stats
+        self.vectorize = vectorize
+        self.device = device
+        self.progress = progress
+        self._held: tuple[Trajectory, MixedLoss, list[tuple[Any, Any]]] | None = None
+
+    def engine_options(self) -> dict[str, Any]:
+        """The keyword arguments every engine-based method passes on."""
+        return {"batch_stats": self.batch_stats, "vectorize": self.vectorize, "device": self.device, "progress": self.progress}
+
+    def _engine(self, trajectory: Trajectory) -> tuple[MixedLoss, list[tuple[Any, Any]]]:
+        if self._held is None or self._held[0] is not trajectory:  # one engine, for the latest trajectory
+            engine = MixedLoss(trajectory, self.model, self.loss_fn, batch_stats=self.batch_stats, device=self.device)
+            pairs = [to_device(split_batch(b), engine.device) for b in bounded(self.batches, "the selection split")]
+            if not pairs:
+                raise EvaluationError("the selection split has no batches")
+            self._held = (trajectory, engine, pairs)
+        return self._held[1], self._held[2]
+
+    def num_batches(self, trajectory: Trajectory) -> int:
+        """How many batches the selection split holds."""
+        return len(self._engine(trajectory)[1])
+
+    @torch.no_grad()
+    def per_batch(self, trajectory: Trajectory, w: Tensor) -> Scores:
+        """Loss (and metric) of the average of ``trajectory`` with weights ``w``, batch by batch.
+
+        Raises:
+            EvaluationError: if a loss or metric is not finite.
+        """
+        engine, pairs = self._engine(trajectory)
+        flat = engine.mix_weights(rules.check_weights(w, len(trajectory)))
+        losses, metrics, sizes = [], [], []
+        for x, y in pairs:
+            out = engine.outputs_of(flat, x)
+            losses.append(float(self.loss_fn(out, y)))
+            if self.metric is not None:
+                metrics.append(float(self.metric(out, y)))
+            sizes.append(batch_size(y))
+        scores = Scores(torch.tensor(losses, dtype=torch.float64),
+                        torch.tensor(metrics, dtype=torch.float64) if self.metric is not None else None,
+                        torch.tensor(sizes, dtype=torch.float64))
+        bad = [name for name, v in (("loss", scores.loss), ("metric", scores.metric)) if v is not None and not bool(v.isfinite().all())]
+        if bad:
+            chosen = [i for i, v in enumerate(w.tolist()) if v > 0]
+            value = scores.mean(bad[0]) if bad[0] == "loss" else float("nan")
+            raise EvaluationError(f"the selection {bad[0]} of an average (snapshots {chosen}) is {value}: the task's "
+                                  f"{bad[0]} is not finite on the selection split; check the {bad[0]} function and the data")
+        return scores
+
+    def loss(self, trajectory: Trajectory, w: Tensor) -> float:
+        """Mean selection loss of the average of ``trajectory`` with weights ``w``."""
+        return self.per_batch(trajectory, w).mean("loss")
+
+    def score(self, trajectory: Trajectory, w: Tensor, by: str = "loss") -> float:
+        """A score to *maximise*: the metric when ``by="metric"``, else minus the loss."""
+        scores = self.per_batch(trajectory, w)
+        return scores.mean("metric") if by == "metric" else -scores.mean("loss")
+
+
+def make_evaluator(trajectory: Trajectory, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any],
+                   *, batch_stats: bool = True) -> Callable[[Tensor], float]:
+    """``weights -> mean selection loss`` of the average (greedy soup's yardstick)."""
+    ev = Evaluator(model, loss_fn, batches, batch_stats=batch_stats)
+    return lambda w: ev.loss(trajectory, w)
