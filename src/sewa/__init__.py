@@ -18,7 +18,14 @@ from .io import (
 )
 from .methods import Evaluator, Method, MethodResult
 from .recording import Recorder, record
-from .select import Selection, SelectionError, project_budget, select, tau_schedule, trainable_average
+from .select import (
+    Selection,
+    SelectionError,
+    project_budget,
+    select,
+    tau_schedule,
+    trainable_average,
+)
 from .trajectory import Trajectory, TrajectoryError, canonical_name
 
 __version__ = "0.1.0"
