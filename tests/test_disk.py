@@ -157,14 +157,12 @@ class _Crash(Exception):
 @pytest.mark.parametrize("phase", ["before_row", "mid_row", "before_extras", "mid_manifest", "before_listing"])
 def test_crash_at_each_phase_of_a_full_ring_push(tmp_path: Path, phase: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A simulated crash at each point of the write protocol leaves every listed snapshot intact."""
-    import sewa.disk as disk
 
     model = _net()
     traj = DiskTrajectory(tmp_path, model, WINDOW)
     for step in range(1, WINDOW + 1):
         traj.push(_state(model, step), step)
-    real_write, real_atomic = DiskTrajectory._write, disk.atomic_write
-    publishes = []
+    real_write, real_install = DiskTrajectory._write, DiskTrajectory._install
 
     def write(self: DiskTrajectory, row: torch.Tensor, sources: list[torch.Tensor]) -> None:
         if phase == "before_row":
@@ -174,21 +172,19 @@ def test_crash_at_each_phase_of_a_full_ring_push(tmp_path: Path, phase: str, mon
             row[row.numel() // 2 :] = float("nan")  # what a half-written row looks like
             raise _Crash
 
-    def atomic(path: Path, write_fn, **kw) -> None:  # type: ignore[no-untyped-def]
-        publishes.append(path.name)
-        if phase == "before_extras" and path.name == EXTRAS:
+    def install(self: DiskTrajectory, tmp: Path, name: str) -> None:
+        if phase == "before_extras" and name == EXTRAS:
             raise _Crash
-        if phase == "mid_manifest" and path.name == MANIFEST and len(publishes) > 1:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text('{"format": "sewa.disk/1", "entr')  # torn temporary file
+        if phase == "mid_manifest" and name == MANIFEST:
+            tmp.write_text('{"format": "sewa.disk/1", "entr')  # a torn temporary file, left behind
             raise _Crash
-        if phase == "before_listing" and path.name == MANIFEST and len(publishes) > 1:
+        if phase == "before_listing" and name == MANIFEST:
             raise _Crash
-        real_atomic(path, write_fn, **kw)
+        real_install(self, tmp, name)
 
     monkeypatch.setattr(DiskTrajectory, "_write", write)
-    monkeypatch.setattr(disk, "atomic_write", atomic)
-    monkeypatch.setattr(DiskTrajectory, "_roll_back", lambda *a: None)  # a killed process rolls nothing back
+    monkeypatch.setattr(DiskTrajectory, "_install", install)
+    monkeypatch.setattr(DiskTrajectory, "_recover", lambda *a: None)  # a killed process recovers nothing
     with pytest.raises(_Crash):
         traj.push(_state(model, WINDOW + 1), WINDOW + 1)
     monkeypatch.undo()

@@ -69,10 +69,10 @@ def test_zero_dim_parameter_is_recorded_everywhere(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- 4a: a refused push changes nothing
-@pytest.mark.parametrize("failing", [1, 2, "extras"])
-def test_disk_full_during_a_push_leaves_memory_and_disk_as_they_were(tmp_path: Path, failing: object,
+@pytest.mark.parametrize("failing", ["unlisting", MANIFEST, EXTRAS])
+def test_disk_full_during_a_push_leaves_memory_and_disk_as_they_were(tmp_path: Path, failing: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """ENOSPC on the manifest (1: unlisting the oldest, 2: listing the new) or on the extras."""
+    """ENOSPC while unlisting the oldest, or while writing the new manifest or extras."""
     model = _net()
     traj = DiskTrajectory(tmp_path, model, 2)
     for step in (1, 2):
@@ -80,15 +80,22 @@ def test_disk_full_during_a_push_leaves_memory_and_disk_as_they_were(tmp_path: P
         traj.push(_fill(model, float(step)), step)
     files, steps, slots = _files(tmp_path), traj.steps, traj.slots
     rows, extras = traj.data.clone(), {k: v.clone() for k, v in traj.extras.items()}
-    real, manifests = disk.atomic_write, []
+    real_atomic, real_stage = disk.atomic_write, DiskTrajectory._stage
 
-    def full_disk(path: Path, write, **kw) -> None:  # type: ignore[no-untyped-def]
-        manifests.append(path.name)
-        if (path.name == EXTRAS and failing == "extras") or manifests.count(MANIFEST) == failing:
+    def atomic(path: Path, write, **kw) -> None:  # type: ignore[no-untyped-def]
+        if failing == "unlisting":
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, write, **kw)
+        real_atomic(path, write, **kw)
 
-    monkeypatch.setattr(disk, "atomic_write", full_disk)
+    def stage(self: DiskTrajectory, name: str, write) -> Path:  # type: ignore[no-untyped-def]
+        def cut_short(tmp: Path) -> None:
+            write(tmp)  # the temporary file is written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        return real_stage(self, name, cut_short if name == failing else write)
+
+    monkeypatch.setattr(disk, "atomic_write", atomic)
+    monkeypatch.setattr(DiskTrajectory, "_stage", stage)
     model[1].num_batches_tracked.fill_(3)
     with pytest.raises(OSError, match="No space"):
         traj.push(_fill(model, 3.0), 3)

@@ -19,9 +19,10 @@ the manifest first drops the oldest entry, and only then is its row overwritten.
 back every snapshot the manifest lists, bit for bit, and recording resumes after the newest.
 A crash can leave the extras one push newer than the newest listed snapshot.
 
-**A refused push changes nothing.** If a write fails (e.g. the disk is full when the manifest
-is replaced), the overwritten row is written back from a copy kept in memory, the previous
-manifest and extras are published again, and memory is as before the push.
+**A refused push changes nothing.** Everything a push writes that takes disk space (the new
+manifest and extras, as temporary files) is written before the oldest snapshot is unlisted;
+after that only the row (in space reserved at creation) and renames remain. So a full disk
+(``ENOSPC``) makes the push raise with memory and the directory as they were.
 
 **Readers.** ``DiskTrajectory.open(dir, readonly=True)`` maps the file without a lock while a
 writer records into it. A reader does not copy the rows it listed (that would cost the whole
@@ -44,14 +45,14 @@ import json
 import mmap
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .io import atomic_write
+from .io import _fsync_dir, atomic_write
 from .trajectory import Trajectory, TrajectoryError, _dtype, _named_tensors, check_window
 
 __all__ = ["DiskTrajectory"]
@@ -258,9 +259,10 @@ class DiskTrajectory(Trajectory):
             self._lock_fd = None
 
     def _read_manifest(self) -> dict[str, Any] | None:
-        for stale in self.directory.glob(f".{MANIFEST}.*.tmp"):  # left by a process killed mid-write
-            if not self.readonly:
-                stale.unlink(missing_ok=True)
+        for name in (MANIFEST, EXTRAS):
+            for stale in self.directory.glob(f".{name}.*.tmp"):  # left by a process killed mid-write
+                if not self.readonly:
+                    stale.unlink(missing_ok=True)
         return _load_manifest(self.directory)
 
     def _map(self, window: int, num_params: int, storage: torch.dtype, create: bool) -> Tensor:
@@ -306,14 +308,6 @@ class DiskTrajectory(Trajectory):
             return
         text = json.dumps(self._manifest())
         atomic_write(self.directory / MANIFEST, lambda tmp: tmp.write_text(text), sync=self.sync)
-
-    def _save_extras(self) -> None:
-        if self.readonly or not self.extras:
-            return
-        from safetensors.torch import save_file
-
-        tensors = {k: v.contiguous() for k, v in self.extras.items()}
-        atomic_write(self.directory / EXTRAS, lambda tmp: save_file(tensors, str(tmp)), sync=self.sync)
 
     def _restore(self, manifest: Mapping[str, Any]) -> None:
         """Loads the listed entries, then makes the held rows ``0..n-1`` again (see below)."""
@@ -366,8 +360,9 @@ class DiskTrajectory(Trajectory):
     def push(self, source: nn.Module | Mapping[str, Tensor], step: int, *, what: str = "model") -> None:
         """Records a snapshot durably; see the module docstring for the order of writes.
 
-        A push that raises (a refused snapshot, or a failed write such as a full disk) leaves
-        the directory and this object as they were.
+        Everything that takes disk space (the new manifest and extras, as temporary files) is
+        written before any listed snapshot is touched, so a push that raises for a full disk
+        (or a refused snapshot) leaves the directory and this object as they were.
 
         Raises:
             TrajectoryError: as :meth:`Trajectory.push`.
@@ -380,41 +375,74 @@ class DiskTrajectory(Trajectory):
             raise RuntimeError(f"{self.directory} was closed; open it again to record")
         slot, step, recorded, others = self._admit(source, step, what)
         before = (self._ring.state(), dict(self._gens), self._generation, {k: v.clone() for k, v in self.extras.items()})
-        backup = self.data[slot].clone() if self._ring.full else None
-        extras_written = False
+        staged: dict[str, Path] = {}
         try:
-            if self._ring.full:
-                # 1. unlist the oldest snapshot before its row is overwritten
+            if self._keep_extras(others) and self.extras:
+                from safetensors.torch import save_file
+
+                tensors = {k: v.contiguous() for k, v in self.extras.items()}
+                staged[EXTRAS] = self._stage(EXTRAS, lambda tmp: save_file(tensors, str(tmp)))
+            full = self._ring.full
+            if full:
                 self._ring.drop_oldest()
-                self._publish()
-            # 2. write the row and flush it
-            self._write(self.data[slot], [recorded[n] for n in self.names])
-            self._flush_row(slot)
-            if self._keep_extras(others):
-                extras_written = True
-                self._save_extras()
-            # 3. list it
+            unlisted = json.dumps(self._manifest())
             self._generation += 1
             self._gens[slot] = self._generation
             self._ring.commit(slot, step)
-            self._publish()
+            listed = json.dumps(self._manifest())
+            staged[MANIFEST] = self._stage(MANIFEST, lambda tmp: tmp.write_text(listed))
+            if full:
+                # 1. unlist the oldest snapshot before its row is overwritten
+                atomic_write(self.directory / MANIFEST, lambda tmp: tmp.write_text(unlisted), sync=self.sync)
         except BaseException:
-            self._roll_back(before, slot, backup, extras_written)
+            self._ring.restore(before[0])
+            self._gens, self._generation, self.extras = before[1], before[2], before[3]
+            for tmp in staged.values():
+                tmp.unlink(missing_ok=True)
+            raise
+        # From here on nothing needs disk space: the row's blocks are reserved, the rest are renames.
+        try:
+            # 2. write the row and flush it
+            self._write(self.data[slot], [recorded[n] for n in self.names])
+            self._flush_row(slot)
+            if EXTRAS in staged:
+                self._install(staged[EXTRAS], EXTRAS)
+            # 3. list it
+            self._install(staged[MANIFEST], MANIFEST)
+        except BaseException:
+            self._recover(staged)
             raise
 
-    def _roll_back(self, before: tuple[Any, dict[int, int], int, dict[str, Tensor]], slot: int, backup: Tensor | None,
-                   extras_written: bool) -> None:
-        """Puts memory and (as far as the disk lets) the directory back as they were before a push."""
-        ring, self._gens, self._generation, self.extras = before
-        self._ring.restore(ring)
-        if backup is not None:
-            self.data[slot].copy_(backup)
-            self._flush_row(slot)
-        with contextlib.suppress(OSError):
-            # if this fails too, the directory lists one snapshot fewer (the oldest): still valid
-            self._publish()
-            if extras_written:
-                self._save_extras()
+    def _stage(self, name: str, write: Callable[[Path], object]) -> Path:
+        """Writes (and with ``sync`` fsyncs) a temporary file that :meth:`_install` renames over ``name``."""
+        tmp = self.directory / f".{name}.{os.getpid()}.staged.tmp"
+        try:
+            write(tmp)
+            if self.sync:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def _install(self, tmp: Path, name: str) -> None:
+        os.replace(tmp, self.directory / name)
+        if self.sync:
+            _fsync_dir(self.directory)
+
+    def _recover(self, staged: Mapping[str, Path]) -> None:
+        """After an I/O error past the point of no return (not a full disk: an EIO, say), takes
+        the directory's committed state back into memory; at worst the oldest snapshot is gone."""
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):
+            manifest = _load_manifest(self.directory)
+            if manifest is not None:
+                self._restore(manifest)
 
     def close(self) -> None:
         """Flushes the file and releases the directory for other writers."""
