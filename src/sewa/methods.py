@@ -302,49 +302,44 @@ def greedy_soup(by: str = "loss") -> Method:
     return Method("greedy_soup", _frozen({"by": by}), rule, evaluates=True)
 
 
-def learned_soup(steps: int = 200, lr: float = 0.05) -> Method:
-    """Dense convex weights ``softmax(α)`` learned on the selection split (a learned soup, in the
-    spirit of TWA); see :func:`sewa.trainable_average`.
+def _learner(name: str, fn: Callable[..., Any], result: Callable[[Any], tuple[Tensor, dict[str, Any]]]) -> Callable[..., Method]:
+    """A constructor for a method that runs ``fn(trajectory, model, loss_fn, batches, **settings)``
+    on the selection split: its settings and their defaults are ``fn``'s keyword arguments,
+    declared there once (less the engine options, which come from the :class:`Evaluator`)."""
 
-    Args:
-        steps: Gradient steps of the learned weights (SeWA and the learned soup).
-        lr: Learning rate of the learned weights (SeWA's φ and the learned soup's α).
-    """
-    _positive_int("steps", "learned_soup", steps)
+    def make(**settings: Any) -> Method:
+        accepted = settings_of(make)
+        unknown = sorted(set(settings) - set(accepted))
+        if unknown:
+            raise MethodError(f"{name} has no setting {', '.join(unknown)}: its settings are {', '.join(accepted)}")
+        full = {key: settings.get(key, s.default) for key, s in accepted.items()}
+        for key in ("top_k", "samples", "steps"):
+            if key in full:
+                _positive_int(key, name, full[key])
 
-    def rule(t: Trajectory, e: Evaluator | None, s: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        assert e is not None
-        return trainable_average(t, e.model, e.loss_fn, e.batches, **s, **e.engine_options()), {}
+        def rule(t: Trajectory, e: Evaluator | None, s: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+            assert e is not None
+            return result(fn(t, e.model, e.loss_fn, e.batches, **s, **e.engine_options()))
 
-    return Method("learned_soup", _frozen({"steps": steps, "lr": lr}), rule, evaluates=True)
+        return Method(name, _frozen(full), rule, evaluates=True)
 
-
-def sewa(**settings: Any) -> Method:
-    """SeWA (Wang et al. 2025): learned selection probabilities, then the top-K averaged uniformly.
-
-    Its settings and their defaults are those of :func:`sewa.select` (``top_k``, ``samples``,
-    ``steps``, ``tau_start``, ``tau_end``, ``lr``, ``optimizer``, ``budget``, ``seed``).
-    """
-    accepted = settings_of(sewa)
-    unknown = sorted(set(settings) - set(accepted))
-    if unknown:
-        raise MethodError(f"sewa has no setting {', '.join(unknown)}: its settings are {', '.join(accepted)}")
-    full = {name: settings.get(name, s.default) for name, s in accepted.items()}
-    for name in ("top_k", "samples", "steps"):
-        _positive_int(name, "sewa", full[name])
-
-    def rule(t: Trajectory, e: Evaluator | None, s: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        assert e is not None
-        sel = select(t, e.model, e.loss_fn, e.batches, **s, **e.engine_options())
-        return sel.weights, {"probabilities": sel.probabilities.tolist(), "indices": sel.indices, "chosen_steps": sel.steps,
-                             "history": sel.history, "config": sel.config}
-
-    return Method("sewa", _frozen(full), rule, evaluates=True)
+    make.settings_source = fn  # type: ignore[attr-defined]
+    make.settings_skip = ("batch_stats", "vectorize", "device", "progress")  # type: ignore[attr-defined]
+    make.__name__ = make.__qualname__ = name
+    make.__doc__ = f"The ``{name}`` method; its settings are those of :func:`sewa.{fn.__name__}`."
+    return make
 
 
-# SeWA's settings are select()'s keyword arguments: their defaults are declared there, once.
-sewa.settings_source = select  # type: ignore[attr-defined]
-sewa.settings_skip = ("batch_stats", "vectorize", "device", "progress", "distributed")  # type: ignore[attr-defined]
+learned_soup = _learner("learned_soup", trainable_average, lambda w: (w, {}))
+learned_soup.__doc__ = """Dense convex weights ``softmax(α)`` learned on the selection split (a learned soup, in the
+spirit of TWA). Its settings and defaults are those of :func:`sewa.trainable_average` (``steps``, ``lr``)."""
+
+sewa = _learner("sewa", select, lambda sel: (sel.weights, {
+    "probabilities": sel.probabilities.tolist(), "indices": sel.indices, "chosen_steps": sel.steps,
+    "history": sel.history, "config": sel.config}))
+sewa.__doc__ = """SeWA (Wang et al. 2025): learned selection probabilities, then the top-K averaged uniformly.
+Its settings and defaults are those of :func:`sewa.select` (``top_k``, ``samples``, ``steps``,
+``tau_start``, ``tau_end``, ``lr``, ``optimizer``, ``budget``, ``seed``)."""
 
 register("last", last)
 register("uniform", uniform, aliases=("swa",))

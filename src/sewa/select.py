@@ -334,6 +334,18 @@ def trainable_average(
     A baseline for SeWA: the same engine and selection split, but every snapshot keeps a
     learned weight instead of a hard top-K choice. Returns the weights, oldest first.
 
+    Args:
+        trajectory: The recorded snapshots.
+        model: A model of the trajectory's architecture (only its structure is used).
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar tensor.
+        batches: ``(inputs, targets)`` pairs of the selection split, cycled one per step.
+        steps: Adam steps on the logits ``α`` of the learned weights.
+        lr: Learning rate for ``α``.
+        batch_stats: As in :func:`select`.
+        vectorize: As in :func:`select`.
+        device: As in :func:`select`.
+        progress: As in :func:`select`.
+
     Raises:
         SelectionError: if the loss or its gradient is not finite at some step (no result).
     """

@@ -30,7 +30,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="the averaged state dict (.safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     run_args(p, progress=True)
-    method_args(p, list(METHODS))
+    method_args(p, ["sewa", *[m for m in METHODS if m != "sewa"]])  # SeWA's help for shared flags
     p.set_defaults(func=run)
 
 

@@ -25,7 +25,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--report", type=Path, default=None, metavar="DIR", help="also write a report folder (report.md and plots)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     run_args(p)
-    method_args(p, list(METHODS))
+    method_args(p, ["sewa", *[m for m in METHODS if m != "sewa"]])  # SeWA's help for shared flags
     p.set_defaults(func=run)
 
 

@@ -60,8 +60,27 @@ class AveragingCallbackBase:
     end-of-training average chosen by a method object.
 
     A framework callback calls :meth:`_begin` when training starts, :meth:`_record` after every
-    optimizer step, and :meth:`_finish` when training ends. See the framework modules for the
-    arguments.
+    optimizer step, and :meth:`_finish` when training ends.
+
+    Args:
+        window: Snapshots kept (paper's ``k``); older ones are dropped.
+        method: What to do at the end: a method object (``sewa.methods.sewa(top_k=5, steps=100)``,
+            ``sewa.methods.lawa(top_k=10)``, ...), a registry name for its defaults (``"sewa"``,
+            ``"uniform"``, ``"ema"``, ...), or ``None`` to only record. A ``top_k`` above the
+            number of snapshots recorded is lowered to it, with a warning.
+        every: Record every ``every`` optimizer steps.
+        start: First step to record: a step (int), or a fraction of training (float in
+            ``[0, 1]``) of the optimizer steps the framework plans.
+        dtype: Storage dtype of the trajectory (``float32``, ``bfloat16``, ``float16``).
+        buffers: Also record floating-point buffers.
+        device: Where the trajectory lives (and where the selection computes).
+        load: Load the average into the model (else only :attr:`result` is set).
+        bn: Recompute BatchNorm statistics after loading, when the model has BatchNorm.
+        bn_max_batches: Use at most this many training batches for that (default: all).
+        trajectory: Record into this trajectory instead of a new one per run (e.g. to keep
+            recording across several runs).
+        vectorize: Run the selection's mask samples with ``vmap`` (see :func:`sewa.select`).
+        progress: Show the selection's progress bar (``None``: only on a terminal).
     """
 
     def __init__(

@@ -15,10 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
-from ..methods import Method
-from ..trajectory import Trajectory
 from . import AveragingCallbackBase, Batches, LossFn, MappedBatches
 
 __all__ = ["SeWACallback"]
@@ -35,16 +32,6 @@ class SeWACallback(AveragingCallbackBase, pl.Callback):
 
     Args:
         window: Snapshots kept (paper's ``k``); older ones are dropped.
-        method: What to do at the end: a method object (``sewa.methods.sewa(top_k=5, steps=100)``,
-            ``sewa.methods.lawa(top_k=10)``, ...), a registry name for its defaults (``"sewa"``,
-            ``"uniform"``, ``"ema"``, ...), or ``None`` to only record. A ``top_k`` above the
-            number of snapshots recorded is lowered to it, with a warning.
-        every: Record every ``every`` optimizer steps.
-        start: First step to record: a step (int), or a fraction of training (float in
-            ``[0, 1]``) of ``trainer.estimated_stepping_batches``.
-        dtype: Storage dtype of the trajectory (``float32``, ``bfloat16``, ``float16``).
-        buffers: Also record floating-point buffers.
-        device: Where the trajectory lives (and where the selection computes).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` for the selection. Defaults to the
             module's ``loss_fn`` attribute when it has one.
         selection_batches: The selection split; defaults to the trainer's validation
@@ -53,13 +40,11 @@ class SeWACallback(AveragingCallbackBase, pl.Callback):
             dataloader.
         batch_to_pair: Turns a dataloader batch into an ``(inputs, targets)`` pair; applied to
             selection and BatchNorm batches. Not needed when batches already are ``(x, y)``.
-        load: Load the average into the module (else only :attr:`result` is set).
-        bn: Recompute BatchNorm statistics after loading, when the module has BatchNorm.
-        bn_max_batches: Use at most this many training batches for that (default: all).
-        trajectory: Record into this trajectory instead of a new one (e.g. to keep recording
-            across several ``fit`` calls).
-        vectorize: Run the selection's mask samples with ``vmap`` (see :func:`sewa.select`).
-        progress: Show the selection's progress bar (``None``: only on a terminal).
+        **options: The recording and averaging options of
+            :class:`~sewa.integrations.AveragingCallbackBase` (``method``, ``every``, ``start``,
+            ``dtype``, ``buffers``, ``device``, ``load``, ``bn``, ``bn_max_batches``,
+            ``trajectory``, ``vectorize``, ``progress``); ``start`` as a fraction counts
+            ``trainer.estimated_stepping_batches``.
 
     Attributes:
         trajectory: The recorded :class:`sewa.Trajectory` (created when training starts).
@@ -78,22 +63,9 @@ class SeWACallback(AveragingCallbackBase, pl.Callback):
         selection_batches: Iterable[Any] | None = None,
         bn_batches: Iterable[Any] | None = None,
         batch_to_pair: Callable[[Any], tuple[Any, Any]] | None = None,
-        method: Method | str | None = "sewa",
-        every: int = 1,
-        start: int | float = 0,
-        dtype: torch.dtype | str = torch.float32,
-        buffers: bool = False,
-        device: torch.device | str = "cpu",
-        load: bool = True,
-        bn: bool = True,
-        bn_max_batches: int | None = None,
-        trajectory: Trajectory | None = None,
-        vectorize: bool | None = None,
-        progress: bool | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(window, method=method, every=every, start=start, dtype=dtype, buffers=buffers, device=device,
-                         load=load, bn=bn, bn_max_batches=bn_max_batches, trajectory=trajectory, vectorize=vectorize,
-                         progress=progress)
+        super().__init__(window, **options)
         self.loss_fn = loss_fn
         self.selection_batches = selection_batches
         self.bn_batches = bn_batches

@@ -17,13 +17,10 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import torch
 import transformers
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..methods import Method
-from ..trajectory import Trajectory
 from . import AveragingCallbackBase, Batches, LossFn, MappedBatches
 
 __all__ = ["SeWACallback", "model_loss", "logits_cross_entropy"]
@@ -76,22 +73,13 @@ class SeWACallback(AveragingCallbackBase, transformers.TrainerCallback):
             first).
         label_names: Label keys of a batch; default: the Trainer's (``["labels"]`` for most
             models).
-        method: What to do at the end: a method object (``sewa.methods.sewa(top_k=5)``, ...), a
-            registry name for its defaults (``"sewa"``, ``"uniform"``, ...), or ``None`` to only
-            record. A ``top_k`` above the number of snapshots recorded is lowered to it.
-        every: Record every ``every`` optimizer steps.
-        start: First step to record: a step (int), or a fraction (float in ``[0, 1]``) of
-            ``state.max_steps``.
-        dtype: Storage dtype of the trajectory (``float32``, ``bfloat16``, ``float16``).
-        buffers: Also record floating-point buffers.
-        device: Where the trajectory lives (and, by default, where the selection computes).
-        load: Load the average into the model (else only :attr:`result` is set).
-        bn: Recompute BatchNorm statistics after loading, when the model has BatchNorm.
-        bn_max_batches: Use at most this many training batches for that (default: all).
-        trajectory: Record into this trajectory instead of a new one per run.
         vectorize: Run the selection's mask samples with ``vmap``; default ``False`` here (a
-            loop), since attention kernels mostly lack ``vmap`` batching rules.
-        progress: Show the selection's progress bar (``None``: only on a terminal).
+            loop), since attention kernels mostly lack ``vmap`` batching rules (a tiny BERT on
+            CPU: 2.1-3.5 s with vmap against 1.5 s).
+        **options: The recording and averaging options of
+            :class:`~sewa.integrations.AveragingCallbackBase` (``method``, ``every``, ``start``,
+            ``dtype``, ``buffers``, ``device``, ``load``, ``bn``, ``bn_max_batches``,
+            ``trajectory``, ``progress``); ``start`` as a fraction counts ``state.max_steps``.
 
     Attributes:
         trajectory: The recorded :class:`sewa.Trajectory`.
@@ -109,25 +97,10 @@ class SeWACallback(AveragingCallbackBase, transformers.TrainerCallback):
         bn_batches: Iterable[Any] | None = None,
         eval_dataset_name: str | None = None,
         label_names: list[str] | None = None,
-        method: Method | str | None = "sewa",
-        every: int = 1,
-        start: int | float = 0,
-        dtype: torch.dtype | str = torch.float32,
-        buffers: bool = False,
-        device: torch.device | str = "cpu",
-        load: bool = True,
-        bn: bool = True,
-        bn_max_batches: int | None = None,
-        trajectory: Trajectory | None = None,
-        vectorize: bool | None = None,
-        progress: bool | None = None,
+        vectorize: bool | None = False,
+        **options: Any,
     ) -> None:
-        super().__init__(window, method=method, every=every, start=start, dtype=dtype, buffers=buffers, device=device,
-                         load=load, bn=bn, bn_max_batches=bn_max_batches, trajectory=trajectory, vectorize=vectorize,
-                         progress=progress)
-        # Attention kernels mostly lack vmap batching rules: PyTorch's fallback runs them one by
-        # one, slower than the plain loop (a tiny BERT on CPU: 2.1-3.5 s against 1.5 s).
-        self.vectorize = False if vectorize is None else vectorize
+        super().__init__(window, vectorize=vectorize, **options)
         self.trainer = trainer
         self.loss_fn = loss_fn
         self.selection_batches = selection_batches
