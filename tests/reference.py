@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import sewa
+from sewa.select import project_budget
 
 Batch = tuple[Tensor, Tensor]
 
@@ -167,7 +168,7 @@ def reference_select(
         loss.backward()
         opt.step()
         if budget and top_k < n:
-            sewa.project_budget(phi.data, float(top_k))
+            project_budget(phi.data, float(top_k))
     probs = torch.sigmoid(phi.detach())
     indices = sorted(torch.topk(probs, top_k).indices.tolist())
     return indices, probs

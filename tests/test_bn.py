@@ -12,6 +12,7 @@ from torch.optim.swa_utils import update_bn as torch_update_bn
 
 import sewa
 from sewa import _batch
+from sewa.bn import has_batchnorm
 
 
 def bn_model(seed: int = 0) -> nn.Module:
@@ -96,8 +97,8 @@ def test_update_bn_needs_batches() -> None:
         sewa.update_bn(bn_model(), used)
     plain = nn.Linear(2, 2)
     assert sewa.update_bn(plain, []) is plain  # nothing to recompute
-    assert sewa.has_batchnorm(bn_model()) and not sewa.has_batchnorm(plain)
-    assert not sewa.has_batchnorm(nn.BatchNorm1d(2, track_running_stats=False))
+    assert has_batchnorm(bn_model()) and not has_batchnorm(plain)
+    assert not has_batchnorm(nn.BatchNorm1d(2, track_running_stats=False))
 
 
 def test_update_bn_bounds_an_endless_iterator(monkeypatch: pytest.MonkeyPatch) -> None:

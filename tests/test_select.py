@@ -14,7 +14,7 @@ import sewa
 from sewa import TrajectoryError
 from sewa._batch import cycle_batches
 from sewa._engine import MixedLoss
-from sewa.select import run_selection, select_settings
+from sewa.select import project_budget, run_selection, select_settings, tau_schedule
 
 KINDS = ["mlp", "cnn_bn", "tied"]
 
@@ -89,22 +89,22 @@ def test_selection_fields_and_budget() -> None:
 
 
 def test_tau_schedule_closed_form() -> None:
-    assert sewa.tau_schedule(0, 5, 1.0, 0.0625) == 1.0
-    assert sewa.tau_schedule(2, 5, 1.0, 0.0625) == pytest.approx(0.25)  # (1/16)^(2/4)
-    assert sewa.tau_schedule(4, 5, 1.0, 0.0625) == pytest.approx(0.0625)
-    assert sewa.tau_schedule(3, 5, 0.3, 0.3) == 0.3
-    assert sewa.tau_schedule(0, 1, 1.0, 0.1) == 0.1
+    assert tau_schedule(0, 5, 1.0, 0.0625) == 1.0
+    assert tau_schedule(2, 5, 1.0, 0.0625) == pytest.approx(0.25)  # (1/16)^(2/4)
+    assert tau_schedule(4, 5, 1.0, 0.0625) == pytest.approx(0.0625)
+    assert tau_schedule(3, 5, 0.3, 0.3) == 0.3
+    assert tau_schedule(0, 1, 1.0, 0.1) == 0.1
 
 
 def test_project_budget() -> None:
     logits = torch.tensor([-3.0, 0.0, 2.0, 5.0], dtype=torch.float64)
     before = logits.clone()
-    sewa.project_budget(logits, 1.5)
+    project_budget(logits, 1.5)
     assert float(torch.sigmoid(logits).sum()) == pytest.approx(1.5, abs=1e-9)
     shift = logits - before
     torch.testing.assert_close(shift, shift[0].expand(4))  # one common shift keeps the order
     with pytest.raises(ValueError, match=r"budget must lie in \(0, 4\), got 4"):
-        sewa.project_budget(logits, 4)
+        project_budget(logits, 4)
 
 
 def test_budget_off_when_every_snapshot_is_chosen() -> None:
