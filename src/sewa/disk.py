@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._atomic import _fsync_dir, atomic_write
 from ._disk_files import (
     _LAYOUT_KEYS,
     DATA,
@@ -64,7 +65,6 @@ from ._disk_files import (
     _reserve,
     disk_free,
 )
-from .io import _fsync_dir, atomic_write
 from .trajectory import Trajectory, TrajectoryError, _dtype, _named_tensors, check_window
 
 __all__ = ["DiskTrajectory"]

@@ -11,18 +11,17 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import re
-import stat
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._atomic import atomic_write
 from ._names import strip_shared_prefixes
 from ._ring import check_window
 from .trajectory import Trajectory, TrajectoryError
@@ -333,67 +332,6 @@ def trajectory_from_files(
 
 
 # --------------------------------------------------------------------------- writing
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories; rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], object], *, overwrite: bool = True, sync: bool = True) -> None:
-    """Writes ``path`` so that readers see either the old file or the complete new one.
-
-    ``write(tmp)`` fills a temporary file in the same directory, which is fsynced and then
-    renamed over ``path`` (or hard-linked to it when ``overwrite`` is false, which fails if
-    ``path`` exists); the directory is fsynced so the rename survives a power loss. With
-    ``sync=False`` the fsyncs are skipped: still atomic if the process dies, not if power fails.
-
-    Raises:
-        FileExistsError: if ``path`` exists and ``overwrite`` is false.
-        ValueError: if ``path`` exists and is not a regular file (a directory, FIFO, device or
-            socket, also through a symlink): ``overwrite`` replaces only regular files, so
-            ``--force`` can never turn ``/dev/null`` into a file.
-    """
-    with contextlib.suppress(FileNotFoundError):
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a character device"
-                    if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-                    else "not a regular file")
-            raise ValueError(f"{path} is {kind}, not a regular file: sewa writes and replaces only regular files; "
-                             "give the path of a file")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        if sync:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic, and refuses an existing path
-            except FileExistsError:
-                raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
-            except OSError:  # filesystems without hard links
-                if path.exists():
-                    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
-                os.replace(tmp, path)
-        if sync:
-            _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike[str], *, overwrite: bool = False,
                     metadata: Mapping[str, str] | None = None) -> Path:
     """Saves a state dict as a ``.safetensors`` file, atomically.

@@ -391,7 +391,7 @@ class Trajectory:
         """Saves the held snapshots (oldest first) and layout to one safetensors file, atomically."""
         from safetensors.torch import save_file
 
-        from .io import atomic_write
+        from ._atomic import atomic_write
 
         rows, order = self.matrix()
         tensors = {"snapshots": rows.index_select(0, order.to(rows.device)).contiguous().cpu()}
