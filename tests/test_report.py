@@ -118,7 +118,7 @@ def test_load_results_rejects_bad_files(tmp_path: Path) -> None:
         load_results(tmp_path / "list.json")
     with pytest.raises(ValueError, match="empty 'runs'"):
         load_results(tmp_path / "empty_runs.json")
-    with pytest.raises(ValueError, match="lacks 'weights' or 'test_loss'"):
+    with pytest.raises(ValueError, match="lacks 'test_loss'"):
         load_results(tmp_path / "bad_method.json")
     with pytest.raises(FileNotFoundError):
         load_results(tmp_path / "absent.json")
@@ -180,3 +180,19 @@ def test_sewa_report_renders_what_sewa_select_wrote(tmp_path: Path, capsys: pyte
     text = (out / "report" / "report.md").read_text()
     assert "# sewa select:" in text and "| test accuracy |" in text and "chose the checkpoints at steps" in text
     assert (out / "report" / "selection_probabilities.png").stat().st_size > 1000
+
+
+def test_a_failed_method_and_one_without_weights_render(tmp_path: Path) -> None:
+    """A method recorded as failed (null scores plus its error) and one trained on its own run
+    (no weights over this window, as the experiments' swa_lr) still give a report."""
+    run = _run(0, 0.8, 0.5)
+    run["methods"]["greedy_soup"] = {"method": "greedy_soup", "weights": None, "test_loss": None, "test_metric": None,
+                                     "error": "the selection loss of an average (snapshots [0]) is nan"}
+    run["methods"]["swa_lr"] = {"test_loss": 0.45, "test_metric": 0.81, "seconds": 3.0}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(run, allow_nan=False))
+    results = load_results(path)
+    table = format_table(results)
+    assert "greedy_soup" in table and "swa_lr" in table and "0.8100" in table
+    write_report(results, tmp_path / "rep", force=False, results_path=path)
+    assert (tmp_path / "rep" / "report.md").is_file()

@@ -103,9 +103,6 @@ class _AsyncCopy:
             else:
                 torch._foreach_copy_(dests, srcs)
         self.pending = step
-        pending = getattr(self.trajectory, "_pending", None)
-        if isinstance(pending, list):  # the trajectory finishes us before anyone reads it
-            pending.append(self.finish)
 
     def before_update(self) -> None:
         if self.event is not None and self.pending is not None:
@@ -115,9 +112,6 @@ class _AsyncCopy:
         if self.pending is None:
             return
         step, self.pending = self.pending, None
-        pending = getattr(self.trajectory, "_pending", None)
-        if isinstance(pending, list) and self.finish in pending:
-            pending.remove(self.finish)
         if self.event is not None:
             self.event.synchronize()  # normally long done: a whole training step has passed
         self.trajectory.push(self.staging, step)
@@ -140,7 +134,7 @@ class Recorder:
         asynchronous: Copy through pinned memory on a side stream and defer the push until the
             snapshot is needed. Default: on when the model is on CUDA and the trajectory is not.
             A snapshot in flight is finished by the next recording, :meth:`synchronize` and
-            :meth:`remove` (and by reading a trajectory that keeps a ``_pending`` list).
+            :meth:`remove`.
     """
 
     def __init__(self, trajectory: Trajectory, model: nn.Module, *, every: int = 1, start: int | float = 0,

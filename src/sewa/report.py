@@ -79,8 +79,10 @@ def runs_of(results: dict[str, Any], source: str = "results") -> list[dict[str, 
             raise ValueError(f"{where} has no 'methods' object: it is not a results file from sewa compare, sewa demo "
                              "or sewa select --json")
         for name, entry in methods.items():
-            if not isinstance(entry, dict) or "test_loss" not in entry or "weights" not in entry:
-                raise ValueError(f"method {name!r} in {source} lacks 'weights' or 'test_loss'")
+            # A method that failed has null scores and an "error"; one with its own training run
+            # (the experiments' swa_lr) has no weights over this window.
+            if not isinstance(entry, dict) or "test_loss" not in entry:
+                raise ValueError(f"method {name!r} in {source} lacks 'test_loss'")
     return runs
 
 
@@ -106,8 +108,9 @@ def summarise(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _count(entry: dict[str, Any]) -> int:
-    return sum(1 for w in entry["weights"] if w > 0)
+def _count(entry: dict[str, Any]) -> int | None:
+    weights = entry.get("weights")
+    return None if weights is None else sum(1 for w in weights if w > 0)
 
 
 # --------------------------------------------------------------------------- tables
@@ -217,7 +220,7 @@ def markdown(results: dict[str, Any], images: Sequence[str] = ()) -> str:
             if "indices" not in entry or (name != "sewa" and not is_selection(results)):
                 continue
             steps = run.get("checkpoint_steps") or []
-            chosen = [steps[i] for i in entry["indices"]] if len(steps) == len(entry["weights"]) else entry["indices"]
+            chosen = [steps[i] for i in entry["indices"]] if len(steps) == len(entry.get("weights") or []) else entry["indices"]
             label = "SeWA" if name == "sewa" else name
             out.append(f"- {label} (seed {run.get('seed')}) chose the checkpoints at steps {chosen}.")
     out.append("")
