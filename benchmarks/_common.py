@@ -1,14 +1,18 @@
 """The measuring core every benchmark shares.
 
 - Timing: :func:`interleaved` (warm-up, then one call of each variant per round, so a burst of
-  load from elsewhere hits them alike), :func:`summarize` (median, quartiles, IQR over the
+  load from elsewhere hits them alike; :func:`rounds` when a variant has untimed set-up or needs
+  several clocks, or a shuffled order), :func:`summarize` (median, quartiles, IQR over the
   rounds) and :func:`ratios` (each variant against a baseline or the best, measured in the same
   process: the only form in which a speed figure is reported).
 - Conditions: :func:`set_threads`, :func:`busy_cores` (a busy-loop process on every core for
   the duration of a block), :func:`load_average`, :func:`machine`.
-- Memory: :func:`copy_bandwidth`, :func:`maxrss_bytes`.
+- References and problems: :func:`copy_variant` (the copy-bandwidth reference), :func:`maxrss_bytes`,
+  :func:`mlp` (the MLP every CPU benchmark sizes to a parameter count), :func:`run_worker` (a job in
+  a fresh process, so that its peak memory and threads are its own).
 - Output: :class:`JsonLines` / :func:`read_jsonl`, :func:`emit` (a JSON line on stdout),
-  :func:`write_json`, :func:`table` (Markdown), :func:`write_generated` (the generated section
+  :func:`write_json`, :func:`table` (Markdown) and its cell formats (:func:`ms`, :func:`mib`,
+  :func:`human_bytes`, :func:`human_seconds`), :func:`write_generated` (the generated section
   of a Markdown file).
 
 A new benchmark is a short file: build the variants as zero-argument callables, time them with
@@ -22,6 +26,7 @@ import json
 import math
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -33,11 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 __all__ = [
-    "set_threads", "time_call", "interleaved", "median", "summarize", "ratios", "busy_cores",
-    "copy_bandwidth", "maxrss_bytes", "machine", "JsonLines", "read_jsonl", "emit", "write_json",
-    "loglog_slope", "load_average", "load_averages", "table", "write_generated",
+    "set_threads", "time_call", "Stopwatch", "rounds", "interleaved", "median", "summarize", "ratios",
+    "busy_cores", "copy_variant", "maxrss_bytes", "mlp", "run_worker", "worker_reply", "machine", "JsonLines", "read_jsonl", "emit", "write_json",
+    "loglog_slope", "load_average", "load_averages", "ms", "mib", "human_bytes", "human_seconds", "table",
+    "write_generated",
 ]
 
 
@@ -53,31 +60,75 @@ def time_call(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+class Stopwatch:
+    """Times the blocks it is entered for, on one or more clocks (wall clock by default).
+
+    A variant of :func:`rounds` receives one and times only its ``with`` block, so set-up
+    and tear-down around it stay out of the figure.
+    """
+
+    def __init__(self, clocks: Mapping[str, Callable[[], float]] | None = None) -> None:
+        self.clocks = dict(clocks or {"wall": time.perf_counter})
+        self.times: dict[str, list[float]] = {name: [] for name in self.clocks}
+        self._start: dict[str, float] = {}
+
+    def __enter__(self) -> Stopwatch:
+        self._start = {name: clock() for name, clock in self.clocks.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, clock in self.clocks.items():
+            self.times[name].append(clock() - self._start[name])
+
+
+def rounds(variants: Mapping[str, Callable[[Stopwatch], Any]], repeats: int, *, warmup: int = 0,
+           only: Mapping[str, int] | None = None, order: random.Random | None = None,
+           clocks: Mapping[str, Callable[[], float]] | None = None) -> dict[str, dict[str, list[float]]]:
+    """Runs every variant once per round, for ``repeats`` rounds, each timing its own block.
+
+    Args:
+        variants: Name -> callable that takes a :class:`Stopwatch` and times its work with
+            ``with stopwatch:``.
+        repeats: Rounds.
+        warmup: Untimed calls of each variant before the first round.
+        only: Name -> number of rounds for variants timed fewer times (slow ones): they run
+            in the first rounds only.
+        order: Shuffles the variants' order in every round (default: the mapping's order).
+        clocks: Name -> clock (default: ``{"wall": time.perf_counter}``).
+
+    Returns:
+        Name -> clock name -> the list of per-call seconds.
+    """
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn(Stopwatch(clocks))
+    watches = {name: Stopwatch(clocks) for name in variants}
+    names = list(variants)
+    for r in range(repeats):
+        for name in order.sample(names, len(names)) if order is not None else names:
+            if only is not None and r >= only.get(name, repeats):
+                continue
+            variants[name](watches[name])
+    return {name: watch.times for name, watch in watches.items()}
+
+
 def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1,
                 only: Mapping[str, int] | None = None) -> dict[str, list[float]]:
     """Times every function once per round, for ``repeats`` rounds, after ``warmup`` untimed
-    calls of each.
-
-    Args:
-        fns: Name -> zero-argument callable.
-        repeats: Rounds.
-        warmup: Untimed calls of each function before the first round.
-        only: Name -> number of rounds for functions timed fewer times (slow ones): they run
-            in the first rounds only.
+    calls of each (:func:`rounds` with whole calls timed on the wall clock).
 
     Returns:
         Name -> the list of per-call seconds.
     """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    out: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeats):
-        for name, fn in fns.items():
-            if only is not None and r >= only.get(name, repeats):
-                continue
-            out[name].append(time_call(fn))
-    return out
+
+    def whole(fn: Callable[[], Any]) -> Callable[[Stopwatch], None]:
+        def run(watch: Stopwatch) -> None:
+            with watch:
+                fn()
+        return run
+
+    timed = rounds({name: whole(fn) for name, fn in fns.items()}, repeats, warmup=warmup, only=only)
+    return {name: times["wall"] for name, times in timed.items()}
 
 
 def median(xs: Iterable[float]) -> float:
@@ -123,24 +174,60 @@ def busy_cores(n: int | None = None) -> Iterator[list[int]]:
             p.wait()
 
 
-def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> tuple[float, list[float]]:
-    """Memory bandwidth of a large float32 tensor copy, counted as STREAM does (bytes read +
-    bytes written per second), median over ``repeats`` copies.
+def copy_variant(nbytes: int = 256 << 20, device: str | torch.device = "cpu") -> tuple[Callable[[], Any], int]:
+    """The memory-bandwidth reference: a copy of a float32 tensor of ``nbytes``, to be timed
+    beside the variants it is the reference of.
 
     Returns:
-        ``(bytes per second, per-copy seconds)``.
+        ``(copy, moved)``: the zero-argument copy (its first touch already done, so page faults
+        are not bandwidth) and the bytes it moves, counted as STREAM does (read + written):
+        ``moved / seconds`` is the bandwidth.
     """
-    src = torch.ones(nbytes // 4)
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)  # first touch: page faults are not bandwidth
-    times = [time_call(lambda: dst.copy_(src)) for _ in range(repeats)]
-    return 2 * nbytes / median(times), times
+    dst.copy_(src)
+    return (lambda: dst.copy_(src)), 2 * src.numel() * 4
 
 
 def maxrss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss) * (1 if sys.platform == "darwin" else 1024)
+
+
+def mlp(params: int, din: int = 64, classes: int = 10) -> nn.Module:
+    """MLP ``din``-h-h-``classes`` (ReLU) with ``h`` chosen so that its parameter count is
+    closest to ``params`` (``h² + (din + classes + 2)·h + classes`` parameters)."""
+    b = din + classes + 2
+    h = max(1, round((-b + math.sqrt(b * b + 4 * max(params - classes, 1))) / 2))
+    return nn.Sequential(nn.Linear(din, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, classes))
+
+
+def run_worker(script: str | os.PathLike[str], job: Mapping[str, Any], timeout: float) -> list[dict[str, Any]]:
+    """Runs ``script --worker <job as JSON>`` in a fresh process at ``job["threads"]`` OpenMP/MKL
+    threads and returns the records it printed as ``RESULT <json>`` lines (the script answers
+    with :func:`worker_reply`); a failure or a timeout is one ``{"type": "error"}`` record.
+    Each record gets the job's wall-clock seconds as ``wall_s``."""
+    threads = str(job.get("threads", 1))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, str(script), "--worker", json.dumps(job)], capture_output=True,
+                              text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [dict(job, type="error", error=f"timed out after {timeout:.0f} s")]
+    found = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not found:
+        return [dict(job, type="error", error=proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"])]
+    for r in found:
+        r["wall_s"] = time.perf_counter() - start
+    return found
+
+
+def worker_reply(result: Mapping[str, Any] | list[Mapping[str, Any]]) -> None:
+    """Prints a worker's record(s) as the ``RESULT`` lines :func:`run_worker` reads."""
+    for r in result if isinstance(result, list) else [result]:
+        print("RESULT " + json.dumps(r), flush=True)
 
 
 def load_average() -> float:
@@ -241,9 +328,41 @@ def loglog_slope(xs: Iterable[float], ys: Iterable[float]) -> float:
     return sxy / sxx if sxx > 0 else float("nan")
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A Markdown table (cells formatted with ``str``)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+def ms(s: float | None) -> str:
+    """Seconds as milliseconds with one decimal (``-`` for none or NaN)."""
+    return "-" if s is None or (isinstance(s, float) and math.isnan(s)) else f"{s * 1e3:.1f}"
+
+
+def mib(b: float) -> str:
+    """Bytes as whole MiB with thousands separators."""
+    return f"{b / 2**20:,.0f}"
+
+
+def human_bytes(b: float) -> str:
+    """Bytes in decimal units (TB, GB, MB, else B)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if b >= size:
+            return f"{b / size:,.1f} {unit}"
+    return f"{b:,.0f} B"
+
+
+def human_seconds(s: float) -> str:
+    """Seconds as ms below one second, else as seconds."""
+    return f"{s * 1e3:,.1f} ms" if s < 1 else f"{s:,.2f} s"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
+    """A Markdown table (cells formatted with ``str``).
+
+    Args:
+        header: Column titles.
+        rows: Rows of cells.
+        align: One letter per column, ``l`` or ``r`` (a ``| --- | ---: |`` rule); by default
+            a plain ``|---|---|`` rule.
+    """
+    rule = ("| " + " | ".join("---:" if a == "r" else "---" for a in align) + " |" if align is not None
+            else "|" + "|".join("---" for _ in header) + "|")
+    lines = ["| " + " | ".join(header) + " |", rule]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import JsonLines, machine, median  # noqa: E402
+from _common import JsonLines, emit, human_bytes, machine, median, mlp, ms, table  # noqa: E402
 
 import sewa  # noqa: E402
 from sewa import distributed as sd  # noqa: E402
@@ -49,11 +48,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "distributed.jsonl"
 
 
 def make_model(params: int) -> nn.Module:
-    """An MLP 64 → H → H → 10 with about ``params`` parameters."""
-    # 64H + H + H² + H + 10H + 10 = params  →  H² + 76H + 10 - params = 0
-    hidden = max(4, round((-76 + math.sqrt(76**2 - 4 * (10 - params))) / 2))
+    """An MLP 64 → H → H → 10 with about ``params`` parameters (seeded)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    return mlp(params)
 
 
 def snapshots(model: nn.Module, window: int) -> list[dict[str, torch.Tensor]]:
@@ -158,6 +155,23 @@ def launch(world: int, mode: str, cfg: dict[str, Any], timeout: float) -> dict[s
     return result
 
 
+def render(records: list[dict[str, Any]]) -> str:
+    """The "Distributed selection" section of docs/PERFORMANCE.md from this benchmark's records."""
+    recs = [r for r in records if r.get("kind") == "result"]
+    rows = [[r["mode"], r["world_size"], f"{r['params']:,}", r["window"], r["samples"], ms(r["seconds_per_step"]),
+             f"{r['ratio_to_single_process']:.2f}", human_bytes(r["snapshot_matrix_bytes"]), human_bytes(r["local_snapshot_bytes"]),
+             f"{r['all_reduce_bytes_per_step']:,.0f}", human_bytes(r["comm_bytes_per_step_total"]), f"{r['comm_over_snapshot_matrix']:.2e}"]
+            for r in recs]
+    return "\n".join([
+        "## Distributed selection", "",
+        "`python benchmarks/distributed.py` (gloo, one thread per process, on the machine above; 2 cores, so no speed-up "
+        "is expected). The point is the communication: the all-reduce of the (M, k+1) mask gradient is the same number "
+        "of bytes whatever P is. The replicated (DDP) mode also all-gathers the mixed weights and reduce-scatters their "
+        "gradients, O(M·P); under FSDP2 those are FSDP's own collectives inside forward/backward.", "",
+        table(["mode", "ranks", "P", "k", "M", "ms / step", "vs 1 process", "snapshot matrix", "per rank",
+               "all-reduce bytes / step", "engine comm / step", "comm / matrix"], rows), ""])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=int, nargs="+", default=[100_000, 1_000_000], help="model sizes P")
@@ -174,12 +188,7 @@ def main() -> None:
     mp.get_context("forkserver").set_forkserver_preload(["__main__", "torch", "torch.distributed.fsdp", "sewa.distributed"])
 
     sink = JsonLines(args.out, fresh=True)
-
-    def emit(record: dict[str, Any]) -> None:
-        print(json.dumps(record, sort_keys=True), flush=True)
-        sink.write(record)
-
-    emit({"kind": "machine", "benchmark": "distributed", **machine()})
+    emit({"kind": "machine", "benchmark": "distributed", **machine()}, sink)
     for params in args.params:
         actual = sum(p.numel() for p in make_model(params).parameters())
         cfg = dict(params=params, window=args.window, samples=args.samples, batch=args.batch,
@@ -204,7 +213,7 @@ def main() -> None:
                 "all_reduce_bytes_per_step": comm.get("all_reduce", 0),
                 "comm_over_snapshot_matrix": total / snapshot_bytes,
                 "load_average_1min": machine()["load_average_1min"],
-            })
+            }, sink)
 
 
 if __name__ == "__main__":

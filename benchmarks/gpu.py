@@ -38,7 +38,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from _common import interleaved, machine, median, write_generated  # noqa: E402
+from _common import (  # noqa: E402
+    Stopwatch,
+    copy_variant,
+    emit,
+    interleaved,
+    machine,
+    median,
+    table,
+    write_generated,
+)
+from _common import rounds as timed_rounds  # noqa: E402
 from selection import FastStep, NaiveStep, make_model, masks_input  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
@@ -144,15 +154,14 @@ def step_speed(p: int, m: int, storage: str, naive: bool, repeats: int) -> dict[
             traj.data[traj.slots[-1]].mul_(1.0 + 0.05 * math.sin(i))
     logits, noise = masks_input(k, m)
     fast = FastStep(MixedLoss(traj, model, CE), logits, noise, batch, split=False)
-    src = torch.ones(1 << 28, device=DEVICE)  # 1 GiB of float32
-    dst = torch.empty_like(src)
+    copy, copy_bytes = copy_variant(1 << 30, DEVICE)
 
     def plain() -> None:
         for _ in range(m):
             model.zero_grad(set_to_none=True)
             CE(model(batch[0]), batch[1]).backward()
 
-    fns = {"copy": synced(lambda: dst.copy_(src)), "plain": synced(plain), "step": synced(fast)}
+    fns = {"copy": synced(copy), "plain": synced(plain), "step": synced(fast)}
     row: dict[str, Any] = {"part": "step", "k": k, "P": p, "M": m, "storage": storage, "batch": int(x.shape[0]),
                            "traj_bytes": traj.nbytes}
     if naive:
@@ -163,7 +172,7 @@ def step_speed(p: int, m: int, storage: str, naive: bool, repeats: int) -> dict[
         torch.cuda.reset_peak_memory_stats()
     times = interleaved(fns, repeats, warmup=2, only={"naive": max(3, repeats // 3)})
     t = {name: median(v) for name, v in times.items()}
-    bw = 2 * src.numel() * 4 / t["copy"]
+    bw = copy_bytes / t["copy"]
     matrix_bytes = 2 * k * p * traj.data.element_size()
     row.update(copy_bandwidth=bw, t_step=t["step"], t_plain=t["plain"], t_bw=matrix_bytes / bw,
                peak_gpu_bytes=torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0)
@@ -196,25 +205,26 @@ def recording(name: str, rounds: int = 15, block: int = 10) -> list[dict[str, An
 
     trajs = {(where, every): sewa.Trajectory(model, 20, device=where) for where in ("cpu", DEVICE) for every in (1, 10)}
     counters = dict.fromkeys(trajs, 0)
-    variants: list[Any] = ["plain", *trajs]
     for _ in range(5):
         step()
-    wall: dict[Any, list[float]] = {v: [] for v in variants}
-    rng = random.Random(0)
-    for _ in range(rounds):
-        for variant in rng.sample(variants, len(variants)):
+
+    def variant(key: Any) -> Callable[[Stopwatch], None]:
+        def run(watch: Stopwatch) -> None:
             rec = None
-            if variant != "plain":
-                rec = sewa.record(trajs[variant], opt, model, every=variant[1], initial_step=counters[variant])
-                counters[variant] += block
+            if key != "plain":
+                rec = sewa.record(trajs[key], opt, model, every=key[1], initial_step=counters[key])
+                counters[key] += block
             sync()
-            start = time.perf_counter()
-            for _ in range(block):
-                step()
-            if rec is not None:
-                rec.remove()  # finishes a copy in flight: part of the cost
-            sync()
-            wall[variant].append((time.perf_counter() - start) / block)
+            with watch:
+                for _ in range(block):
+                    step()
+                if rec is not None:
+                    rec.remove()  # finishes a copy in flight: part of the cost
+                sync()
+        return run
+
+    timed = timed_rounds({key: variant(key) for key in ["plain", *trajs]}, rounds, order=random.Random(0))
+    wall = {key: [t / block for t in times["wall"]] for key, times in timed.items()}
     plain = median(wall["plain"])
     out = []
     for (where, every), traj in trajs.items():
@@ -225,14 +235,27 @@ def recording(name: str, rounds: int = 15, block: int = 10) -> list[dict[str, An
     return out
 
 
-def emit(row: dict[str, Any]) -> dict[str, Any]:
-    print(json.dumps(row), flush=True)
-    return row
-
-
 # --------------------------------------------------------------------------- report
 def render(data: dict[str, Any]) -> str:
+    """The generated section of docs/GPU.md from this benchmark's JSON."""
     mach, rows = data["machine"], data["rows"]
+
+    def part(name: str, check: str | None = None) -> list[dict[str, Any]]:
+        return [r for r in rows if r["part"] == name and (check is None or r.get("check") == check)]
+
+    engine = [[r["model"], "engine", r["vectorize"], r["dtype"], f"error: {r['error']}", ""] if "error" in r else
+              [r["model"], "engine", r["vectorize"], r["dtype"], f"{r['loss_rel_diff']:.1e}", f"{r['grad_rel_diff']:.1e}"]
+              for r in part("agreement", "engine")]
+    checks = [[r["model"], "`select` (30 steps) CUDA vs CPU", f"max abs. diff of s {r['probabilities_max_abs_diff']:.1e}; "
+               f"same top-3: {r['same_top_k']} ({r['top_k_cuda']})"] if r["check"] == "select" else
+              [r["model"], "`apply` onto a CUDA model vs CPU", f"max rel. diff {r['state_max_rel_diff']:.1e}"]
+              for r in part("agreement") if r["check"] in ("select", "apply")]
+    steps = [[f"{r['P']:.2g}", r["M"], r["storage"], f"{r['traj_bytes'] / 2**30:.2f} GiB", f"{r['t_step'] * 1e3:.2f}",
+              f"{r['floor'] * 1e3:.2f}", f"{r['floor_ratio']:.2f}x",
+              *([f"{r['t_naive'] * 1e3:.1f}", f"{r['speedup_vs_naive']:.1f}x"] if "t_naive" in r else ["—", "—"]),
+              f"{r['peak_gpu_bytes'] / 2**30:.2f} GiB"] for r in part("step")]
+    recs = [[r["model"], f"{r['params']:,}", r["trajectory_on"], r["every"], f"{r['plain_step_ms']:.3f}",
+             f"{r['step_ms']:.3f}", f"{r['extra_pct']:+.1f}%"] for r in part("recording")]
     lines = [
         BEGIN,
         f"Measured by `{data['command']}` on {data['gpu']} ({mach['torch']}, Python {mach['python']}), "
@@ -241,46 +264,21 @@ def render(data: dict[str, Any]) -> str:
         "",
         "### Agreement of the CUDA paths with the CPU engine (float64 reference)",
         "",
-        "| model | check | vmap | dtype | loss rel. diff | mask-gradient rel. diff |",
-        "|---|---|---|---|---|---|",
+        table(["model", "check", "vmap", "dtype", "loss rel. diff", "mask-gradient rel. diff"], engine),
+        "",
+        table(["model", "check", "result"], checks),
+        "", "### Selection step, k=100, trajectory on the GPU", "",
+        table(["P", "M", "storage", "trajectory", "step (ms)", "floor (ms)", "step / floor", "naive (ms)",
+               "speed-up vs naive", "peak GPU memory"], steps),
     ]
-    for r in rows:
-        if r["part"] == "agreement" and r["check"] == "engine":
-            if "error" in r:
-                lines.append(f"| {r['model']} | engine | {r['vectorize']} | {r['dtype']} | error: {r['error']} | |")
-            else:
-                lines.append(f"| {r['model']} | engine | {r['vectorize']} | {r['dtype']} | "
-                             f"{r['loss_rel_diff']:.1e} | {r['grad_rel_diff']:.1e} |")
-    lines += ["", "| model | check | result |", "|---|---|---|"]
-    for r in rows:
-        if r["part"] == "agreement" and r["check"] == "select":
-            lines.append(f"| {r['model']} | `select` (30 steps) CUDA vs CPU | max abs. diff of s {r['probabilities_max_abs_diff']:.1e}; "
-                         f"same top-3: {r['same_top_k']} ({r['top_k_cuda']}) |")
-        elif r["part"] == "agreement" and r["check"] == "apply":
-            lines.append(f"| {r['model']} | `apply` onto a CUDA model vs CPU | max rel. diff {r['state_max_rel_diff']:.1e} |")
-    lines += ["", "### Selection step, k=100, trajectory on the GPU", "",
-              "| P | M | storage | trajectory | step (ms) | floor (ms) | step / floor | naive (ms) | speed-up vs naive | peak GPU memory |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["part"] == "step":
-            naive = f"{r['t_naive'] * 1e3:.1f} | {r['speedup_vs_naive']:.1f}x" if "t_naive" in r else "— | —"
-            lines.append(f"| {r['P']:.2g} | {r['M']} | {r['storage']} | {r['traj_bytes'] / 2**30:.2f} GiB | {r['t_step'] * 1e3:.2f} | "
-                         f"{r['floor'] * 1e3:.2f} | {r['floor_ratio']:.2f}x | {naive} | {r['peak_gpu_bytes'] / 2**30:.2f} GiB |")
-    bws = [r["copy_bandwidth"] for r in rows if r["part"] == "step"]
+    bws = [r["copy_bandwidth"] for r in part("step")]
     if bws:
         lines += ["", f"Device-to-device copy bandwidth (read + write) measured beside each point: "
                       f"{min(bws) / 1e12:.2f} to {max(bws) / 1e12:.2f} TB/s. The floor is two reads of the (k, P) matrix "
                       "at that bandwidth plus M plain forward/backward passes of the model at fixed weights."]
     lines += ["", "### Recording during training on CUDA", "",
-              "| model | params | trajectory on | every | plain step (ms) | step with recording (ms) | extra |",
-              "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["part"] == "recording":
-            lines.append(f"| {r['model']} | {r['params']:,} | {r['trajectory_on']} | {r['every']} | {r['plain_step_ms']:.3f} | "
-                         f"{r['step_ms']:.3f} | {r['extra_pct']:+.1f}% |")
-    for r in rows:
-        if r["part"] == "error":
-            lines.append(f"\nFailed part: `{r['what']}`: {r['error']}")
+              table(["model", "params", "trajectory on", "every", "plain step (ms)", "step with recording (ms)", "extra"], recs)]
+    lines += [f"\nFailed part: `{r['what']}`: {r['error']}" for r in part("error")]
     lines.append(END)
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import loglog_slope, read_jsonl  # noqa: E402
+from _common import human_bytes, human_seconds, loglog_slope, mib, ms, read_jsonl, table  # noqa: E402
 from selection import KEY, evaluate_targets, main_points, slopes, sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,31 +37,6 @@ PAPER: dict[str, Any] = {"k": 100, "M": 4, "tokens": 8 * 2048, "mfu": 0.4, "gpus
 
 
 # --------------------------------------------------------------------------- formatting helpers
-def ms(s: float | None) -> str:
-    return "-" if s is None or (isinstance(s, float) and math.isnan(s)) else f"{s * 1e3:.1f}"
-
-
-def mib(b: float) -> str:
-    return f"{b / 2**20:,.0f}"
-
-
-def human_bytes(b: float) -> str:
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
-        if b >= size:
-            return f"{b / size:,.1f} {unit}"
-    return f"{b:,.0f} B"
-
-
-def human_seconds(s: float) -> str:
-    return f"{s * 1e3:,.1f} ms" if s < 1 else f"{s:,.2f} s"
-
-
-def table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def name(r: dict[str, Any]) -> str:
     return f"k={r['k']} P={r['P']:.2g} M={r['M']} {'bf16' if r['storage'] == 'bfloat16' else 'fp32'}"
 
@@ -574,7 +549,8 @@ def build(main: list[dict[str, Any]], others: dict[str, list[dict[str, Any]]], p
         f"{m.get('threads', '?')}). On this shared 2-core machine an OpenMP parallel region waits until both "
         "threads are scheduled; with other processes running that can cost milliseconds per operation, whatever "
         "its size (see the tiny model's passes in the candidates at 2 threads). Times at 2 threads here measure the "
-        "machine's contention more than the code, which is why the grid runs at 1 thread.",
+        "machine's contention more than the code, which is why the grid runs at 1 thread. The thread count "
+        "`sewa.select` uses by default follows from the measurement in [Thread count](#thread-count) below.",
         "",
         section_threads(main),
         "",
@@ -606,7 +582,8 @@ def build(main: list[dict[str, Any]], others: dict[str, list[dict[str, Any]]], p
         "memory-maps it) and streaming it through the GPU twice per step, at the PCIe or NVMe column's cost. "
         "The engine today copies its (shard of the) matrix to the compute device once "
         "(`MixedLoss(..., device=...)`), so on GPUs it needs the HBM column to say \"yes\"; streaming from host "
-        "memory or disk is a change to `_mix_into`/`grad_mix` (chunks are already the unit for compact storage) "
+        "memory or disk is a change to `Columns.mix_into`/`Columns.grad` in `src/sewa/_columns.py` (chunks are already "
+        "the unit for compact storage) "
         "that these figures price.",
         "",
     ]
@@ -637,19 +614,19 @@ def section_distributed() -> str:
     path = RESULTS / "distributed.jsonl"
     if not path.exists():
         return "## Distributed selection\n\n(no `benchmarks/results/distributed.jsonl` yet: run `python benchmarks/distributed.py`)\n"
-    recs = [r for r in read_jsonl(path) if r.get("kind") == "result"]
-    rows = [[r["mode"], r["world_size"], f"{r['params']:,}", r["window"], r["samples"], ms(r["seconds_per_step"]),
-             f"{r['ratio_to_single_process']:.2f}", human_bytes(r["snapshot_matrix_bytes"]), human_bytes(r["local_snapshot_bytes"]),
-             f"{r['all_reduce_bytes_per_step']:,.0f}", human_bytes(r["comm_bytes_per_step_total"]), f"{r['comm_over_snapshot_matrix']:.2e}"]
-            for r in recs]
-    return "\n".join([
-        "## Distributed selection", "",
-        "`python benchmarks/distributed.py` (gloo, one thread per process, on the machine above; 2 cores, so no speed-up "
-        "is expected). The point is the communication: the all-reduce of the (M, k+1) mask gradient is the same number "
-        "of bytes whatever P is. The replicated (DDP) mode also all-gathers the mixed weights and reduce-scatters their "
-        "gradients, O(M·P); under FSDP2 those are FSDP's own collectives inside forward/backward.", "",
-        table(["mode", "ranks", "P", "k", "M", "ms / step", "vs 1 process", "snapshot matrix", "per rank",
-               "all-reduce bytes / step", "engine comm / step", "comm / matrix"], rows), ""])
+    from distributed import render
+
+    return render(read_jsonl(path))
+
+
+def section_thread_count() -> str:
+    """Time of ``sewa.select`` by thread count, idle and busy (benchmarks/threads.py)."""
+    path = RESULTS / "threads.json"
+    if not path.exists():
+        return "## Thread count\n\n(no `benchmarks/results/threads.json` yet: run `python benchmarks/threads.py`)\n"
+    from threads import render
+
+    return render(json.loads(path.read_text())) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -667,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         recs = read_jsonl(path)
         others[f"{machine_of(recs).get('threads', '?')} torch thread(s) (`{path.name}`)"] = recs
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(build(main_records, others, args.out.parent / "perf") + "\n" + section_distributed())
+    args.out.write_text(build(main_records, others, args.out.parent / "perf") + "\n" + section_distributed() + "\n"
+                        + section_thread_count())
     print(f"wrote {args.out} and {args.out.parent / 'perf'}/*.png")
     return 0
 

@@ -31,7 +31,6 @@ import importlib
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -45,19 +44,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _common import (  # noqa: E402
     JsonLines,
+    copy_variant,
     interleaved,
     load_average,
     loglog_slope,
     machine,
     maxrss_bytes,
     median,
+    mlp,
+    ratios,
     read_jsonl,
+    run_worker,
     set_threads,
+    worker_reply,
 )
 from torch import Tensor, nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
 import sewa  # noqa: E402
+import sewa._columns as columns_module  # noqa: E402
 import sewa._engine as engine_module  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,20 +77,13 @@ KEY = dict(k=100, P=1_000_000, M=4, storage="float32")
 
 
 # --------------------------------------------------------------------------- problem set-up
-def mlp_for(p: int) -> nn.Module:
-    """MLP 64-h-h-10 (ReLU) with ``h`` chosen so that its parameter count is closest to ``p``."""
-    b = DIN + CLASSES + 2  # params = h^2 + (DIN + CLASSES + 2) h + CLASSES
-    h = max(1, round((-b + math.sqrt(b * b + 4 * max(p - CLASSES, 1))) / 2))
-    return nn.Sequential(nn.Linear(DIN, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, CLASSES))
-
-
 def make_model(kind: str, p: int) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
     """A model and one batch: ``mlp`` (sized to ``p``), ``tiny`` (Linear(1, 10): 20
     parameters) or ``resnet8`` (32x32 RGB, BatchNorm, batch 64)."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if kind == "mlp":
-        model, x = mlp_for(p), torch.randn(BATCH, DIN, generator=gen)
+        model, x = mlp(p, DIN, CLASSES), torch.randn(BATCH, DIN, generator=gen)
     elif kind == "tiny":
         model, x = nn.Sequential(nn.Linear(1, CLASSES)), torch.randn(BATCH, 1, generator=gen)
     elif kind == "resnet8":
@@ -150,7 +148,11 @@ def relaxed_mix(phi: Tensor, noise: Tensor) -> Tensor:
 class FastStep:
     """One step through the engine; with ``split`` the engine's three phases are timed."""
 
-    PHASES = {"mix": ("_mix_into", "mix"), "model": ("_model_grad", "model_grad"), "gradmix": ("grad_mix",)}
+    # Phase -> where __call__ finds it: (component, method); the working tree's engine holds
+    # ``columns`` and ``passes``, the engine before the optimisation had the methods itself.
+    PHASES = {"mix": (("columns", "mix_into"), ("", "_mix_into"), ("", "mix")),
+              "model": (("passes", "model_grad"), ("", "_model_grad"), ("", "model_grad")),
+              "gradmix": (("columns", "grad"), ("", "grad_mix"))}
 
     def __init__(self, engine: Any, logits: Tensor, noise: Tensor, batch: tuple[Tensor, Tensor], split: bool) -> None:
         self.engine, self.logits, self.noise, self.batch = engine, logits, noise, batch
@@ -158,13 +160,14 @@ class FastStep:
         self._now: dict[str, float] = {}
         if split:
             for phase, candidates in self.PHASES.items():
-                attr = next(a for a in candidates if hasattr(engine, a))  # __call__ calls this one
-                setattr(engine, attr, self._timed(phase, getattr(engine, attr)))
+                owner, attr = next((o, attr) for part, attr in candidates
+                                   if (o := getattr(engine, part, None) if part else engine) is not None and hasattr(o, attr))
+                setattr(owner, attr, self._timed(phase, getattr(owner, attr)))
 
     def _timed(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(*args: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
-            out = fn(*args)
+            out = fn(*args, **kwargs)
             self._now[phase] = self._now.get(phase, 0.0) + time.perf_counter() - start
             return out
 
@@ -261,7 +264,7 @@ def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
                                param_bytes=4 * p, mixed_bytes=4 * m * p, peak_bytes=rss_fast - rss0,
                                plain_step_bytes=rss_plain - rss0,
                                traj_build_peak_bytes=rss_traj - rss0, first_step_s=first_step,
-                               vectorize=getattr(engine, "vectorize", None), load_start=load_average())
+                               vectorize=getattr(getattr(engine, "passes", engine), "vectorize", None), load_start=load_average())
     out["budget_bytes"] = traj.nbytes + 3 * out["param_bytes"] + out["mixed_bytes"]
     # The same, plus what a plain forward/backward needs beyond the model and its gradient
     # (activations, workspace): the model's own cost, which "3 model copies" may not cover.
@@ -270,9 +273,7 @@ def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
     if not cfg.get("timing", True):
         return out
     fast.parts = {name: [] for name in fast.parts}
-    src = torch.ones(cfg.get("copy_bytes", 256 << 20) // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+    copy, copy_bytes = copy_variant(cfg.get("copy_bytes", 256 << 20))
 
     def plain() -> None:
         x, y = batch
@@ -280,7 +281,7 @@ def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
             model.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x), y).backward()
 
-    fns: dict[str, Callable[[], Any]] = {"copy": lambda: dst.copy_(src), "plain": plain, "step": fast}
+    fns: dict[str, Callable[[], Any]] = {"copy": copy, "plain": plain, "step": fast}
     only: dict[str, int] = {}
     naive = None
     if cfg.get("naive"):
@@ -292,7 +293,7 @@ def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
         out["naive_max_rel_diff"] = float((naive_grad - fast_grad).abs().max()) / scale if scale > 0 else 0.0
     plain()  # warm-up; the step ran twice above, the naive peer once
     times = interleaved(fns, cfg["repeats"], warmup=0, only=only)
-    bw = 2 * src.numel() * 4 / median(times["copy"])
+    bw = copy_bytes / median(times["copy"])
     matrix_bytes = 2 * k * p * traj.data.element_size()
     t = {name: median(v) for name, v in times.items()}
     parts = {name: median(v) for name, v in fast.parts.items()}
@@ -375,28 +376,28 @@ def _bf16_candidates(model: nn.Module, k: int, m: int, reps: int) -> dict[str, l
     scratch, by scratch size), float32 storage, and a bfloat16 matmul for reference."""
     gen = torch.Generator().manual_seed(0)
     traj = build_trajectory(model, k, "bfloat16")
-    eng = engine_module.MixedLoss(traj, model, nn.functional.cross_entropy)
-    ef = engine_module.MixedLoss(build_trajectory(model, k, "float32"), model, nn.functional.cross_entropy)
+    eng = engine_module.MixedLoss(traj, model, nn.functional.cross_entropy).columns
+    ef = engine_module.MixedLoss(build_trajectory(model, k, "float32"), model, nn.functional.cross_entropy).columns
     p = traj.num_params
     a = torch.softmax(torch.randn(m, k, generator=gen), 1)
     g = torch.randn(m, p, generator=gen)
     w = torch.empty(m, p)
-    original = engine_module._CHUNK_BYTES
+    original = columns_module._CHUNK_BYTES
 
     def widened(chunk_bytes: int) -> Callable[[], None]:
         def run() -> None:
-            engine_module._CHUNK_BYTES = chunk_bytes
-            if eng._scratch is not None and eng._scratch.shape[1] != next(eng._chunks()).stop:
+            columns_module._CHUNK_BYTES = chunk_bytes
+            if eng._scratch is not None and eng._scratch.shape[1] != next(eng.chunks()).stop:
                 eng._scratch = None  # a scratch of this variant's own width
             try:
-                eng._mix_into(a, w)
-                eng.grad_mix(g)
+                eng.mix_into(a, w)
+                eng.grad(g)
             finally:
-                engine_module._CHUNK_BYTES = original
+                columns_module._CHUNK_BYTES = original
         return run
 
     variants: dict[str, Callable[[], Any]] = {
-        "float32 storage (for comparison)": lambda: (ef._mix_into(a, w), ef.grad_mix(g))}
+        "float32 storage (for comparison)": lambda: (ef.mix_into(a, w), ef.grad(g))}
     for size in (original, 16 << 20, 64 << 20):
         variants[f"chunked widening, {size >> 20} MiB scratch" + (" (engine)" if size == original else "")] = widened(size)
     variants["bfloat16 mm (bfloat16 output: reference only, loses precision)"] = lambda: (
@@ -413,10 +414,10 @@ def _model_candidates(kind: str, p: int, m: int, reps: int) -> tuple[int, int, d
     gen = torch.Generator().manual_seed(0)
     mixed = engines[False].mix(torch.softmax(torch.randn(m, 10, generator=gen), 1)).clone()
     functional = engine_module.MixedLoss(traj, net, nn.functional.cross_entropy, vectorize=False)
-    functional._direct_checked, functional._direct = True, None  # force the functional_call loop
+    functional.passes._direct_checked, functional.passes._direct = True, None  # force the functional_call loop
 
     def vmap_rebuilt() -> Any:
-        engines[True]._vmapped = None  # what the engine did before: a new vmap(grad_and_value(...)) per call
+        engines[True].passes._vmapped = None  # what the engine did before: a new vmap(grad_and_value(...)) per call
         return engines[True].model_grad(mixed, x, y)
 
     def plain() -> None:
@@ -440,11 +441,10 @@ def run_candidates(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
 
     def emit(group: str, times: dict[str, list[float]], **extra: Any) -> None:
-        best = min(median(v) for v in times.values())
+        rel = ratios({name: median(v) for name, v in times.items()})
         for name, v in times.items():
             records.append(dict(type="candidate", group=group, variant=name, threads=cfg["threads"], k=k, M=m,
-                                seconds=median(v), min_seconds=min(v), times=v, relative_to_best=median(v) / best,
-                                **extra))
+                                seconds=median(v), min_seconds=min(v), times=v, relative_to_best=rel[name], **extra))
 
     model, (x, y) = make_model("mlp", cfg["P"])
     p = sum(t.numel() for t in model.parameters())
@@ -654,22 +654,6 @@ WORKERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "point": run_point, "compare": run_compare, "candidates": run_candidates, "cost": run_cost}
 
 
-def _run_job(job: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(job.get("threads", 1)), MKL_NUM_THREADS=str(job.get("threads", 1)))
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
-                              text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return [dict(job, type="error", error=f"timed out after {timeout:.0f} s")]
-    found = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not found:
-        return [dict(job, type="error", error=proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"])]
-    for r in found:
-        r["wall_s"] = time.perf_counter() - start
-    return found
-
-
 def _describe(r: dict[str, Any]) -> str:
     if r["type"] == "point" and "t_step" in r:
         naive = f" naive x{r['speedup_vs_naive']:.1f}" if r.get("speedup_vs_naive") else ""
@@ -705,9 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         job = json.loads(args.worker)
-        result = WORKERS[job["kind"]](job)
-        for r in result if isinstance(result, list) else [result]:
-            print("RESULT " + json.dumps(r), flush=True)
+        worker_reply(WORKERS[job["kind"]](job))
         return 0
 
     info = machine() | {"threads": args.threads}
@@ -722,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
                    started=time.strftime("%Y-%m-%d %H:%M:%S"), **info))
     records: list[dict[str, Any]] = []
     for i, job in enumerate(jobs, 1):
-        for r in _run_job(job, args.timeout):
+        for r in run_worker(__file__, job, args.timeout):
             records.append(r)
             out.write(r)
             print(f"[{i}/{len(jobs)} {time.perf_counter() - start:6.0f}s] {_describe(r)}", flush=True)
