@@ -1,0 +1,358 @@
+"""``auto``: choose the average of a run's snapshots for the user, and say why (issue 15).
+
+No fixed rule wins everywhere: uniform (SWA) loses when some snapshots are bad, SeWA and greedy
+soup can over-fit a small selection split, the newest tail loses when the window sits past the
+optimum. ``auto`` scores a bounded family of candidate weight vectors on the selection split and
+keeps the simplest one that is not worse than the best beyond noise:
+
+1. **Candidates** (oldest snapshot first): uniform tails of length ``k, k/2, k/4, ..., 1``
+   (LAWA-K / suffix averaging: this chooses the window, from uniform to the last iterate); EMA
+   for half-lives ``k/16 .. k/2`` snapshots (torch's recursion, :func:`sewa.weights.ema`);
+   SeWA top-K for ``K = k/8, k/4, k/2, 3k/4`` from the ranking of one SeWA budget; the best of
+   those shrunk towards uniform, ``w = a·w_sel + (1 - a)·1/k``; greedy soup (by the metric when
+   the task has one), when it fits the pass budget.
+2. **Scores.** Each candidate costs one weighted average and one forward pass over the split
+   (:meth:`sewa.evaluator.Evaluator.per_batch`). The batches fall into ``F`` folds (a seeded
+   permutation, position mod ``F``); a candidate's score is the mean of its ``F`` fold scores
+   of the objective: the task's metric when it has one (the loss breaks ties), else minus the
+   loss.
+3. **Cross-fitting.** Candidates that learn from the split (SeWA, greedy soup, shrinkage) are
+   fitted twice, on the even folds and on the odd folds, and every batch is scored by the fit
+   that did not see it; the weights returned come from both halves (SeWA's two probability
+   vectors averaged, greedy soup refitted on the whole split). Fixed rules learn nothing.
+4. **One-standard-error rule.** With ``d_f`` the best candidate's fold score minus candidate
+   ``c``'s, ``c`` is within noise when ``mean(d) <= se(d) = std(d)/sqrt(F)`` (paired over folds:
+   batches differ in difficulty alike for every candidate). The simplest candidate within noise
+   is chosen: uniform over the window, then narrower tails, EMA, shrunk selections, SeWA sets,
+   greedy soup.
+5. **Cost.** The two SeWA fits run ``sewa_steps`` steps of ``sewa_samples`` masks each; with the
+   defaults that is half the model passes of one default :func:`sewa.select`. Candidates are
+   added while the planned passes fit ``pass_budget`` default selections; a split too large for
+   that is scored on a seeded subset of its batches (recorded as ``scored_batches``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import weights as rules
+from .evaluator import EvaluationError, Evaluator, Scores
+from .methods import Method, MethodError, _frozen, _positive_int, register
+from .select import select, select_settings
+from .trajectory import Trajectory
+
+__all__ = ["auto", "fold_ids", "Candidate"]
+
+# Model passes of one batch: a forward and backward costs about three forwards.
+_BACKWARD_COST = 2
+
+
+@dataclass
+class Candidate:
+    """One candidate weight vector and its per-batch scores (out-of-fold when it learns)."""
+
+    name: str
+    family: str
+    complexity: tuple[int, float]
+    weights: Tensor
+    params: dict[str, Any]
+    loss: Tensor
+    metric: Tensor | None
+    crossfit: bool = False
+    fold: dict[str, Any] = field(default_factory=dict)
+
+
+def fold_ids(num_batches: int, folds: int, seed: int) -> Tensor:
+    """Fold of each batch: position in a ``seed``-ed permutation, modulo ``min(folds, num_batches)``."""
+    perm = torch.randperm(num_batches, generator=torch.Generator().manual_seed(int(seed)))
+    out = torch.empty(num_batches, dtype=torch.long)
+    out[perm] = torch.arange(num_batches) % max(1, min(folds, num_batches))
+    return out
+
+
+class _Scorer:
+    """Scores weight vectors on the split once each (cached by weights), counting batch passes."""
+
+    def __init__(self, evaluator: Evaluator, trajectory: Trajectory) -> None:
+        self.evaluator, self.trajectory = evaluator, trajectory
+        self.cache: dict[tuple[float, ...], Scores | None] = {}
+        self.forward = 0
+
+    def __call__(self, w: Tensor) -> Scores | None:
+        key = tuple(round(v, 12) for v in w.tolist())
+        if key not in self.cache:
+            try:
+                self.cache[key] = self.evaluator.per_batch(self.trajectory, w)
+            except EvaluationError:  # a non-finite average is no candidate
+                self.cache[key] = None
+            self.forward += self.evaluator.num_batches(self.trajectory)
+        return self.cache[key]
+
+
+def _utility(s: Scores, objective: str) -> Tensor:
+    """Per-batch utility, higher is better: the metric, or minus the loss."""
+    assert s.metric is not None or objective == "loss"
+    return s.metric if objective == "metric" and s.metric is not None else -s.loss
+
+
+def _fold_means(values: Tensor, sizes: Tensor, ids: Tensor, folds: int) -> Tensor:
+    return torch.stack([(values[ids == f] * sizes[ids == f]).sum() / sizes[ids == f].sum() for f in range(folds)])
+
+
+def _mean_se(d: Tensor) -> dict[str, Any]:
+    se = float(d.std(unbiased=True) / math.sqrt(d.numel())) if d.numel() > 1 else None
+    return {"mean": float(d.mean()), "se": se}
+
+
+def _greedy_cost(scorer: _Scorer, objective: str, mask: Tensor) -> Callable[[Tensor], float]:
+    """Greedy soup's yardstick on the batches in ``mask``: minus the metric (loss breaks ties), or the loss."""
+
+    def cost(w: Tensor) -> float:
+        s = scorer(w)
+        if s is None:
+            return math.inf
+        loss = float((s.loss * s.sizes)[mask].sum() / s.sizes[mask].sum())
+        if objective == "loss" or s.metric is None:
+            return loss
+        return -float((s.metric * s.sizes)[mask].sum() / s.sizes[mask].sum()) + 1e-9 * loss
+
+    return cost
+
+
+def _crossfitted(scorer: _Scorer, fits: tuple[Tensor, Tensor], half: Tensor) -> tuple[Tensor, Tensor | None] | None:
+    """Per-batch loss and metric where each batch is scored by the fit on the other half:
+    ``fits[h]`` was fitted on the batches with ``half == h``."""
+    s0, s1 = scorer(fits[0]), scorer(fits[1])
+    if s0 is None or s1 is None:
+        return None
+    other = half == 0  # these batches were not seen by fits[1]
+    loss = torch.where(other, s1.loss, s0.loss)
+    metric = None if s0.metric is None or s1.metric is None else torch.where(other, s1.metric, s0.metric)
+    return loss, metric
+
+
+def _fixed(n: int) -> list[tuple[str, str, tuple[int, float], Tensor, dict[str, Any]]]:
+    """Uniform tails (widest first) and EMAs (longest half-life first): rules that learn nothing."""
+    out = []
+    lengths = sorted({max(1, round(n / 2**j)) for j in range(int(math.log2(n)) + 2)}, reverse=True)
+    for length in lengths:
+        name = "uniform" if length == n else "last" if length == 1 else f"tail({length})"
+        out.append((name, "tail", (0 if length == n else 1, n - length), rules.lawa(n, length),
+                    {"first": n - length, "length": length}))
+    for frac in (2, 4, 8, 16):
+        half_life = n / frac
+        decay = 0.5 ** (1.0 / half_life)
+        out.append((f"ema({decay:.4g})", "ema", (2, frac), rules.ema(n, decay), {"decay": decay, "half_life": half_life}))
+    return out
+
+
+def _top(probabilities: Tensor, k: int) -> Tensor:
+    n = probabilities.numel()
+    key = probabilities.double() + torch.arange(n, dtype=torch.float64) * 1e-12  # ties: newer first, as select
+    return rules.from_indices(n, torch.topk(key, k).indices)
+
+
+def _plan(n: int, batches: int, s: Mapping[str, Any]) -> dict[str, Any]:
+    """Batch passes of the parts of ``auto``, against one default SeWA selection's."""
+    defaults = select_settings()[1]
+    unit = 1 + _BACKWARD_COST
+    sewa_default = defaults["steps"] * defaults["samples"] * unit
+    sewa_own = 2 * s["sewa_steps"] * s["sewa_samples"] * unit
+    core = len(_fixed(n)) + 2 * len(_top_ks(n)) + (2 if s["shrink"] > 0 else 0)
+    greedy = n + 3 * (n - 1)
+    budget = s["pass_budget"] * sewa_default - sewa_own
+    scored = batches if core * batches <= budget else min(batches, max(2, int(budget // max(core, 1))))
+    with_greedy = s["greedy"] and (core + greedy) * scored <= budget
+    return {"sewa_default_passes": sewa_default, "scored_batches": scored, "greedy": with_greedy,
+            "planned_passes": sewa_own + (core + (greedy if with_greedy else 0)) * scored}
+
+
+def _top_ks(n: int) -> list[int]:
+    return sorted({k for k in (round(n * f) for f in (0.75, 0.5, 0.25, 0.125)) if 1 <= k < n}, reverse=True)
+
+
+def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    assert ev is not None
+    n = len(trajectory)
+    objective = "metric" if ev.metric is not None else "loss"
+    all_batches = list(ev.batches)
+    plan = _plan(n, len(all_batches), s)
+    if plan["scored_batches"] < len(all_batches):  # a seeded subset keeps the cost bound on a large split
+        g = torch.Generator().manual_seed(int(s["seed"]))
+        keep = sorted(torch.randperm(len(all_batches), generator=g)[:plan["scored_batches"]].tolist())
+        all_batches = [all_batches[i] for i in keep]
+        ev = Evaluator(ev.model, ev.loss_fn, all_batches, metric=ev.metric, metric_name=ev.metric_name,
+                       batch_stats=ev.batch_stats, vectorize=ev.vectorize, device=ev.device, progress=ev.progress)
+    scorer = _Scorer(ev, trajectory)
+    num = ev.num_batches(trajectory)
+    ids = fold_ids(num, s["folds"], s["seed"])
+    folds = int(ids.max()) + 1
+    half = ids % 2
+    crossfit = folds >= 2
+    backward = 0
+    candidates: list[Candidate] = []
+    skipped: list[str] = []
+
+    def add(name: str, family: str, complexity: tuple[int, float], w: Tensor, params: dict[str, Any],
+            fits: tuple[Tensor, Tensor] | None = None) -> None:
+        if any(torch.equal(c.weights, w) and (c.family == family or fits is None) for c in candidates):
+            return  # the same weights by a simpler name
+        if fits is None or not crossfit:
+            scores = scorer(w)
+            scored = None if scores is None else (scores.loss, scores.metric)
+        else:
+            scored = _crossfitted(scorer, fits, half)
+        if scored is None:
+            skipped.append(f"{name}: a loss or metric is not finite")
+            return
+        candidates.append(Candidate(name, family, complexity, w, params, scored[0], scored[1], fits is not None and crossfit))
+
+    for name, family, complexity, w, params in _fixed(n):
+        add(name, family, complexity, w, params)
+
+    # SeWA: one budget K, fitted on each half; each K's top-K set comes from the same ranking.
+    budget_k = min(n - 1, max(1, round(n * s["sewa_fraction"]))) if n > 1 else 1
+    halves = [[b for b, h in zip(all_batches, half.tolist(), strict=True) if h == side] for side in (0, 1)] if crossfit else [all_batches]
+    probs: list[Tensor] = []
+    for side, part in enumerate(halves if _top_ks(n) else []):
+        steps = s["sewa_steps"] if crossfit else 2 * s["sewa_steps"]
+        sel = select(trajectory, ev.model, ev.loss_fn, part, top_k=budget_k, samples=s["sewa_samples"], steps=steps,
+                     seed=s["seed"] + side, **ev.engine_options())
+        probs.append(sel.probabilities.double())
+        backward += steps * s["sewa_samples"]
+    for k in _top_ks(n):
+        ranking = torch.stack(probs).mean(0)
+        add(f"sewa_top({k})", "sewa", (4, n - k), _top(ranking, k),
+            {"top_k": k, "indices": _top(ranking, k).nonzero().flatten().tolist()},
+            (_top(probs[0], k), _top(probs[-1], k)))
+
+    if plan["greedy"]:
+        def soup(mask: Tensor) -> Tensor:
+            return rules.greedy_soup(n, _greedy_cost(scorer, objective, mask))
+        fits = (soup(half == 0), soup(half == 1)) if crossfit else None
+        w = soup(torch.ones(num, dtype=torch.bool))
+        add("greedy_soup", "greedy_soup", (5, 0), w, {"by": objective, "indices": w.nonzero().flatten().tolist()}, fits)
+    elif s["greedy"]:
+        skipped.append("greedy_soup: over the pass budget")
+
+    stats = _statistics(candidates, ev, scorer, ids, folds, objective)
+    selected = [c for c in candidates if c.family in ("sewa", "greedy_soup")]
+    if s["shrink"] > 0 and selected and crossfit:
+        base = max(selected, key=lambda c: stats[c.name]["key"])
+        a = float(s["shrink"])
+        u = rules.uniform(n)
+
+        def shrunk(w: Tensor) -> Tensor:
+            return a * w + (1 - a) * u
+        shrunk_fits = None
+        if base.crossfit:
+            f0, f1 = _fits_of(base, probs, scorer, n, objective, half)
+            shrunk_fits = (shrunk(f0), shrunk(f1))
+        add(f"shrunk({base.name}, {a:g})", "shrunk", (3, a), shrunk(base.weights), {"of": base.name, "a": a}, shrunk_fits)
+        stats = _statistics(candidates, ev, scorer, ids, folds, objective)
+    return _choose(candidates, stats, s, objective, folds, n, plan, skipped, scorer.forward, backward, crossfit)
+
+
+def _fits_of(c: Candidate, probs: list[Tensor], scorer: _Scorer, n: int, objective: str, half: Tensor) -> tuple[Tensor, Tensor]:
+    """The two half fits of a cross-fitted candidate (cached scores make this free)."""
+    if c.family == "sewa":
+        k = int(c.params["top_k"])
+        return _top(probs[0], k), _top(probs[-1], k)
+    cost0, cost1 = (_greedy_cost(scorer, objective, half == h) for h in (0, 1))
+    return rules.greedy_soup(n, cost0), rules.greedy_soup(n, cost1)
+
+
+def _statistics(candidates: list[Candidate], ev: Evaluator, scorer: _Scorer, ids: Tensor, folds: int,
+                objective: str) -> dict[str, dict[str, Any]]:
+    """Fold scores of every candidate: of the objective, and of the loss (for ties)."""
+    sizes = scorer(candidates[0].weights).sizes  # type: ignore[union-attr]
+    out = {}
+    for c in candidates:
+        u = c.metric if objective == "metric" and c.metric is not None else -c.loss
+        fold_u = _fold_means(u, sizes, ids, folds)
+        fold_loss = _fold_means(c.loss, sizes, ids, folds)
+        out[c.name] = {"fold": fold_u, "key": (float(fold_u.mean()), -float(fold_loss.mean())),
+                       "loss": float(fold_loss.mean()),
+                       "metric": None if c.metric is None else float(_fold_means(c.metric, sizes, ids, folds).mean())}
+    return out
+
+
+def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Mapping[str, Any], objective: str,
+            folds: int, n: int, plan: dict[str, Any], skipped: list[str], forward: int, backward: int,
+            crossfit: bool) -> tuple[Tensor, dict[str, Any]]:
+    if not candidates:
+        raise MethodError("auto: no candidate average has a finite loss on the selection split; check the snapshots")
+    best = max(candidates, key=lambda c: stats[c.name]["key"])
+    records, eligible = [], []
+    for c in candidates:
+        gap = _mean_se(stats[best.name]["fold"] - stats[c.name]["fold"])
+        fold = stats[c.name]["fold"]
+        within = c is best or (s["one_se"] and gap["se"] is not None and gap["mean"] <= gap["se"])
+        if within:
+            eligible.append(c)
+        records.append({"name": c.name, "family": c.family, "params": c.params, "complexity": list(c.complexity),
+                        "score": stats[c.name]["key"][0], "fold_scores": fold.tolist(), "se": _mean_se(fold)["se"],
+                        "loss": stats[c.name]["loss"], "metric": stats[c.name]["metric"], "gap_to_best": gap,
+                        "within_one_se": within, "crossfit": c.crossfit})
+    chosen = min(eligible, key=lambda c: (c.complexity, -stats[c.name]["key"][0]))
+
+    def gain(name: str) -> dict[str, Any] | None:
+        return _mean_se(stats[chosen.name]["fold"] - stats[name]["fold"]) if name in stats else None
+
+    info: dict[str, Any] = {
+        "objective": objective, "folds_used": folds, "crossfit": crossfit, "candidates": records,
+        "best": best.name, "chosen": chosen.name, "chosen_family": chosen.family, "chosen_params": chosen.params,
+        "indices": chosen.weights.nonzero().flatten().tolist(), "fell_back": chosen is not best,
+        "gain_vs_uniform": gain("uniform"), "gain_vs_last": gain("last"), "skipped": skipped,
+        "forward_passes": forward + backward, "backward_passes": backward,
+        "sewa_default_passes": {"forward": plan["sewa_default_passes"] // (1 + _BACKWARD_COST),
+                                "backward": plan["sewa_default_passes"] // (1 + _BACKWARD_COST)},
+        "scored_batches": plan["scored_batches"],
+    }
+    if chosen.family == "tail":
+        info["chosen_window"] = chosen.params
+    if "top_k" in chosen.params:
+        info["top_k"] = chosen.params["top_k"]
+    return chosen.weights, info
+
+
+def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 50, sewa_samples: int = 4,
+         sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, pass_budget: float = 1.0) -> Method:
+    """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
+    selection and greedy soup, cross-fitted over folds of the selection split, with a
+    one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
+
+    Args:
+        folds: Folds of the selection split's batches (F) for the candidates' scores and standard errors.
+        seed: Seed of the fold assignment and of SeWA's mask noise.
+        one_se: Choose the simplest candidate within one standard error of the best (else the best).
+        sewa_steps: Steps of each of auto's two cross-fitted SeWA runs (one per half of the folds).
+        sewa_samples: Mask samples per step of auto's SeWA runs (paper's M).
+        sewa_fraction: SeWA's budget K as a fraction of the window in auto's runs; their ranking gives every top-K.
+        shrink: Shrinkage a of the best selected set towards uniform, a*selected + (1-a)*uniform (0: none).
+        greedy: Include greedy soup (by the metric when the task has one) when it fits the pass budget.
+        pass_budget: Model passes auto may plan, in units of one default SeWA selection's passes.
+    """
+    for name, value in (("folds", folds), ("sewa_steps", sewa_steps), ("sewa_samples", sewa_samples)):
+        _positive_int(name, "auto", value)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise MethodError(f"auto: seed must be an integer, got {seed!r}")
+    if not 0.0 < sewa_fraction < 1.0:
+        raise MethodError(f"auto: sewa_fraction must lie in (0, 1), got {sewa_fraction!r}")
+    if not 0.0 <= shrink < 1.0:
+        raise MethodError(f"auto: shrink must lie in [0, 1), got {shrink!r}")
+    if not pass_budget > 0:
+        raise MethodError(f"auto: pass_budget must be positive, got {pass_budget!r}")
+    settings = {"folds": folds, "seed": seed, "one_se": bool(one_se), "sewa_steps": sewa_steps, "sewa_samples": sewa_samples,
+                "sewa_fraction": float(sewa_fraction), "shrink": float(shrink), "greedy": bool(greedy),
+                "pass_budget": float(pass_budget)}
+    return Method("auto", _frozen(settings), _rule, evaluates=True)
+
+
+register("auto", auto)
