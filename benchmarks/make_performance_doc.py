@@ -50,13 +50,27 @@ def machine_of(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- plots
-def plot_split(pts: list[dict[str, Any]], path: Path) -> None:
+def figure(*grid: int, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A matplotlib figure and its axes (Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(pts) + 2), 4.5))
+    return plt.subplots(*grid, figsize=figsize)
+
+
+def save(fig: Any, path: Path) -> None:
+    """Lays out, writes (110 dpi) and closes a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_split(pts: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = figure(figsize=(max(6, 0.9 * len(pts) + 2), 4.5))
     xs = range(len(pts))
     bottom = [0.0] * len(pts)
     for key, label, color in (("t_mix", "mixing W=AΘ", "#4c72b0"), ("t_model", "model fwd+bwd", "#dd8452"),
@@ -73,18 +87,11 @@ def plot_split(pts: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("time / floor (medians)")
     ax.set_title("One selection step by phase, as a multiple of the cost-model floor")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_scaling(records: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    fig, axes = figure(2, 2, figsize=(10, 7.5))
     for col, axis in enumerate(("k", "P")):
         rows = sweep(records, axis)
         xs = [r[axis] for r in rows]
@@ -106,19 +113,12 @@ def plot_scaling(records: list[dict[str, Any]], path: Path) -> None:
         axes[1][col].set_ylabel("MiB")
         axes[1][col].set_title(f"memory vs {axis}")
         axes[1][col].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_naive(pts: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in pts if r.get("t_naive")]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4))
+    fig, ax = figure(figsize=(max(6, 1.1 * len(rows) + 2), 4))
     xs = list(range(len(rows)))
     ax.bar([x - 0.2 for x in xs], [r["t_naive"] for r in rows], width=0.4, label="naive peer", color="#c44e52")
     ax.bar([x + 0.2 for x in xs], [r["t_step"] for r in rows], width=0.4, label="sewa engine", color="#4c72b0")
@@ -130,9 +130,7 @@ def plot_naive(pts: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("seconds per step (median)")
     ax.set_title("Against the naive peer (same run, interleaved)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 # --------------------------------------------------------------------------- sections
