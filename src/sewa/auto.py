@@ -20,11 +20,13 @@ keeps the simplest one that is not worse than the best beyond noise:
    fitted twice, on the even folds and on the odd folds, and every batch is scored by the fit
    that did not see it; the weights returned come from both halves (SeWA's two probability
    vectors averaged, greedy soup refitted on the whole split). Fixed rules learn nothing.
-4. **One-standard-error rule.** With ``d_f`` the best candidate's fold score minus candidate
-   ``c``'s, ``c`` is within noise when ``mean(d) <= se(d) = std(d)/sqrt(F)`` (paired over folds:
-   batches differ in difficulty alike for every candidate). The simplest candidate within noise
-   is chosen: uniform over the window, then narrower tails, EMA, shrunk selections, SeWA sets,
-   greedy soup.
+4. **One-standard-error rule** (Breiman et al. 1984). With ``d_f`` the best candidate's fold
+   score minus candidate ``c``'s, ``c`` is within noise when ``mean(d) <= SE``: by default the
+   standard error of the best candidate's score, ``std(fold scores)/sqrt(F)`` (the classic
+   rule); with ``se_rule="paired"`` the standard error of ``d`` itself, which drops the
+   batch-difficulty noise every candidate shares and so falls back less often. The simplest
+   candidate within noise is chosen: uniform over the window, then narrower tails, EMA, shrunk
+   selections, SeWA sets, greedy soup.
 5. **Cost.** The two SeWA fits run ``sewa_steps`` steps of ``sewa_samples`` masks each; with the
    defaults that is half the model passes of one default :func:`sewa.select`. Candidates are
    added while the planned passes fit ``pass_budget`` default selections; a split too large for
@@ -289,11 +291,13 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
     if not candidates:
         raise MethodError("auto: no candidate average has a finite loss on the selection split; check the snapshots")
     best = max(candidates, key=lambda c: stats[c.name]["key"])
+    best_se = _mean_se(stats[best.name]["fold"])["se"]
     records, eligible = [], []
     for c in candidates:
         gap = _mean_se(stats[best.name]["fold"] - stats[c.name]["fold"])
         fold = stats[c.name]["fold"]
-        within = c is best or (s["one_se"] and gap["se"] is not None and gap["mean"] <= gap["se"])
+        se = gap["se"] if s["se_rule"] == "paired" else best_se
+        within = c is best or (s["one_se"] and se is not None and gap["mean"] <= se)
         if within:
             eligible.append(c)
         records.append({"name": c.name, "family": c.family, "params": c.params, "complexity": list(c.complexity),
@@ -307,13 +311,13 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
 
     info: dict[str, Any] = {
         "objective": objective, "folds_used": folds, "crossfit": crossfit, "candidates": records,
-        "best": best.name, "chosen": chosen.name, "chosen_family": chosen.family, "chosen_params": chosen.params,
+        "best": best.name, "best_se": best_se, "chosen": chosen.name, "chosen_family": chosen.family, "chosen_params": chosen.params,
         "indices": chosen.weights.nonzero().flatten().tolist(), "fell_back": chosen is not best,
         "gain_vs_uniform": gain("uniform"), "gain_vs_last": gain("last"), "skipped": skipped,
         "forward_passes": forward + backward, "backward_passes": backward,
         "sewa_default_passes": {"forward": plan["sewa_default_passes"] // (1 + _BACKWARD_COST),
                                 "backward": plan["sewa_default_passes"] // (1 + _BACKWARD_COST)},
-        "scored_batches": plan["scored_batches"],
+        "scored_batches": plan["scored_batches"], "planned_passes": plan["planned_passes"],
     }
     if chosen.family == "tail":
         info["chosen_window"] = chosen.params
@@ -323,7 +327,8 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
 
 
 def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 50, sewa_samples: int = 4,
-         sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, pass_budget: float = 1.0) -> Method:
+         sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, pass_budget: float = 1.0,
+         se_rule: str = "best") -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
@@ -338,6 +343,8 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 5
         shrink: Shrinkage a of the best selected set towards uniform, a*selected + (1-a)*uniform (0: none).
         greedy: Include greedy soup (by the metric when the task has one) when it fits the pass budget.
         pass_budget: Model passes auto may plan, in units of one default SeWA selection's passes.
+        se_rule: The standard error of the one-SE rule: "best" (of the best candidate's fold
+            scores, the classic rule) or "paired" (of each candidate's fold differences to the best).
     """
     for name, value in (("folds", folds), ("sewa_steps", sewa_steps), ("sewa_samples", sewa_samples)):
         _positive_int(name, "auto", value)
@@ -349,9 +356,11 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 5
         raise MethodError(f"auto: shrink must lie in [0, 1), got {shrink!r}")
     if not pass_budget > 0:
         raise MethodError(f"auto: pass_budget must be positive, got {pass_budget!r}")
+    if se_rule not in ("best", "paired"):
+        raise MethodError(f"auto: se_rule must be 'best' or 'paired', got {se_rule!r}")
     settings = {"folds": folds, "seed": seed, "one_se": bool(one_se), "sewa_steps": sewa_steps, "sewa_samples": sewa_samples,
                 "sewa_fraction": float(sewa_fraction), "shrink": float(shrink), "greedy": bool(greedy),
-                "pass_budget": float(pass_budget)}
+                "pass_budget": float(pass_budget), "se_rule": se_rule}
     return Method("auto", _frozen(settings), _rule, evaluates=True)
 
 

@@ -1,0 +1,205 @@
+"""``auto`` on synthetic trajectories whose best average is known: a damaged stretch of snapshots,
+a window past the optimum, a flat plateau, and a metric that disagrees with the loss.
+
+The model is a linear regression ``y = x·θ`` whose snapshots are set by hand around the optimum
+``θ* = 0`` (or along a line), scored by an :class:`~sewa.evaluator.Evaluator` over fixed batches.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from _tiny_task import write_checkpoints, write_task
+from torch import Tensor, nn
+
+import sewa
+from sewa import auto as auto_module
+from sewa.compare import run_compare
+from sewa.io import trajectory_from_files
+from sewa.methods import METHODS, Evaluator, create, settings_of
+from sewa.task import load_task
+
+D = 8  # features
+K = 12  # snapshots in the window
+FAST = {"sewa_steps": 20}  # auto's two SeWA fits: enough for these problems, fast in tests
+
+
+def _mse(out: Tensor, y: Tensor) -> Tensor:
+    target = y[:, 0] if y.ndim == 2 else y
+    return ((out.squeeze(-1) - target) ** 2).mean()
+
+
+def _problem(thetas: Tensor, *, seed: int = 0, batches: int = 10, size: int = 16, star: Tensor | None = None,
+             metric: Callable[[Tensor, Tensor], float] | None = None, extra: Tensor | None = None,
+             ) -> tuple[sewa.Trajectory, Evaluator]:
+    """A trajectory holding ``thetas`` (oldest first) and an evaluator on ``y = x·θ* + noise``.
+
+    With ``extra`` the targets carry a second column ``x·extra`` (for a metric of its own).
+    """
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(D, 1, bias=False)
+    traj = sewa.Trajectory(model, window=thetas.shape[0])
+    with torch.no_grad():
+        for i, theta in enumerate(thetas):
+            model.weight.copy_(theta[None])
+            traj.push(model, step=10 * (i + 1))
+    star = torch.zeros(D) if star is None else star
+    pairs = []
+    for _ in range(batches):
+        x = torch.randn(size, D, generator=g)
+        y = x @ star + 0.5 * torch.randn(size, generator=g)
+        pairs.append((x, y if extra is None else torch.stack([y, x @ extra], dim=1)))
+    return traj, Evaluator(model, _mse, pairs, metric=metric)
+
+
+def _damaged(seed: int) -> tuple[sewa.Trajectory, Evaluator]:
+    """Snapshots 7-9 of 12 are far from the optimum; the others are close to it."""
+    g = torch.Generator().manual_seed(100 + seed)
+    thetas = 0.3 * torch.randn(K, D, generator=g)
+    thetas[7:10] += 2.0 * torch.randn(3, D, generator=g)
+    return _problem(thetas, seed=seed)
+
+
+def _past_optimum(seed: int) -> tuple[sewa.Trajectory, Evaluator]:
+    """The snapshots drift away from the optimum: the oldest are the best."""
+    g = torch.Generator().manual_seed(100 + seed)
+    v = torch.randn(D, generator=g)
+    thetas = torch.arange(K)[:, None] / (K - 1) * 1.5 * v / v.norm() + 0.1 * torch.randn(K, D, generator=g)
+    return _problem(thetas, seed=seed)
+
+
+def _plateau(seed: int) -> tuple[sewa.Trajectory, Evaluator]:
+    """Every snapshot is equally close to the optimum, up to small noise."""
+    g = torch.Generator().manual_seed(100 + seed)
+    return _problem(0.05 * torch.randn(K, D, generator=g), seed=seed)
+
+
+def _candidate(info: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in info["candidates"] if c["name"] == name)
+
+
+def test_folds_are_balanced_and_seeded() -> None:
+    ids = auto_module.fold_ids(12, 5, seed=0)
+    assert sorted(torch.bincount(ids).tolist()) == [2, 2, 2, 3, 3]
+    assert torch.equal(ids, auto_module.fold_ids(12, 5, seed=0))
+    assert not torch.equal(ids, auto_module.fold_ids(12, 5, seed=1))
+    assert auto_module.fold_ids(3, 5, seed=0).sort().values.tolist() == [0, 1, 2]  # at most one fold per batch
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auto_avoids_a_damaged_stretch_and_beats_uniform(seed: int) -> None:
+    traj, ev = _damaged(seed)
+    result = create("auto", **FAST).weights(traj, ev)
+    assert float(result.weights[7:10].sum()) < 0.05  # no or tiny mass on the damaged snapshots
+    assert result.info["chosen_family"] in ("sewa", "greedy_soup", "shrunk")
+    assert ev.loss(traj, result.weights) < ev.loss(traj, sewa.weights.uniform(K))
+    gain = result.info["gain_vs_uniform"]
+    assert gain["mean"] > 2 * gain["se"] > 0  # reported, and beyond noise
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auto_picks_older_snapshots_when_the_window_is_past_the_optimum(seed: int) -> None:
+    traj, ev = _past_optimum(seed)
+    result = create("auto", **FAST).weights(traj, ev)
+    centre = float((result.weights * torch.arange(K)).sum())
+    assert centre < K / 4  # mass on the oldest snapshots
+    assert result.info["chosen_family"] != "tail" and float(result.weights[-1]) == 0.0
+    assert result.info["gain_vs_last"]["mean"] > result.info["gain_vs_uniform"]["mean"] > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auto_falls_back_to_uniform_on_a_plateau(seed: int) -> None:
+    traj, ev = _plateau(seed)
+    result = create("auto", **FAST).weights(traj, ev)
+    assert result.info["chosen"] == "uniform" and torch.equal(result.weights, sewa.weights.uniform(K))
+    eager = create("auto", one_se=False, **FAST).weights(traj, ev)
+    if result.info["fell_back"]:  # some other candidate scored best on the split, within noise
+        assert eager.info["chosen"] == result.info["best"] != "uniform"
+    assert _candidate(result.info, "uniform")["within_one_se"]
+
+
+def test_the_one_se_rule_moves_the_choice_on_a_plateau() -> None:
+    """On the plateaus above, the best split score belongs to another candidate at least once."""
+    moved = [create("auto", **FAST).weights(*_plateau(seed)).info["fell_back"] for seed in range(3)]
+    assert any(moved)
+
+
+def test_auto_chooses_on_the_metric_when_the_task_has_one() -> None:
+    """The loss prefers the newest snapshots, the metric the oldest: auto follows the metric."""
+    g = torch.Generator().manual_seed(7)
+    old, new = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    thetas = torch.stack([old + (new - old) * i / (K - 1) for i in range(K)]) + 0.05 * torch.randn(K, D, generator=g)
+
+    def metric(out: Tensor, y: Tensor) -> float:  # closeness to x·old, higher is better
+        return -float(((out.squeeze(-1) - y[:, 1]) ** 2).mean())
+
+    by_loss = create("auto", **FAST).weights(*_problem(thetas, star=new, extra=old))
+    by_metric = create("auto", **FAST).weights(*_problem(thetas, star=new, extra=old, metric=metric))
+    assert by_loss.info["objective"] == "loss" and by_metric.info["objective"] == "metric"
+    index = torch.arange(K, dtype=torch.float64)
+    assert float((by_metric.weights * index).sum()) < K / 4 < 3 * K / 4 < float((by_loss.weights * index).sum())
+
+
+def test_auto_is_deterministic_and_its_record_is_strict_json() -> None:
+    traj, ev = _damaged(0)
+    method = create("auto", seed=4, **FAST)
+    first, second = method.weights(traj, ev), method.weights(traj, ev)
+    assert torch.equal(first.weights, second.weights) and first.info == second.info
+    info = json.loads(json.dumps(first.info, allow_nan=False))
+    assert info["objective"] == "loss" and info["chosen"] in {c["name"] for c in info["candidates"]}
+    assert len(info["candidates"]) <= 30
+    for c in info["candidates"]:
+        assert len(c["fold_scores"]) == info["folds_used"] == 5 and c["se"] > 0
+        assert c["score"] == pytest.approx(sum(c["fold_scores"]) / 5)
+    assert [c["crossfit"] for c in info["candidates"] if c["family"] in ("sewa", "greedy_soup", "shrunk")] == [True] * 6
+    assert info["backward_passes"] == 2 * 20 * 4  # two SeWA fits of sewa_steps x sewa_samples
+    assert (info["forward_passes"] - info["backward_passes"]) % 10 == 0  # whole passes over 10 batches
+    assert set(info["gain_vs_uniform"]) == set(info["gain_vs_last"]) == {"mean", "se"}
+
+
+def test_auto_on_a_one_batch_split_scores_in_sample_without_standard_errors() -> None:
+    traj, ev = _damaged(0)
+    one = Evaluator(ev.model, ev.loss_fn, [list(ev.batches)[0]])
+    result = create("auto", **FAST).weights(traj, one)
+    info = result.info
+    assert not info["crossfit"] and info["folds_used"] == 1 and info["gain_vs_uniform"]["se"] is None
+    assert info["chosen"] == info["best"] and not info["fell_back"]  # no noise estimate: no fallback
+    json.dumps(info, allow_nan=False)
+
+
+def test_a_small_pass_budget_skips_greedy_soup_and_scores_a_subset_of_batches() -> None:
+    traj, ev = _damaged(0)
+    info = create("auto", pass_budget=0.25, **FAST).weights(traj, ev).info
+    assert "greedy_soup: over the pass budget" in info["skipped"] and info["scored_batches"] == 6
+    assert "greedy_soup" not in {c["name"] for c in info["candidates"]}
+    # Batch passes spent (a forward and backward counts three) within the budget: a quarter of SeWA's.
+    spent = info["forward_passes"] + 2 * info["backward_passes"]
+    assert spent <= info["planned_passes"] <= 0.25 * 3 * info["sewa_default_passes"]["backward"]
+    full = create("auto", **FAST).weights(traj, ev).info
+    assert full["scored_batches"] == 10 and "greedy_soup" in {c["name"] for c in full["candidates"]}
+
+
+def test_auto_is_registered_with_documented_plain_settings() -> None:
+    assert METHODS["auto"] is auto_module.auto and create("auto").evaluates
+    settings = settings_of(auto_module.auto)
+    assert all(s.help and type(s.default) in (int, float, str, bool) for s in settings.values())
+    assert "top_k" not in settings  # auto chooses K itself
+    for bad in ({"folds": 0}, {"shrink": 1.0}, {"sewa_fraction": 0.0}, {"se_rule": "nope"}, {"pass_budget": 0.0}):
+        with pytest.raises(ValueError, match="auto"):
+            auto_module.auto(**bad)
+
+
+def test_auto_runs_through_run_compare(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    task_path = write_task(tmp_path, "task.py")
+    files = write_checkpoints(tmp_path / "ckpts", task_path, n=6)
+    task = load_task(str(task_path))
+    traj = trajectory_from_files(files, task.new_model())
+    res = run_compare(traj, task, methods=[create("auto", sewa_steps=4), "uniform"])
+    entry = res["methods"]["auto"]
+    assert entry["objective"] == "metric" and entry["chosen"] and len(entry["weights"]) == 6
+    assert entry["test_loss"] is not None and entry["forward_passes"] > 0
+    json.dumps(res, allow_nan=False)
