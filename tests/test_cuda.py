@@ -93,3 +93,15 @@ def test_recording_a_cuda_model_reports_a_non_finite_snapshot_at_synchronize() -
         rec.synchronize()  # the background push of step 2 refused it
     rec.remove()
     assert traj.steps == [1]
+
+
+def test_a_gpu_trajectory_defers_its_finite_check_to_the_next_read() -> None:
+    """A push into a GPU trajectory does not wait for the GPU; the next read names the bad step."""
+    model = nn.Linear(3, 2).cuda()
+    traj = sewa.Trajectory(model, 3, device="cuda")
+    traj.push(model, 1)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    traj.push(model, 2)  # no error yet: the check is on the device
+    with pytest.raises(sewa.TrajectoryError, match="step 2"):
+        traj.matrix()

@@ -24,7 +24,8 @@ from torch.func import grad_and_value, vmap
 
 from ._batch import forward, functional_forward, split_batch, to_device
 from ._columns import Columns
-from .trajectory import Trajectory, canonical_name
+from ._names import named_parameters
+from .trajectory import Trajectory
 
 __all__ = ["MixedLoss", "ModelPasses", "to_device", "selection_model", "batch_statistics", "restore_statistics"]
 
@@ -89,7 +90,7 @@ class ModelPasses:
         self.views = views
         self.loss_fn = loss_fn
         self.vectorize = vectorize
-        named = {canonical_name(n): p for n, p in model.named_parameters()}
+        named = named_parameters(model, expected=names)
         for name in names:
             if name in named:  # every pass replaces them with rows of W: drop the copy's values
                 named[name].data = named[name].data.new_empty(0)
@@ -155,7 +156,7 @@ class ModelPasses:
             modules = list(self.model.modules())
             wrapped = any(isinstance(m, nn.parallel.DistributedDataParallel) or hasattr(m, "_orig_mod")
                           or type(m).__name__.startswith("FSDP") for m in modules)
-            named = {canonical_name(n): p for n, p in self.model.named_parameters()}
+            named = named_parameters(self.model, expected=self.names)
             params = [named.get(n) if u else None for n, u in zip(self.names, self._used_names(), strict=True)]
             missing = any(p is None and u for p, u in zip(params, self._used_names(), strict=True))
             ok = not wrapped and not missing and all(

@@ -13,10 +13,11 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from .._batch import cycle_batches
+from .._names import named_parameters
 from ..average import average_flat as _average_flat
 from ..bn import has_batchnorm
 from ..select import Engine, Selection, refuse_nonfinite_rows, run_selection, select_settings
-from ..trajectory import Trajectory, canonical_name
+from ..trajectory import Trajectory
 from ._comm import CommStats, collective, comm_device
 from .engines import FSDPEngine, ReplicatedEngine, Share, share_of, unwrap
 from .trajectory import ShardedTrajectory
@@ -159,7 +160,7 @@ def apply(model: nn.Module, trajectory: ShardedTrajectory, weights: Tensor | Seq
     trajectory.layout.check_compatible(model)
     local = average_flat(trajectory, weights)
     if trajectory.mode == "fsdp":
-        named = {canonical_name(n): p for n, p in model.named_parameters()}
+        named = named_parameters(model, expected=trajectory.names)
         with torch.no_grad():
             for piece in trajectory.pieces:
                 shard = cast(DTensor, named[trajectory.names[piece.index]]).to_local()

@@ -27,7 +27,8 @@ from torch.distributed.tensor import DTensor
 from .._batch import forward, split_batch, to_device
 from .._columns import Columns
 from .._engine import ModelPasses, batch_statistics, restore_statistics, selection_model
-from ..trajectory import TrajectoryError, canonical_name
+from .._names import named_parameters
+from ..trajectory import TrajectoryError
 from ._comm import (
     CommStats,
     all_gather_single,
@@ -213,7 +214,7 @@ class FSDPEngine:
         self.local = RankColumns(comm, trajectory, model, device)
         self.device, self.group = self.local.device, trajectory.group
         self.trajectory = trajectory
-        named = {canonical_name(n): p for n, p in model.named_parameters()}
+        named = named_parameters(model, expected=trajectory.names)
         self.params = [named[n] for n in trajectory.names]
         for piece, param in zip(trajectory.pieces, self.params, strict=True):
             local = cast(DTensor, param).to_local()

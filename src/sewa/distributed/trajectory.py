@@ -63,7 +63,7 @@ class ShardedTrajectory:
         template: nn.Module | Mapping[str, Tensor],
         window: int,
         *,
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | None = None,
         buffers: bool = False,
         device: torch.device | str = "cpu",
         check_finite: bool = True,

@@ -42,7 +42,18 @@ class Spec:
         record_window: Snapshots recorded (>= window; the window ablation uses the tail).
         every: Optimizer steps between snapshots.
         train_subset: Use only this many training items (None: all).
-        label_noise: Fraction of training labels replaced at random (classification only).
+        warmup: Linear learning-rate warmup, as a fraction of all updates (every regime).
+        regimes: The regimes of :mod:`sewa.experiments.schedules` the full study runs for this
+            task (``sewa experiment --regime`` accepts any).
+        draws: Random-K draws per seed (the random-K distribution; K = 10).
+        curve_draws: Random draws per K for the K-curves' random-K mean at K other than 10.
+        episodes: Rollouts behind a BC test score (seeds ``10000 + seed + i``, disjoint from the
+            data's collection seeds).
+        reference: ``reference(spec, data, seed)`` -> ``{"name", "test_metric", "val_metric"}``: a
+            simple strong model on the same split, shown beside the table (None: the loader's
+            ``data.info["reference"]`` when it sets one).
+        options: Loader options (``label_noise``: a fraction of training labels replaced at
+            random, a disclosed variant only; ``vocab``; ``dataset`` and ``transitions`` for BC).
     """
 
     name: str
@@ -71,6 +82,11 @@ class Spec:
     episodes: int = 10
     seeds: int = 3
     ablations: bool = False
+    warmup: float = 0.0
+    regimes: tuple[str, ...] = ("constant", "cosine")
+    draws: int = 200
+    curve_draws: int = 20
+    reference: Callable[[Spec, TaskData, int], dict[str, Any]] | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def with_preset(self, preset: str) -> Spec:
@@ -81,6 +97,7 @@ class Spec:
             raise ValueError(f"unknown preset {preset!r}: use 'quick' or 'full'")
         return replace(self, epochs=2, window=20, record_window=24, every=1, train_subset=min(self.train_subset or 2000, 2000),
                        batch_size=min(self.batch_size, 64), eval_subset=500, sel_steps=30, sel_samples=2, bn_batches=5, episodes=2, seeds=1,
+                       draws=20, curve_draws=3,
                        options=self.options | {"quick": True, "transitions": 10_000})
 
 
@@ -148,16 +165,47 @@ def _load_bc(env: str) -> Callable[[dict[str, Any]], TaskData]:
                       "from the project's ARS policies (sewa/experiments/experts)")
         obs = torch.as_tensor(raw["observations"], dtype=torch.float32)
         act = torch.as_tensor(raw["actions"], dtype=torch.float32).clamp(-1, 1)
-        mean, std = obs.mean(0), obs.std(0) + 1e-3
+        val, test, train = _episode_split(raw, 0.05)
+        mean, std = obs[train].mean(0), obs[train].std(0) + 1e-3
         obs = (obs - mean) / std
-        perm = torch.randperm(len(obs), generator=torch.Generator().manual_seed(0))
-        n_val = max(1000, len(obs) // 20)
-        val, train = perm[:n_val], perm[n_val:]
         tr = _subset((obs[train], act[train]), opts.get("train_subset"), 0)
-        return TaskData(tr, (obs[val], act[val]), (obs[val], act[val]), source,
-                        {"env": env, "obs_mean": mean.numpy(), "obs_std": std.numpy(), "obs_dim": obs.shape[1], "act_dim": act.shape[1]})
+        return TaskData(tr, (obs[val], act[val]), (obs[test], act[test]), source,
+                        {"env": env, "kind": kind, "obs_mean": mean.numpy(), "obs_std": std.numpy(), "obs_dim": obs.shape[1],
+                         "act_dim": act.shape[1], "split": "whole episodes: 5% of them validation, another 5% test (loss only)"})
 
     return load
+
+
+def _episode_split(raw: dict[str, Any], fraction: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Transition indices of validation, test and training episodes: whole episodes (ended by a
+    terminal or a time-out) drawn with seed 0 until each held-out split has ``fraction`` of the
+    transitions, so that no held-out transition is a neighbour in time of a training one."""
+    ends = torch.as_tensor(raw["terminals"], dtype=torch.bool) | torch.as_tensor(raw["timeouts"], dtype=torch.bool)
+    episode = torch.cat([torch.zeros(1, dtype=torch.long), ends[:-1].long().cumsum(0)])
+    count = int(episode[-1]) + 1
+    if count < 3:
+        raise ValueError(f"BC data holds {count} episode(s): whole-episode validation and test splits need at least 3")
+    sizes = torch.bincount(episode, minlength=count)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(0)).tolist()
+    target, held, role = fraction * len(episode), [0.0, 0.0], torch.full((count,), 2, dtype=torch.long)
+    for e in order:  # validation first, then test, then training
+        r = 0 if held[0] < target else 1 if held[1] < target else 2
+        role[e] = r
+        if r < 2:
+            held[r] += float(sizes[e])
+    of = role[episode]
+    return tuple((of == r).nonzero().flatten() for r in (0, 1, 2))  # type: ignore[return-value]
+
+
+def bc_reference(spec: Spec, data: TaskData, seed: int) -> dict[str, Any]:
+    """The data's own medium behaviour policy, rolled out on the test seeds of :func:`bc_score`."""
+    from . import mujoco_bc as bc
+
+    env = data.info["env"]
+    policy = bc.LinearPolicy.load(bc.policy_path(env, "medium"))
+    mean, _ = bc.evaluate_policy(env, policy.act, episodes=spec.episodes, seed=10_000 + seed)
+    return {"name": "medium behaviour policy", "test_metric": bc.normalized_score(env, mean), "val_metric": None,
+            "return": mean}
 
 
 def bc_score(model: nn.Module, data: TaskData, episodes: int, seed: int) -> dict[str, float]:

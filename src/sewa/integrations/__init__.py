@@ -71,7 +71,8 @@ class AveragingCallbackBase:
         every: Record every ``every`` optimizer steps.
         start: First step to record: a step (int), or a fraction of training (float in
             ``[0, 1]``) of the optimizer steps the framework plans.
-        dtype: Storage dtype of the trajectory (``float32``, ``bfloat16``, ``float16``).
+        dtype: Storage dtype of the trajectory (``float32``, ``bfloat16``, ``float16``); default:
+            the model's floating dtype.
         buffers: Also record floating-point buffers.
         device: Where the trajectory lives (and where the selection computes).
         load: Load the average into the model (else only :attr:`result` is set).
@@ -90,7 +91,7 @@ class AveragingCallbackBase:
         method: Method | str | None = "sewa",
         every: int = 1,
         start: int | float = 0,
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | None = None,
         buffers: bool = False,
         device: torch.device | str = "cpu",
         load: bool = True,
