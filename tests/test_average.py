@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from reference import Tied
@@ -12,6 +10,7 @@ from torch.optim.swa_utils import update_bn as torch_update_bn
 
 import sewa
 from sewa import weights
+from sewa.average import average_flat
 
 
 def state(w: list[float], b: float, count: int = 0) -> dict[str, torch.Tensor]:
@@ -30,7 +29,7 @@ def test_two_snapshots_by_hand() -> None:
     assert out["w"].dtype == torch.float32
     # Non-float entries come from the newest snapshot.
     assert out["count"].dtype == torch.int64 and int(out["count"]) == 2
-    torch.testing.assert_close(sewa.average_flat(traj, [0.25, 0.75]), torch.tensor([2.5, -1.0, 7.0]), rtol=0, atol=0)
+    torch.testing.assert_close(average_flat(traj, [0.25, 0.75]), torch.tensor([2.5, -1.0, 7.0]), rtol=0, atol=0)
 
 
 def test_three_snapshots_rules_by_hand() -> None:
@@ -187,28 +186,3 @@ def test_apply_recomputes_statistics_like_torch(gen: torch.Generator) -> None:
     for name, value in theirs.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[name], value, rtol=0, atol=0, msg=name)
     assert float(ours[1].running_mean.abs().max()) < 50  # the stale 100s are gone
-
-
-def test_update_bn_by_hand(gen: torch.Generator) -> None:
-    # BatchNorm straight on the inputs: with equal batches, the recomputed running mean is the mean
-    # of all inputs and the running variance the mean of the per-batch unbiased variances.
-    model = nn.Sequential(nn.BatchNorm1d(3))
-    batches = _bn_batches(gen, count=4)
-    model.train()
-    reference = copy.deepcopy(model)
-    sewa.update_bn(model, batches)
-    xs = torch.stack([x for x, _ in batches])
-    torch.testing.assert_close(model[0].running_mean, xs.mean(dim=(0, 1)))
-    torch.testing.assert_close(model[0].running_var, xs.var(dim=1, unbiased=True).mean(dim=0))
-    assert model.training  # the mode is restored
-    torch_update_bn((x for x, _ in batches), reference)
-    torch.testing.assert_close(model[0].running_var, reference[0].running_var, rtol=0, atol=0)
-
-
-def test_update_bn_needs_batches() -> None:
-    with pytest.raises(ValueError, match="no batches"):
-        sewa.update_bn(_bn_model(), [])
-    plain = nn.Linear(2, 2)
-    assert sewa.update_bn(plain, []) is plain  # nothing to recompute
-    assert sewa.has_batchnorm(_bn_model()) and not sewa.has_batchnorm(plain)
-    assert not sewa.has_batchnorm(nn.BatchNorm1d(2, track_running_stats=False))

@@ -11,6 +11,7 @@ from torch import nn
 
 import sewa
 from sewa import TrajectoryError, weights
+from sewa._names import canonical_name
 
 
 def mlp() -> nn.Module:
@@ -112,9 +113,9 @@ def test_tied_parameters_are_recorded_once() -> None:
 
 
 def test_wrapper_prefixes_are_canonical() -> None:
-    assert sewa.canonical_name("_orig_mod.module.fc.weight") == "fc.weight"
-    assert sewa.canonical_name("module._orig_mod.fc.weight") == "fc.weight"
-    assert sewa.canonical_name("encoder._orig_mod.fc.weight") == "encoder.fc.weight"
+    assert canonical_name("_orig_mod.module.fc.weight") == "fc.weight"
+    assert canonical_name("module._orig_mod.fc.weight") == "fc.weight"
+    assert canonical_name("encoder._orig_mod.fc.weight") == "encoder.fc.weight"
     model = filled(mlp(), 2.0)
     traj = sewa.Trajectory(model, window=2)
     traj.push({f"module.{k}": v for k, v in model.state_dict().items()}, step=1)

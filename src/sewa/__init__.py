@@ -6,27 +6,14 @@ constructors of :mod:`sewa.methods` (``sewa.methods.lawa(top_k=10)``, ``sewa.met
 """
 
 from . import methods, weights
-from .average import apply, average, average_flat
-from .bn import has_batchnorm, update_bn
+from .average import apply, average
+from .bn import update_bn
 from .disk import DiskTrajectory
-from .io import (
-    CheckpointError,
-    load_state_dict_file,
-    order_checkpoints,
-    save_state_dict,
-    trajectory_from_files,
-)
+from .io import CheckpointError, load_state_dict_file, save_state_dict, trajectory_from_files
 from .methods import Evaluator, Method, MethodResult
 from .recording import Recorder, record
-from .select import (
-    Selection,
-    SelectionError,
-    project_budget,
-    select,
-    tau_schedule,
-    trainable_average,
-)
-from .trajectory import Trajectory, TrajectoryError, canonical_name
+from .select import Selection, SelectionError, select, trainable_average
+from .trajectory import Trajectory, TrajectoryError
 
 __version__ = "0.1.0"
 
@@ -54,6 +41,3 @@ __all__ = [
     "CheckpointError",
     "__version__",
 ]
-
-# Importable here for older code, but not part of the public API: use their modules.
-_compat = (average_flat, has_batchnorm, order_checkpoints, project_budget, tau_schedule, canonical_name)
