@@ -121,7 +121,7 @@ def agreement() -> list[dict[str, Any]]:
                     engine = MixedLoss(traj, model, CE, device=DEVICE, dtype=dtype, vectorize=vectorize)
                     loss, grad = engine(mix, (x.to(dtype), y))
                     row.update(loss_rel_diff=abs(loss - ref_loss) / abs(ref_loss), grad_rel_diff=rel_diff(grad, ref_grad),
-                               vectorized=getattr(engine, "vectorize", None))
+                               vectorized=getattr(getattr(engine, "passes", engine), "vectorize", None))
                 except Exception as exc:  # reported, not hidden: vmap may not support a model
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 out.append(emit(row))
