@@ -7,8 +7,10 @@ Run (after ``python benchmarks/selection.py``)::
 Reads ``benchmarks/results/selection.jsonl`` (and ``selection_1thread.jsonl`` when present: the
 same grid at one torch thread), every ``benchmarks/results/*.json`` holding the keys ``task``,
 ``epoch_seconds``, ``selection_seconds``, ``steps``, ``samples``, ``window`` (selection cost in
-real terms, dropped there by the benchmark and by the experiment tasks), and computes the
-"scale on paper" section from the cost model. Nothing in the document is typed by hand.
+real terms, dropped there by the benchmark and by the experiment tasks), computes the
+"scale on paper" section from the cost model, and appends the sections that
+``benchmarks/distributed.py`` and ``benchmarks/threads.py`` render from their raw results
+(``distributed.jsonl``, ``threads.json``). Nothing in the document is typed by hand.
 """
 
 from __future__ import annotations
