@@ -1,0 +1,130 @@
+"""Cost of ``auto`` against one default SeWA selection on the same trajectory and split (issue 15).
+
+Run (about two minutes on a 2-core machine)::
+
+    python benchmarks/auto_cost.py                  # writes benchmarks/results/auto_cost.json
+
+The trajectory is 50 snapshots of an MLP 64-h-h-10 (about ``--params`` parameters) trained with
+SGD on a synthetic 10-class problem; the selection split is a few hundred examples in batches
+of 64. ``sewa.methods.sewa()`` (its defaults: 200 steps of 4 masks, K=10) and
+``sewa.methods.auto()`` (its defaults) are timed in interleaved rounds after one warm-up call
+each, on one torch thread. Each split size gives one JSON line: the medians, the ratio
+auto/SeWA (the target is at most 1.5), and the batch-level forward and backward passes of each
+(a SeWA step runs ``samples`` forward and backward passes on one batch; each of auto's
+candidates one forward pass over every batch of the split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from _common import (  # noqa: E402
+    emit,
+    interleaved,
+    load_averages,
+    machine,
+    mlp,
+    ratios,
+    set_threads,
+    summarize,
+    write_json,
+)
+from torch import nn  # noqa: E402
+
+import sewa  # noqa: E402
+from sewa.methods import Evaluator  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "auto_cost.json"
+LIMIT = 1.5  # issue 15: auto may cost at most this many default SeWA selections
+WINDOW = 50
+BATCH = 64
+
+
+def _data(n: int, g: torch.Generator, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(n, 64, generator=g)
+    y = (x @ w + 0.5 * torch.randn(n, 10, generator=g)).argmax(1)
+    return x, y
+
+
+def build(params: int, seed: int = 0) -> tuple[nn.Module, sewa.Trajectory, tuple[torch.Tensor, torch.Tensor]]:
+    """The model, a 50-snapshot trajectory recorded every 5 SGD steps, and a pool of held-out data."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = mlp(params)
+    w = torch.randn(64, 10, generator=g)
+    x, y = _data(2048, g, w)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    traj = sewa.Trajectory(model, window=WINDOW)
+    for step in range(5 * WINDOW * 2):
+        i = torch.randint(0, len(y), (BATCH,), generator=g)
+        loss = nn.functional.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 5 == 4:
+            traj.push(model, step=step + 1)
+    return model, traj, _data(1024, g, w)
+
+
+def accuracy(out: torch.Tensor, y: torch.Tensor) -> float:
+    return float((out.argmax(1) == y).float().mean())
+
+
+def measure(model: nn.Module, traj: sewa.Trajectory, pool: tuple[torch.Tensor, torch.Tensor], examples: int,
+            repeats: int) -> dict[str, Any]:
+    """Times default SeWA and default auto on a split of ``examples`` examples; their ratio and pass counts."""
+    x, y = pool
+    batches = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, examples, BATCH)]
+    ev = Evaluator(model, nn.functional.cross_entropy, batches, metric=accuracy)
+    sewa_method, auto_method = sewa.methods.sewa(), sewa.methods.create("auto")
+    last: dict[str, Any] = {}
+
+    def run_sewa() -> None:
+        last["sewa"] = sewa_method.weights(traj, ev)
+
+    def run_auto() -> None:
+        last["auto"] = auto_method.weights(traj, ev)
+
+    load_before = load_averages()
+    times = interleaved({"sewa": run_sewa, "auto": run_auto}, repeats, warmup=1)
+    stats = {name: summarize(t) for name, t in times.items()}
+    rel = ratios({name: s["median"] for name, s in stats.items()}, baseline="sewa")
+    info = last["auto"].info
+    steps, samples = sewa_method.settings["steps"], sewa_method.settings["samples"]
+    return {
+        "examples": examples, "batches": len(batches), "window": WINDOW, "params": sum(p.numel() for p in model.parameters()),
+        "repeats": repeats, "seconds": stats, "ratio_auto_over_sewa": rel["auto"], "limit": LIMIT, "pass": rel["auto"] <= LIMIT,
+        "passes": {"sewa": {"forward": steps * samples, "backward": steps * samples},
+                   "auto": {"forward": info["forward_passes"], "backward": info["backward_passes"]}},
+        "auto_candidates": len(info["candidates"]), "auto_skipped": info["skipped"], "auto_scored_batches": info["scored_batches"],
+        "auto_chosen": info["chosen"], "auto_fell_back": info["fell_back"],
+        "load_before": load_before, "load_after": load_averages(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=int, default=20_000, help="MLP parameters (default 20000)")
+    parser.add_argument("--examples", type=int, nargs="+", default=[256, 512], help="selection split sizes")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    set_threads(1)
+    start = time.perf_counter()
+    model, traj, pool = build(args.params)
+    records = [emit(measure(model, traj, pool, n, args.repeats)) for n in args.examples]
+    write_json(args.out, {"benchmark": "auto_cost", "command": "python benchmarks/auto_cost.py", "records": records,
+                          "machine": machine(), "seconds": time.perf_counter() - start})
+    for r in records:
+        print(f"{'PASS' if r['pass'] else 'FAIL'} auto/SeWA = {r['ratio_auto_over_sewa']:.2f} (limit {LIMIT}) "
+              f"on {r['examples']} selection examples")
+
+
+if __name__ == "__main__":
+    main()
