@@ -1,4 +1,4 @@
-"""``sewa experiment NAME [--preset quick|full] [--seeds N]``: the paper's task families."""
+"""``sewa experiment NAME [--preset quick|full] [--regime R] [--seeds N]``: the paper's task families."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 EPILOG = """\
 examples:
   sewa experiment ag_news --preset quick            # smoke run in minutes
+  sewa experiment ag_news --regime unstable-shard   # constant LR, a corrupted shard inside the window
   sewa experiment hopper --preset full --seeds 5    # D4RL-style hopper medium-expert
   sewa experiment cifar100 --data ~/data            # needs cifar-100-python/ under ~/data
   python -m sewa.experiments.results                # regenerate docs/RESULTS.md from the runs
@@ -16,12 +17,15 @@ examples:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     """Registers the ``experiment`` command."""
+    from .schedules import REGIMES
     from .tasks import SPECS
 
     p = subparsers.add_parser("experiment", help="run a reproducible experiment (image, text, behaviour cloning)",
                               description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=sorted(SPECS), help="experiment to run")
     p.add_argument("--preset", choices=("quick", "full"), default="quick", help="sizes (default: quick)")
+    p.add_argument("--regime", choices=REGIMES, default="constant",
+                   help="learning-rate schedule and where the window sits (default: constant; see sewa.experiments.schedules)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
     p.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--out", type=Path, default=Path("results/experiments"), help="where raw run JSON goes")
@@ -53,10 +57,11 @@ def run(args: argparse.Namespace) -> int:
     spec = SPECS[args.name].with_preset(args.preset)
     seeds = range(args.first_seed, args.first_seed + (args.seeds or spec.seeds))
     for seed in seeds:
-        rec = runner.run(args.name, args.preset, seed, args.out, data_path=args.data, ablations=args.ablations)
-        m = rec["methods"]
+        rec = runner.run(args.name, args.preset, seed, args.out, data_path=args.data, ablations=args.ablations,
+                         regime=args.regime)
+        m = {k: v for k, v in rec["methods"].items() if v.get("test_metric") is not None}
         best = max(m, key=lambda k: m[k]["test_metric"])
-        print(f"{args.name} seed {seed}: last {m['last']['test_metric']:.4f}  uniform {m['uniform']['test_metric']:.4f}  "
-              f"sewa10 {m.get('sewa10', {}).get('test_metric', float('nan')):.4f}  best {best} {m[best]['test_metric']:.4f}  "
-              f"-> {args.out / args.name / args.preset / f'seed{seed}.json'}")
+        shown = "  ".join(f"{k} {m[k]['test_metric']:.4f}" for k in ("last", "uniform", "sewa", "auto") if k in m)
+        path = args.out / args.name / args.regime / args.preset / f"seed{seed}.json"
+        print(f"{args.name} {args.regime} seed {seed}: {shown}  best {best} {m[best]['test_metric']:.4f}  -> {path}")
     return 0

@@ -1,8 +1,23 @@
-"""Runs one experiment seed: train, record the final stage, run every method and ablation.
+"""Runs one experiment seed: train under a regime, record the window, run every method, write a v2 record.
 
-Each run writes one JSON file (config, seed, git commit, data source, machine, timings,
-per-method scores, ablations) under ``runs/experiments/<task>/<preset>/seed<N>.json``;
-:mod:`sewa.experiments.results` turns those into ``docs/RESULTS.md``.
+Each run writes one JSON file in the format ``sewa.experiment/2`` under
+``results/experiments/<task>/<regime>/<preset>/seed<N>.json``: config, regime and where the window
+sits, git commit and whether src/ was dirty, data source, machine, timings, and
+
+- ``methods``: the main table, run through :func:`sewa.compare.run_compare` on one selection
+  split (the validation set): last, uniform (SWA), swa_lr (its own branch), LAWA(10), EMA and the
+  uniform suffix with their decay and start chosen on validation, greedy soup by the validation
+  metric, the learned soup, SeWA(10), and ``auto`` when registered; each says ``selected_on`` and
+  ``choice_by``;
+- ``per_snapshot``: validation and test metric and loss of every snapshot of the window;
+- ``random_k``: the test and validation scores of ``draws`` random K=10 averages;
+- ``k_curves``: LAWA-K, the random-K mean, SeWA-K (top-K of one SeWA run's probabilities) and the
+  oracle best-K (top-K snapshots by their own test score), for K in 1, 5, 10, 20, 50.
+
+For behaviour cloning the test metric is a rollout return: the main table rolls out every method,
+but the per-snapshot scores, random-K and K-curves use the test *loss* on held-out episodes
+(``measure``), since rolling out hundreds of averages would be too slow.
+:mod:`sewa.experiments.results` turns the records into ``docs/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -11,12 +26,13 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.swa_utils import SWALR, AveragedModel
 from tqdm.auto import tqdm
 
@@ -29,8 +45,13 @@ from ..methods import Method
 from ..task import Task
 from ..trajectory import Trajectory
 from . import tasks as T
+from .schedules import Regime, make_regime
 
+FORMAT = "sewa.experiment/2"
 SEWA_KS = (1, 5, 10, 20, 50)
+MAIN_K = 10
+# EMA half-lives swept on validation, as fractions of the window's span in optimizer updates.
+EMA_HALF_LIVES = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)
 # One setting varied at a time around the defaults (SeWA K=10, annealed tau, the preset's M and steps).
 GRID: dict[str, tuple[Any, ...]] = {
     "window": (10, 50, 100, 200), "tau": (0.1, 0.5, 1.0, 2.0, "annealed"), "samples": (1, 5, 10, 20),
@@ -49,44 +70,53 @@ def _optimizer(spec: T.Spec, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _train_steps(spec: T.Spec, model: nn.Module, opt: torch.optim.Optimizer, data: T.TaskData, seed: int, epoch: int,
-                 on_step: Callable[[int], None], step: int, limit: int) -> int:
+                 on_step: Callable[[int], None], step: int, limit: int, regime: Regime,
+                 sched: torch.optim.lr_scheduler.LRScheduler | None) -> int:
+    """One epoch (or what is left of ``limit`` updates); update ``step`` trains on ``regime.targets``."""
     model.train()
     for x, y in T.loader(data.train, spec.batch_size, True, seed * 1000 + epoch):
         if step >= limit:
             break
         opt.zero_grad(set_to_none=True)
-        spec.loss(model(x), y).backward()
+        spec.loss(model(x), regime.targets(step, y, seed)).backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         step += 1
         on_step(step)
     return step
 
 
 class _Scorer:
-    """Test metric and loss of a weight vector's average (BatchNorm refreshed on train batches)."""
+    """Scores of a model, or of a weight vector's average (BatchNorm refreshed on train batches)."""
 
     def __init__(self, spec: T.Spec, data: T.TaskData, template: nn.Module, seed: int) -> None:
         self.spec, self.data, self.template, self.seed = spec, data, template, seed
         self.bn = [b for _, b in zip(range(spec.bn_batches), T.loader(data.train, spec.batch_size, True, 7), strict=False)]
+        self.work = copy.deepcopy(template)
 
-    def model(self, model: nn.Module) -> dict[str, float]:
+    def losses(self, model: nn.Module) -> dict[str, float | None]:
+        """Validation and test loss and metric, without rollouts (BC: metrics ``None``)."""
         test_loss, test_acc = T.evaluate(model, self.data.test, self.spec.loss, self.spec.eval_batch)
         val_loss, val_acc = T.evaluate(model, self.data.val, self.spec.loss, self.spec.eval_batch)
-        out = {"test_loss": test_loss, "val_loss": val_loss}
+        bc = self.spec.family == "bc"
+        return {"test_loss": test_loss, "val_loss": val_loss, "test_metric": None if bc else test_acc,
+                "val_metric": None if bc else val_acc}
+
+    def model(self, model: nn.Module) -> dict[str, Any]:
+        """The main table's scores: :meth:`losses`, plus the rollout score for BC."""
+        out: dict[str, Any] = self.losses(model)
         if self.spec.family == "bc":
             out |= T.bc_score(model, self.data, self.spec.episodes, self.seed)
             out["test_metric"] = out["normalized_score"]
-        else:
-            out |= {"test_metric": test_acc, "val_metric": val_acc}
         return out
 
+    def average(self, trajectory: Trajectory, w: Tensor) -> dict[str, float | None]:
+        """:meth:`losses` of the average with weights ``w``."""
+        return self.losses(apply(self.work, trajectory, w, bn_batches=self.bn))
+
     def __call__(self, trajectory: Trajectory, w: torch.Tensor) -> dict[str, float]:
-        model = apply(copy.deepcopy(self.template), trajectory, w, bn_batches=self.bn)
-        return self.model(model)
-
-
-_COMPARE_KEYS = {"method", "settings", "weights", "seconds", "eval_seconds", "num_averaged", "probabilities", "indices",
-                 "history", "chosen_steps", "config"}
+        return self.model(apply(copy.deepcopy(self.template), trajectory, w, bn_batches=self.bn))
 
 
 def _task(spec: T.Spec, template: nn.Module, bn: list[Any], selection: list[Any]) -> Task:
@@ -99,28 +129,111 @@ def _task(spec: T.Spec, template: nn.Module, bn: list[Any], selection: list[Any]
                 metric_name=spec.metric_name)
 
 
-def plan(n: int, spec: T.Spec, seed: int) -> dict[str, Method]:
-    """The main table: ``{label: method}`` on a window of ``n`` snapshots."""
-    sewa = M.sewa(steps=spec.sel_steps, samples=spec.sel_samples, seed=seed)
-    return {
-        "last": M.last(), "uniform": M.uniform(), "ema": M.ema(tail="renormalize"),
-        "lawa10": M.lawa(top_k=min(10, n)), f"lawa{min(100, n)}": M.lawa(top_k=min(100, n)),
-        "random10": M.random_k(top_k=min(10, n), seed=seed), "greedy_soup": M.greedy_soup(),
-        "twa": M.learned_soup(steps=spec.sel_steps),
-    } | {f"sewa{k}": sewa.replace(top_k=k) for k in SEWA_KS if k <= n}
+def _choose(ev: Evaluator, traj: Trajectory, candidates: Mapping[Any, Tensor], by: str) -> tuple[Any, list[dict[str, Any]]]:
+    """The candidate weight vector with the best selection score (the metric, ties broken by the
+    loss; or the loss), and every candidate's scores."""
+    rows = []
+    for value, w in candidates.items():
+        s = ev.per_batch(traj, w)
+        rows.append({"value": value, "val_loss": s.mean("loss"), "val_metric": s.mean("metric") if s.metric is not None else None})
+    best = max(rows, key=lambda r: (r["val_metric"], -r["val_loss"]) if by == "metric" else -r["val_loss"])
+    return best["value"], rows
 
 
-def _method_table(traj: Trajectory, task: Task, methods: dict[str, Method], score: _Scorer) -> dict[str, Any]:
+def plan(n: int, spec: T.Spec, seed: int, ev: Evaluator, traj: Trajectory) -> tuple[dict[str, Method], dict[str, dict[str, Any]]]:
+    """The main table, ``{label: method}``, on a window of ``n`` snapshots, and the choices made
+    on the selection split for EMA's decay and the suffix's start (with their sweeps and cost)."""
+    by = "metric" if ev.metric is not None else "loss"
+    span = n * spec.every
+    t0 = time.perf_counter()
+    decays = {h * span: rules.ema_decay_per_snapshot(half_life=h * span, every=spec.every) for h in EMA_HALF_LIVES}
+    half_life, ema_sweep = _choose(ev, traj, {h: rules.ema(n, d, tail="renormalize") for h, d in decays.items()}, by)
+    t1 = time.perf_counter()
+    sizes = sorted({1, 2, 5} | {max(1, round(n * f / 10)) for f in range(1, 11)})
+    tail, suffix_sweep = _choose(ev, traj, {k: rules.lawa(n, k) for k in sizes if k <= n}, by)
+    t2 = time.perf_counter()
+    methods: dict[str, Method] = {
+        "last": M.last(), "uniform": M.uniform(), "lawa": M.lawa(top_k=min(MAIN_K, n)),
+        "ema": M.ema(decay=decays[half_life], tail="renormalize"), "suffix": M.lawa(top_k=tail),
+        "greedy_soup": M.greedy_soup(by=by), "learned_soup": M.learned_soup(steps=spec.sel_steps),
+        "sewa": M.sewa(top_k=min(MAIN_K, n), steps=spec.sel_steps, samples=spec.sel_samples, seed=seed),
+    }
+    if "auto" in M.METHODS:
+        methods["auto"] = M.create("auto", seed=seed)
+    choices = {
+        "ema": {"choice_seconds": t1 - t0, "half_life_updates": half_life, "sweep": [
+            {"half_life_updates": r["value"], "decay": decays[r["value"]], "val_metric": r["val_metric"],
+             "val_loss": r["val_loss"]} for r in ema_sweep]},
+        "suffix": {"choice_seconds": t2 - t1, "tail": tail, "start": n - tail, "sweep": [
+            {"tail": r["value"], "start": n - r["value"], "val_metric": r["val_metric"], "val_loss": r["val_loss"]}
+            for r in suffix_sweep]},
+    }
+    return methods, choices
+
+
+_SELECTED = {"last": None, "uniform": None, "lawa": None, "ema": "by", "suffix": "by", "greedy_soup": "by",
+             "learned_soup": "loss", "sewa": "loss", "auto": "by"}
+
+
+def _method_table(traj: Trajectory, task: Task, spec: T.Spec, seed: int, score: _Scorer) -> dict[str, Any]:
     """Every method of the main table on one trajectory, through :func:`sewa.compare.run_compare`."""
-    results = run_compare(traj, task, methods=methods, objective="val", progress=None, score=score.model)
+    ev = task.evaluator("val", "to choose EMA's decay and the suffix's start")
+    methods, choices = plan(len(traj), spec, seed, ev, traj)
+    by = "metric" if ev.metric is not None else "loss"
+    results = run_compare(traj, task, methods=methods, objective="val", progress=None, on_error="record", score=score.model)
     out: dict[str, Any] = {}
     for label, e in results["methods"].items():
-        out[label] = {"method": e["method"], "top_k": e["settings"].get("top_k", 10), "seconds": e["seconds"],
-                      "weights": e["weights"], "averaged": e["num_averaged"]}
-        out[label] |= {k: v for k, v in e.items() if k not in _COMPARE_KEYS}  # the scorer's fields
-        if e["method"] == "sewa":
-            out[label] |= {"probabilities": e["probabilities"], "indices": e["indices"], "history": e["history"]}
+        choice_by = _SELECTED.get(label, "by")
+        entry = dict(e) | {"selected_on": None if choice_by is None else "val",
+                           "choice_by": e.get("objective", by) if choice_by == "by" else choice_by}
+        if label in choices:
+            entry |= choices[label]
+            entry["seconds"] = (entry.get("seconds") or 0.0) + choices[label]["choice_seconds"]
+        out[label] = entry
     return out
+
+
+def _top(values: list[float], k: int, higher: bool) -> Tensor:
+    """Uniform weights on the ``k`` best of ``values`` (ties: the newer snapshot)."""
+    n = len(values)
+    order = sorted(range(n), key=lambda i: (values[i] if higher else -values[i], i), reverse=True)
+    return rules.from_indices(n, order[:k])
+
+
+def _distributions(traj: Trajectory, score: _Scorer, seed: int, sewa: Mapping[str, Any] | None,
+                   spec: T.Spec) -> dict[str, Any]:
+    """Per-snapshot scores, the random-K distribution and the K-curves, with their timings."""
+    n = len(traj)
+    measure = "test_loss" if spec.family == "bc" else "test_metric"
+    higher = measure == "test_metric"
+    t0 = time.perf_counter()
+    snaps = [score.average(traj, rules.from_indices(n, [i])) for i in range(n)]
+    per_snapshot = {key: [s[key] for s in snaps] for key in ("val_metric", "test_metric", "val_loss", "test_loss")}
+    t1 = time.perf_counter()
+
+    def draws(k: int, count: int) -> list[dict[str, Any]]:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        return [score.average(traj, rules.from_indices(n, torch.randperm(n, generator=g)[:k])) for _ in range(count)]
+
+    k_main = min(MAIN_K, n)
+    main = draws(k_main, spec.draws)
+    random_k = {"k": k_main, "draws": len(main), "seed": seed * 1_000_003 + k_main} | {
+        key: [d[key] for d in main] for key in ("test_metric", "val_metric", "test_loss", "val_loss")}
+    t2 = time.perf_counter()
+    ks = [k for k in SEWA_KS if k <= n]
+    curves: dict[str, Any] = {"Ks": ks, "measure": measure, "lawa": [], "random_k_mean": [], "random_k_draws": [],
+                              "sewa": [], "oracle": []}
+    probs = None if sewa is None or sewa.get("probabilities") is None else list(sewa["probabilities"])
+    for k in ks:
+        curves["lawa"].append(score.average(traj, rules.lawa(n, k))[measure])
+        rand = [d[measure] for d in (main if k == k_main else draws(k, spec.curve_draws))]
+        curves["random_k_mean"].append(sum(rand) / len(rand))
+        curves["random_k_draws"].append(len(rand))
+        curves["sewa"].append(None if probs is None else score.average(traj, _top(probs, k, True))[measure])
+        own = [float(v) for v in per_snapshot[measure] if v is not None]
+        curves["oracle"].append(score.average(traj, _top(own, k, higher))[measure])
+    seconds = {"per_snapshot_seconds": t1 - t0, "random_k_seconds": t2 - t1, "k_curve_seconds": time.perf_counter() - t2}
+    return {"per_snapshot": per_snapshot, "random_k": random_k, "k_curves": curves, "seconds": seconds}
 
 
 def _ablations(traj: Trajectory, evaluator: Evaluator, score: _Scorer, full: Trajectory, data: T.TaskData, spec: T.Spec,
@@ -173,35 +286,62 @@ def _ablations(traj: Trajectory, evaluator: Evaluator, score: _Scorer, full: Tra
 
 
 def _swa_lr_branch(spec: T.Spec, model: nn.Module, opt_state: dict[str, Any], data: T.TaskData, seed: int,
-                   start: int, total: int, score: _Scorer) -> dict[str, Any]:
-    """SWA with its own learning-rate schedule (torch.optim.swa_utils), over the final stage."""
+                   start: int, total: int, regime: Regime, score: _Scorer) -> dict[str, Any]:
+    """SWA with its own learning-rate schedule (torch.optim.swa_utils), over the recorded stage."""
     t0 = time.perf_counter()
     opt = _optimizer(spec, model)
     opt.load_state_dict(opt_state)
     swa = AveragedModel(model)
-    sched = SWALR(opt, swa_lr=spec.lr * 0.5, anneal_epochs=max(1, (total - start) // 10), anneal_strategy="cos")
-    epoch, step = 0, start
+    anneal = max(1, (total - start) // 10)
+    sched = SWALR(opt, swa_lr=spec.lr * 0.5, anneal_epochs=anneal, anneal_strategy="cos")
+    step = start
 
     def on_step(s: int) -> None:
-        sched.step()
         if (s - start) % spec.every == 0:
             swa.update_parameters(model)
 
     steps_per_epoch = math.ceil(len(data.train[1]) / spec.batch_size)
     epoch = start // steps_per_epoch
     while step < total:
-        step = _train_steps(spec, model, opt, data, seed + 17, epoch, on_step, step, total)
+        step = _train_steps(spec, model, opt, data, seed + 17, epoch, on_step, step, total, regime, sched)
         epoch += 1
     avg = swa.module
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in avg.modules()):
         torch.optim.swa_utils.update_bn(score.bn, avg)
-    return {"method": "swa_lr", "seconds": time.perf_counter() - t0, "averaged": swa.n_averaged.item()} | score.model(avg)
+    note = (f"its own branch from update {start} to {total} (the recorded stage, {(total - start) // spec.every} snapshots): "
+            f"SWALR anneals the LR to {spec.lr * 0.5:g} (half the peak) over {anneal} updates (cosine) and holds it, "
+            f"averaging every {spec.every} updates; the regime's own schedule does not apply there")
+    return {"method": "swa_lr", "settings": {"swa_lr": spec.lr * 0.5, "anneal_updates": anneal, "every": spec.every},
+            "weights": None, "seconds": time.perf_counter() - t0, "num_averaged": int(swa.n_averaged.item()),
+            "window_note": note, "selected_on": None, "choice_by": None} | score.model(avg)
+
+
+def _reference(spec: T.Spec, data: T.TaskData, seed: int) -> dict[str, Any] | None:
+    if spec.reference is not None:
+        return spec.reference(spec, data, seed)
+    ref = data.info.get("reference")
+    return dict(ref) if ref is not None else None
 
 
 def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None = None,
-        ablations: bool | None = None, progress: bool = True) -> dict[str, Any]:
-    """Trains one seed of experiment ``name`` and writes its JSON; returns the record."""
+        ablations: bool | None = None, progress: bool = True, regime: str = "constant",
+        overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Trains one seed of experiment ``name`` under ``regime`` and writes its v2 record; returns it.
+
+    Args:
+        name: A key of :data:`sewa.experiments.tasks.SPECS`.
+        preset: ``"quick"`` or ``"full"``.
+        seed: Seed of the initialisation, the data order and the methods.
+        out_dir: Root of the raw runs (``<out_dir>/<name>/<regime>/<preset>/seed<N>.json``).
+        data_path: Local path to the original data.
+        ablations: Run the ablations (default: the spec's setting).
+        progress: Progress bars.
+        regime: One of :data:`sewa.experiments.schedules.REGIMES`.
+        overrides: Spec fields changed after the preset (e.g. a smaller window in tests).
+    """
     spec = T.SPECS[name].with_preset(preset)
+    if overrides:
+        spec = replace(spec, **overrides)
     opts = spec.options | {"data_path": data_path, "train_subset": spec.train_subset}
     data = spec.load(opts)
     if spec.eval_subset:  # smaller val/test splits keep the quick preset quick
@@ -214,6 +354,8 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
     start = total - spec.record_window * spec.every
     if start < 0:
         raise ValueError(f"{name}: {total} steps cannot hold {spec.record_window} snapshots every {spec.every} steps")
+    reg = make_regime(regime, total, min(spec.window, spec.record_window), spec.every, spec.warmup)
+    sched = reg.scheduler(opt)
     traj = Trajectory(model, spec.record_window)
     branch: dict[str, Any] = {}
 
@@ -225,37 +367,46 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
 
     epoch_seconds, step = [], 0
     on_step(0)
-    for epoch in tqdm(range(spec.epochs), desc=f"{name} seed {seed}", disable=not progress):
+    for epoch in tqdm(range(spec.epochs), desc=f"{name} {regime} seed {seed}", disable=not progress):
         t0 = time.perf_counter()
-        step = _train_steps(spec, model, opt, data, seed, epoch, on_step, step, total)
+        step = _train_steps(spec, model, opt, data, seed, epoch, on_step, step, total, reg, sched)
         epoch_seconds.append(time.perf_counter() - t0)
 
     score = _Scorer(spec, data, model, seed)
     main = traj.subset(range(len(traj) - min(spec.window, len(traj)), len(traj)))
-    # The selection split (SeWA, the learned soup, greedy soup alike): the validation set, or its
-    # first ``sel_subset`` items where evaluating the whole of it hundreds of times would be too slow.
+    # The selection split (every method that chooses): the validation set, or its first
+    # ``sel_subset`` items where evaluating the whole of it hundreds of times would be too slow.
     x_val, y_val = T._subset(data.val, spec.sel_subset, 0) if spec.sel_subset else data.val
     sel_batches = list(T.loader((x_val, y_val), spec.sel_batch, False, 0))
     task = _task(spec, model, score.bn, sel_batches)
-    methods = _method_table(main, task, plan(len(main), spec, seed), score)
-    methods["swa_lr"] = _swa_lr_branch(spec, branch["model"], branch["opt"], data, seed, start, total, score)
+    methods = _method_table(main, task, spec, seed, score)
+    methods["swa_lr"] = _swa_lr_branch(spec, branch["model"], branch["opt"], data, seed, start, total, reg, score)
+    dist = _distributions(main, score, seed, methods.get("sewa"), spec)
     env = environment()
+    sewa_seconds = methods.get("sewa", {}).get("seconds")
     record: dict[str, Any] = {
-        "task": name, "family": spec.family, "preset": preset, "seed": seed, "config": T.describe(spec),
-        "data_source": data.source, "git_commit": env["git_commit"], "dirty": env["dirty"], "machine": env,
-        "metric": spec.metric_name, "window": len(main), "recorded": len(traj), "steps": main.steps,
+        "format": FORMAT, "task": name, "family": spec.family, "regime": regime, "preset": preset, "seed": seed,
+        "git_commit": env["git_commit"], "dirty": env["dirty"], "machine": env, "config": T.describe(spec),
+        "data_source": data.source, "metric": spec.metric_name, "window": len(main), "recorded": len(traj),
+        "steps": main.steps, "window_note": reg.note(), "schedule": reg.describe(),
+        "selection_split": {"name": "val", "items": int(len(y_val)), "batches": len(sel_batches)},
+        "reference": _reference(spec, data, seed), "methods": methods,
+        "per_snapshot": dist["per_snapshot"], "random_k": dist["random_k"], "k_curves": dist["k_curves"],
         "compute": {"epoch_seconds": sum(epoch_seconds) / len(epoch_seconds), "train_seconds": sum(epoch_seconds),
-                    "selection_seconds": methods.get("sewa10", {}).get("seconds"),
-                    "trajectory_bytes": main.nbytes, "params": main.num_params,
-                    "selection_forward_backward": spec.sel_steps * spec.sel_samples},
-        "methods": methods,
+                    "selection_seconds": sewa_seconds, "trajectory_bytes": main.nbytes, "params": main.num_params,
+                    "selection_forward_backward": spec.sel_steps * spec.sel_samples} | dist["seconds"],
     }
+    if spec.family == "bc":
+        record["measure_note"] = (f"test_metric is the D4RL-normalised return of {spec.episodes} rollouts (seeds "
+                                  f"{10_000 + seed}..{10_000 + seed + spec.episodes - 1}) in the main table only; per_snapshot, "
+                                  "random_k and k_curves use the MSE test loss on held-out episodes (rollouts of hundreds "
+                                  "of averages would be too slow)")
     c = record["compute"]
     if c["selection_seconds"] is not None:
         c["selection_over_epoch"] = c["selection_seconds"] / c["epoch_seconds"]
     if spec.ablations if ablations is None else ablations:
         record["ablations"] = _ablations(main, task.evaluator("val", "for the ablations"), score, traj, data, spec, seed)
-    out = Path(out_dir) / name / preset / f"seed{seed}.json"
+    out = Path(out_dir) / name / regime / preset / f"seed{seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1, default=float))
