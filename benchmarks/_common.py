@@ -41,23 +41,16 @@ import torch
 from torch import nn
 
 __all__ = [
-    "set_threads", "time_call", "Stopwatch", "rounds", "interleaved", "median", "summarize", "ratios",
-    "busy_cores", "copy_variant", "maxrss_bytes", "mlp", "run_worker", "worker_reply", "machine", "JsonLines", "read_jsonl", "emit", "write_json",
-    "loglog_slope", "load_average", "load_averages", "ms", "mib", "human_bytes", "human_seconds", "table",
-    "write_generated",
+    "set_threads", "Stopwatch", "rounds", "interleaved", "median", "summarize", "ratios", "busy_cores",
+    "copy_variant", "maxrss_bytes", "mlp", "run_worker", "worker_reply", "machine", "load_average",
+    "load_averages", "JsonLines", "read_jsonl", "emit", "write_json", "loglog_slope", "ms", "mib",
+    "human_bytes", "human_seconds", "table", "write_generated",
 ]
 
 
 def set_threads(n: int) -> None:
     """Intra-op threads of torch (inter-op left alone: the benchmarks run one op at a time)."""
     torch.set_num_threads(int(n))
-
-
-def time_call(fn: Callable[[], Any]) -> float:
-    """Wall-clock seconds of one call."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 class Stopwatch:
