@@ -11,7 +11,8 @@ So, unless the user chose a count, :func:`compute_threads` uses the cores that o
 processes left idle over a short probe (50 ms, reused for 2 s so that back-to-back calls pay
 it once), between 1 and torch's default. The user chose a
 count when they pass one, set ``SEWA_THREADS``, set ``OMP_NUM_THREADS``, or changed
-torch's count (``torch.set_num_threads``) after sewa was imported.
+torch's count (``torch.set_num_threads``) after sewa was imported. A count set equal to
+torch's default cannot be told apart from none: ``SEWA_THREADS`` pins it.
 """
 
 from __future__ import annotations
