@@ -10,7 +10,7 @@ gives them batch by batch, for methods that cross-fit over folds of the split.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,6 +55,7 @@ class Scores:
         return float((values * sizes).sum() / sizes.sum())
 
 
+@dataclass(eq=False)
 class Evaluator:
     """The selection split and how an average is scored on it.
 
@@ -71,23 +72,23 @@ class Evaluator:
         progress: Progress bars for the long methods (``None``: only on a terminal).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any], *,
-                 metric: Callable[[Any, Any], float] | None = None, metric_name: str = "metric", batch_stats: bool = True,
-                 vectorize: bool | None = None, device: torch.device | str | None = None,
-                 progress: bool | None = False) -> None:
-        self.model = model
-        self.loss_fn = loss_fn
+    model: nn.Module
+    loss_fn: Callable[[Any, Any], Tensor]
+    batches: Iterable[Any]
+    metric: Callable[[Any, Any], float] | None = field(default=None, kw_only=True)
+    metric_name: str = field(default="metric", kw_only=True)
+    batch_stats: bool = field(default=True, kw_only=True)
+    vectorize: bool | None = field(default=None, kw_only=True)
+    device: torch.device | str | None = field(default=None, kw_only=True)
+    progress: bool | None = field(default=False, kw_only=True)
+
+    def __post_init__(self) -> None:
         # A one-shot iterator is read once here; a re-iterable (a list, a DataLoader) is kept as
         # it is, so that the selection streams it instead of holding it in memory.
-        self.batches: Iterable[Any] = list(bounded(batches, "the selection split")) if iter(batches) is batches else batches
+        if iter(self.batches) is self.batches:
+            self.batches = list(bounded(self.batches, "the selection split"))
         if isinstance(self.batches, list) and not self.batches:
             raise EvaluationError("the selection split has no batches")
-        self.metric = metric
-        self.metric_name = metric_name
-        self.batch_stats = batch_stats
-        self.vectorize = vectorize
-        self.device = device
-        self.progress = progress
         self._held: tuple[Trajectory, MixedLoss, list[tuple[Any, Any]]] | None = None
 
     def engine_options(self) -> dict[str, Any]:

@@ -77,7 +77,7 @@ def method_args(p: argparse.ArgumentParser, names: Sequence[str]) -> None:
     help and default of the first method that has it. Flags default to ``None``: a method
     built from them keeps its own default for every flag not given."""
     seen: dict[str, Any] = {}
-    for name in names:
+    for name in sorted(names, key=lambda n: n != "sewa"):  # SeWA's help for the flags it shares
         for s in settings_of(METHODS[name]).values():
             seen.setdefault(s.name, s)
     group = p.add_argument_group("method settings (each passed to the methods that take it)")
@@ -98,6 +98,15 @@ def run_args(p: argparse.ArgumentParser, *, objective: bool = True, progress: bo
     if progress:
         p.add_argument("--no-progress", action="store_true", help="no progress bars (default: bars only on a terminal)")
         p.add_argument("--quiet", action="store_true", help="no progress bars and no messages but errors and results")
+
+
+def finish(p: argparse.ArgumentParser, names: Sequence[str], run: Any, force: str = "overwrite existing outputs") -> None:
+    """The arguments every command that runs methods ends with: ``--force``, the run options,
+    one flag per setting of the methods ``names``; and the function that runs the command."""
+    p.add_argument("--force", action="store_true", help=force)
+    run_args(p)
+    method_args(p, names)
+    p.set_defaults(func=run)
 
 
 def method_settings(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
-from ._common import CliError, evaluating_methods, formatter, method_args, run_args, task_args, wrap
+from ._common import CliError, evaluating_methods, finish, formatter, task_args, wrap
 
 log = logging.getLogger("sewa")
 
@@ -28,42 +28,30 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     task_args(p, task_required=False)
     p.add_argument("--method", required=True, metavar="NAME", help=", ".join(METHODS))
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="the averaged state dict (.safetensors)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    run_args(p, progress=True)
-    method_args(p, ["sewa", *[m for m in METHODS if m != "sewa"]])  # SeWA's help for shared flags
-    p.set_defaults(func=run)
+    finish(p, list(METHODS), run, force='overwrite an existing --out')
 
 
 def run(args: argparse.Namespace) -> int:
     from ..average import average
     from ..compare import averaged_model, check_top_k
     from ..io import save_state_dict, trajectory_from_files
-    from ._common import (
-        apply_run_args,
-        build,
-        check_output,
-        cleanup_on_failure,
-        load_for_task,
-        order,
-        progress,
-        relative_names,
-    )
+    from . import _common as c
 
-    method = build(args.method, args)
-    apply_run_args(args)
+    method = c.build(args.method, args)
+    c.apply_run_args(args)
     if method.evaluates and args.task is None:
         plain = [m for m in METHODS if m not in evaluating_methods()]
         raise CliError(f"method {method.name!r} evaluates averaged models and needs --task; "
                        f"the methods that need no task are {', '.join(plain)}")
-    check_output(args.out, "--out", args.checkpoints, [], args.force, suffix=".safetensors")
-    files = order(args.checkpoints)
-    check_output(args.out, "--out", args.checkpoints, files, args.force)
+    c.check_output(args.out, "--out", args.checkpoints, [], args.force, suffix=".safetensors")
+    files = c.order(args.checkpoints)
+    c.check_output(args.out, "--out", args.checkpoints, files, args.force)
     if method.top_k is not None:
         check_top_k(method.top_k, len(files))
     if args.task is not None:
         needs = [(args.objective, "to select checkpoints")] if method.evaluates else []
-        task, traj, _ = load_for_task(args, files, needs)
-        evaluator = task.evaluator(args.objective, "to select checkpoints", progress=progress(args)) if method.evaluates else None
+        task, traj, _ = c.load_for_task(args, files, needs)
+        evaluator = task.evaluator(args.objective, "to select checkpoints", progress=c.progress(args)) if method.evaluates else None
         result = method.weights(traj, evaluator)
         state = averaged_model(task, traj, result.weights).state_dict()
     else:
@@ -74,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
             log.warning("note: BatchNorm statistics were averaged like the weights; pass --task to recompute them on 'train'")
     chosen = [i for i, w in enumerate(result.weights.tolist()) if w > 0]
     meta = {"format": "pt", "sewa": json.dumps({"method": method.name, "settings": dict(method.settings),
-                                                "weights": result.weights.tolist(), "checkpoints": relative_names(files)})}
-    with cleanup_on_failure(args.out):
+                                                "weights": result.weights.tolist(), "checkpoints": c.relative_names(files)})}
+    with c.cleanup_on_failure(args.out):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         save_state_dict(state, args.out, overwrite=args.force, metadata=meta)
     print(f"{method.name}: averaged {len(chosen)} of {len(files)} checkpoints (steps {[traj.steps[i] for i in chosen]})")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import DEFAULT_METHODS, METHODS
-from ._common import TASK_EXAMPLE, formatter, method_args, run_args, task_args, wrap
+from ._common import TASK_EXAMPLE, finish, formatter, task_args, wrap
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -23,47 +23,34 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=None, metavar="A,B,...", help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--json", type=Path, required=True, metavar="OUT.json", help="where to write the results (JSON)")
     p.add_argument("--report", type=Path, default=None, metavar="DIR", help="also write a report folder (report.md and plots)")
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    run_args(p)
-    method_args(p, ["sewa", *[m for m in METHODS if m != "sewa"]])  # SeWA's help for shared flags
-    p.set_defaults(func=run)
+    finish(p, list(METHODS), run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..compare import build_methods, check_methods, check_top_k, run_compare
     from ..report import format_table, write_report
-    from ._common import (
-        apply_run_args,
-        check_output,
-        check_outputs_distinct,
-        cleanup_on_failure,
-        load_for_task,
-        method_settings,
-        order,
-        progress,
-        write_json,
-    )
+    from . import _common as c
 
-    apply_run_args(args)
+    c.apply_run_args(args)
     names = check_methods([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else DEFAULT_METHODS)
-    settings = method_settings(args, names)
-    check_outputs_distinct(("--json", args.json), ("--report", args.report))
-    files = order(args.checkpoints)
-    check_output(args.json, "--json", args.checkpoints, files, args.force)
+    settings = c.method_settings(args, names)
+    c.check_outputs_distinct(("--json", args.json), ("--report", args.report))
+    files = c.order(args.checkpoints)
+    c.check_output(args.json, "--json", args.checkpoints, files, args.force)
     if args.report is not None:
-        check_output(args.report, "--report", args.checkpoints, files, args.force, folder=True)
+        c.check_output(args.report, "--report", args.checkpoints, files, args.force, folder=True)
     methods = build_methods(names, **settings)
     for m in methods.values():
         if m.top_k is not None:
             check_top_k(m.top_k, len(files))
-    task, traj, _ = load_for_task(args, files, [(args.objective, f"to select checkpoints (--objective {args.objective})")]
+    task, traj, _ = c.load_for_task(args, files, [(args.objective, f"to select checkpoints (--objective {args.objective})")]
                                   if any(m.evaluates for m in methods.values()) else [])
-    with cleanup_on_failure(args.json, args.report):
+    with c.cleanup_on_failure(args.json, args.report):
         results = run_compare(traj, task, methods=methods, objective=args.objective, checkpoints=[str(f) for f in files],
-                              progress=progress(args), on_error="record")
+                              progress=c.progress(args), on_error="record")
         results["command"] = "compare"
         results["argv"] = ["sewa", *sys.argv[1:]]
-        write_json(args.json, results, args.force)
+        c.write_json(args.json, results, args.force)
         if args.report is not None:
             write_report(results, args.report, force=args.force, results_path=None)
     print(format_table(results))

@@ -8,15 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import (
-    TASK_EXAMPLE,
-    evaluating_methods,
-    formatter,
-    method_args,
-    run_args,
-    task_args,
-    wrap,
-)
+from ._common import TASK_EXAMPLE, evaluating_methods, finish, formatter, task_args, wrap
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -32,45 +24,31 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="sewa", choices=learning, help="the learning method (default sewa)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="the averaged state dict (.safetensors)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="also write what was learned and the test results (JSON)")
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    run_args(p)
-    method_args(p, ["sewa", *[m for m in learning if m != "sewa"]])
-    p.set_defaults(func=run)
+    finish(p, learning, run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..compare import check_top_k, environment, evaluate_method
     from ..io import save_state_dict
-    from ._common import (
-        apply_run_args,
-        build,
-        check_output,
-        check_outputs_distinct,
-        cleanup_on_failure,
-        load_for_task,
-        order,
-        progress,
-        relative_names,
-        write_json,
-    )
+    from . import _common as c
 
-    apply_run_args(args)
-    method = build(args.method, args)
-    check_outputs_distinct(("--out", args.out), ("--json", args.json))
+    c.apply_run_args(args)
+    method = c.build(args.method, args)
+    c.check_outputs_distinct(("--out", args.out), ("--json", args.json))
     if args.out.suffix != ".safetensors":
-        check_output(args.out, "--out", args.checkpoints, [], args.force, suffix=".safetensors")
-    files = order(args.checkpoints)
+        c.check_output(args.out, "--out", args.checkpoints, [], args.force, suffix=".safetensors")
+    files = c.order(args.checkpoints)
     for flag, path in (("--out", args.out), ("--json", args.json)):
         if path is not None:
-            check_output(path, flag, args.checkpoints, files, args.force)
+            c.check_output(path, flag, args.checkpoints, files, args.force)
     if method.top_k is not None:
         check_top_k(method.top_k, len(files))
-    task, traj, split = load_for_task(args, files, [(args.objective, f"to select checkpoints (--objective {args.objective})")])
-    evaluator = task.evaluator(args.objective, "to select checkpoints", progress=progress(args))
+    task, traj, split = c.load_for_task(args, files, [(args.objective, f"to select checkpoints (--objective {args.objective})")])
+    evaluator = task.evaluator(args.objective, "to select checkpoints", progress=c.progress(args))
     entry, model = evaluate_method(method, traj, evaluator, task, split)
     chosen = [i for i, w in enumerate(entry["weights"]) if w > 0]
-    names = relative_names(files)
-    with cleanup_on_failure(args.out, args.json):
+    names = c.relative_names(files)
+    with c.cleanup_on_failure(args.out, args.json):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": "pt", "sewa": json.dumps({"method": method.name, "settings": dict(method.settings), "indices": chosen,
                                                     "weights": entry["weights"], "checkpoints": [names[i] for i in chosen]})}
@@ -82,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                         "checkpoint_steps": traj.steps, "indices": chosen, "top_k": method.top_k,
                         "seed": method.settings.get("seed"), "out": str(args.out), "environment": environment(),
                         "argv": ["sewa", *sys.argv[1:]]})
-            write_json(args.json, out, args.force)
+            c.write_json(args.json, out, args.force)
     metric = "" if entry["test_metric"] is None else f", {split} metric {entry['test_metric']:.4f}"
     print(f"{method.name} chose {len(chosen)} of {len(files)} checkpoints: {[files[i].name for i in chosen]}")
     print(f"{split} loss {entry['test_loss']:.4f}{metric}; selection {entry['seconds']:.2f} s")
