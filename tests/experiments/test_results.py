@@ -36,3 +36,36 @@ def test_the_committed_results_document_has_no_machine_paths() -> None:
     text = doc.read_text()
     assert "site-packages" not in text and ".venv" not in text
     assert not re.search(r"(?<![\w.])/(home|work|tmp|root|Users)/", text)
+
+
+def _v1_run(seed: int, commit: str) -> dict:
+    """A run in the first format: no "format" key, labels sewa10/lawa10/lawa100/random10/twa."""
+    labels = ("last", "uniform", "ema", "lawa10", "lawa100", "random10", "greedy_soup", "twa", "sewa1", "sewa10", "swa_lr")
+    methods = {m: {"method": m, "test_metric": 0.70 + 0.01 * i + 0.001 * seed, "val_metric": 0.7, "test_loss": 1.0,
+                   "val_loss": 0.9, "seconds": 0.5, "averaged": 10} for i, m in enumerate(labels)}
+    return {"task": "ag_news", "family": "text", "preset": "full", "seed": seed, "git_commit": commit,
+            "config": {"every": 4, "train_subset": None}, "data_source": "AG News re-split", "metric": "accuracy",
+            "machine": {"platform": "test", "cpus": 2, "torch": "x"}, "window": 100, "recorded": 200,
+            "steps": list(range(4, 404, 4)), "methods": methods,
+            "compute": {"epoch_seconds": 1.0, "train_seconds": 12.0, "selection_seconds": 30.0, "trajectory_bytes": 2**20,
+                        "params": 100, "selection_forward_backward": 400}}
+
+
+def test_a_format_1_run_still_renders(tmp_path) -> None:
+    import json
+
+    from sewa.experiments.results import render
+
+    for seed, commit in ((0, "c" * 40), (1, "d" * 40)):
+        path = tmp_path / "runs" / "ag_news" / "full" / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_v1_run(seed, commit)))
+    md = render(tmp_path / "runs", tmp_path / "docs", tmp_path / "summary.json").read_text()
+    assert "### ag_news — constant (full)" in md and "**runs of 2 commits**" in md and "format-1 runs" in md
+    assert "| learned_soup |" in md and "| twa |" not in md and "| sewa vs lawa |" in md
+    assert "lawa100 (extra)" in md and "sewa vs lawa100" not in md and "sewa vs random10" not in md
+    t = json.loads((tmp_path / "summary.json").read_text())["tasks"][0]
+    assert (t["regime"], t["format"], t["dirty"], t["mixed_commits"]) == ("constant", "sewa.experiment/1", None, True)
+    assert t["methods"]["sewa"]["test_metric"] == pytest.approx([79.0, 79.1])
+    assert t["k_curves"] == {"Ks": [1, 10], "sewa": pytest.approx([78.05, 79.05])}
+    assert t["methods"]["greedy_soup"]["selected_on"] == "val" and t["methods"]["greedy_soup"]["choice_by"] == "loss"

@@ -1,8 +1,11 @@
-"""Regenerates ``docs/RESULTS.md`` and its plots from the raw per-run JSON files.
+"""Regenerates ``docs/RESULTS.md``, its plots and ``results/summary.json`` from the raw runs.
 
     python -m sewa.experiments.results [--runs results/experiments] [--out docs]
+                                       [--summary results/summary.json] [--allow-mixed]
 
-Nothing here is typed by hand: every figure comes from the runs found under ``--runs``.
+Nothing here is typed by hand: every figure, verdict and count comes from the runs found under
+``--runs`` (formats 1 and 2, read by :mod:`sewa.experiments.summary`), with the statistics of
+:mod:`sewa.experiments.stats`.
 """
 
 from __future__ import annotations
@@ -11,9 +14,12 @@ import argparse
 import json
 import math
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from . import stats, summary
+from .summary import MAIN, Key
 
 SUBSTITUTES = """\
 The paper's data cannot be downloaded on the machines these runs used (no internet), so real
@@ -23,20 +29,14 @@ substitutes were used, as listed in the project's data notes:
   datasets generated here in real MuJoCo (gymnasium `*-v5`, same observation/action sizes as D4RL)
   from linear policies the project trained itself with Augmented Random Search. Scores are
   D4RL-normalised with the standard reference returns. Original D4RL hdf5 files are accepted with
-  `--data PATH`. For these tasks the test metric is the return of 10 fresh evaluation episodes per
-  method; "test loss" and "val loss" are both the action MSE on the held-out 5% of transitions that
-  is also the selection split.
+  `--data PATH`. Each task's section names its evaluation episodes and selection split.
 - **Image classification** (paper: CIFAR-100): Fashion-MNIST (Debian `dataset-fashion-mnist`) with a
-  CIFAR-style ResNet-8 with BatchNorm. A CIFAR-100 code path (`sewa experiment cifar100 --data DIR`,
+  CIFAR-style ResNet with BatchNorm. A CIFAR-100 code path (`sewa experiment cifar100 --data DIR`,
   torchvision folder format) exists but was not run: CIFAR is not obtainable here.
 - **Text classification** (paper: AG News, 120k train rows): the 7,600 real rows of the AG News test
-  split, re-split 5,600/1,000/1,000 (stratified, fixed seed); BBC News (headline + first sentence,
-  de-duplicated). Full AG News CSVs are accepted with `--data DIR`.
+  split, re-split (stratified, fixed seed); BBC News (headline + first sentence, de-duplicated).
+  Full AG News CSVs are accepted with `--data DIR`.
 """
-
-BASELINES = ("last", "uniform", "swa_lr", "ema", "lawa10", "lawa100", "random10", "greedy_soup", "twa")
-ORDER = BASELINES + ("sewa1", "sewa5", "sewa10", "sewa20", "sewa50")
-
 
 # An absolute POSIX path inside a run's data description (ends at a space, ':', ',', ';' or a bracket).
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s:,;()]+")
@@ -70,214 +70,344 @@ def _where(path: str) -> str:
     return "…/" + "/".join(parts[-2:])
 
 
-def load_runs(root: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """All run records, grouped by (task, preset), sorted by seed."""
-    runs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for path in sorted(root.glob("*/*/seed*.json")):
-        rec = json.loads(path.read_text())
-        runs[(rec["task"], rec["preset"])].append(rec)
-    for recs in runs.values():
-        recs.sort(key=lambda r: r["seed"])
-    return dict(runs)
-
-
 def mean_std(xs: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+    m = math.fsum(xs) / len(xs)
+    return m, (math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
-def paired_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of ``a - b`` over paired seeds and its two-sided t confidence interval."""
-    d = [x - y for x, y in zip(a, b, strict=True)]
-    m, s = mean_std(d)
-    if len(d) < 2:
-        return m, float("nan"), float("nan")
-    from scipy.stats import t
-
-    half = float(t.ppf(0.5 + level / 2, len(d) - 1)) * s / math.sqrt(len(d))
-    return m, m - half, m + half
+def _ms(xs: list[float | None], digits: int = 2, missing: str = "—") -> str:
+    """Mean ± std over seeds; ``missing`` where no seed has a value (a failed method, an unrecorded metric)."""
+    vals = [x for x in xs if x is not None]
+    if len(vals) < len(xs) or not vals:
+        return missing if not vals else f"{mean_std(vals)[0]:.{digits}f} ({len(xs) - len(vals)} {missing})"
+    m, s = mean_std(vals)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def _scale(rec: dict[str, Any]) -> float:
-    return 100.0 if rec["family"] != "bc" else 1.0  # accuracies in %, BC already in normalised score
+def _span(xs: list[Any]) -> str:
+    vals = [x for x in xs if x is not None]
+    if not vals:
+        return "—"
+    lo, hi = min(vals), max(vals)
+    return str(lo) if lo == hi else f"{lo}–{hi}"
 
 
-def _fmt(m: float, s: float) -> str:
-    return f"{m:.2f} ± {s:.2f}"
+def _p(x: float | None) -> str:
+    return "—" if x is None else ("<0.001" if x < 0.001 else f"{x:.3f}")
 
 
-def method_table(recs: list[dict[str, Any]]) -> list[str]:
-    """Rows: method | test metric | val metric | test loss | #averaged | seconds."""
-    k = _scale(recs[0])
-    lines = ["| method | test metric | test loss | val loss | averaged | seconds |", "|---|---|---|---|---|---|"]
-    names = [n for n in ORDER if n in recs[0]["methods"]] + sorted(set(recs[0]["methods"]) - set(ORDER))
-    for name in names:
-        rows = [r["methods"][name] for r in recs if name in r["methods"]]
-        if len(rows) != len(recs):
+def _loss(recs: list[dict[str, Any]], label: str, key: str) -> str:
+    vals = [r["methods"][label].get(key) for r in recs]
+    return "—" if any(v is None for v in vals) else f"{mean_std([float(v) for v in vals])[0]:.4f}"
+
+
+def _title(key: Key) -> str:
+    task, regime, preset = key
+    return f"{task} — {regime} ({preset})"
+
+
+def method_table(recs: list[dict[str, Any]], entry: dict[str, Any]) -> list[str]:
+    """Main table: the reference, then every method with its mean ± std over seeds, losses, the
+    range over seeds of how many snapshots it averaged, what it selects on, its mean rank, its time."""
+    u = "%" if entry["metric"] == "accuracy" else "pts"
+    lines = [f"| method | test ({u}) | val ({u}) | test loss | val loss | averaged (range over seeds) | selects on | "
+             "choice by | mean rank | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    ref = entry["reference"]
+    if ref:
+        lines.append(f"| reference: {ref['name']} | {_ms(ref['per_seed'])} | — | — | — | — | — | — | — | — |")
+    else:
+        lines.append("| reference | not recorded by these runs | — | — | — | — | — | — | — | — |")
+    for label, row in entry["methods"].items():
+        rank = entry["ranks"].get(label)
+        lines.append(f"| {label if label in MAIN else label + ' (extra)'} | {_ms(row['test_metric'], missing='failed')} | {_ms(row['val_metric'])} | "
+                     f"{_loss(recs, label, 'test_loss')} | {_loss(recs, label, 'val_loss')} | {_span(row['averaged'])} | "
+                     f"{row['selected_on'] or '—'} | {row['choice_by'] or '—'} | "
+                     f"{'—' if rank is None else f'{mean_std(rank)[0]:.1f}'} | {_ms(row['seconds'], 1)} |")
+    return lines
+
+
+def verdict_table(entry: dict[str, Any]) -> list[str]:
+    """Paired differences with their t interval, raw and Holm-adjusted p-values, TOST and Wilcoxon."""
+    lines = ["| comparison | mean diff | 95% CI | p (t) | p Holm | TOST p Holm | Wilcoxon p | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, v in entry["verdicts"].items():
+        ci = "—" if v["ci"] is None else f"[{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}]"
+        lines.append(f"| {name} | {v['diff']:+.2f} | {ci} | {_p(v['p'])} | {_p(v['p_holm'])} | {_p(v['p_tost_holm'])} | "
+                     f"{_p(v['p_wilcoxon'])} | **{v['verdict']}** |")
+    return lines
+
+
+def random_k_table(entry: dict[str, Any]) -> list[str]:
+    """The random-K distribution per seed and each method's percentile in it."""
+    rk = entry["random_k"]
+    if not rk:
+        return []
+    lines = [f"Random-K (K={rk['k']}, {rk['draws']} draws per seed): mean {_ms(rk['test_metric_mean'])}, "
+             f"5th–95th percentile of the draws {mean_std(rk['test_metric_p05'])[0]:.2f}–{mean_std(rk['test_metric_p95'])[0]:.2f} "
+             "(mean over seeds). Each method's percentile in its seed's distribution:", "",
+             "| method | mean percentile | range over seeds |", "|---|---|---|"]
+    for label, pct in rk["percentiles"].items():
+        lines.append(f"| {label} | {mean_std(pct)[0]:.0f} | {min(pct):.0f}–{max(pct):.0f} |")
+    return lines + [""]
+
+
+def k_curve_table(entry: dict[str, Any]) -> list[str]:
+    """Mean test metric over seeds at each K, per curve, and the best K of each curve."""
+    kc = entry["k_curves"]
+    if not kc:
+        return []
+    series = [s for s in kc if s != "Ks"]
+    lines = ["| K | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
+    lines += [f"| {k} | " + " | ".join(f"{kc[s][i]:.2f}" for s in series) + " |" for i, k in enumerate(kc["Ks"])]
+    best = ", ".join(f"{s}: K={max(zip(kc[s], kc['Ks'], strict=True))[1]}" for s in series)
+    return ["K-curves (mean test metric over seeds):", ""] + lines + ["", f"Best K per curve: {best}.", ""]
+
+
+def describe(recs: list[dict[str, Any]], entry: dict[str, Any]) -> str:
+    """The paragraph above a task's tables: data, seeds, window, machine and provenance."""
+    r0, cfg = recs[0], recs[0]["config"]
+    subset = cfg.get("train_subset")
+    episodes = f" Test returns come from {cfg['episodes']} evaluation episodes per method." if entry["family"] == "bc" and cfg.get("episodes") else ""
+    steps = f" (steps {r0['steps'][0]}–{r0['steps'][-1]})" if r0.get("steps") else ""
+    flags = []
+    if entry["mixed_commits"]:
+        flags.append(f"**runs of {len(entry['commits'])} commits** ({', '.join(c[:10] for c in entry['commits'])})")
+    else:
+        flags.append(f"commit {entry['commit'][:10]}")
+    if entry["format"] == summary.LEGACY_FORMAT:
+        flags.append("format-1 runs (no reference, no dirty flag; which split a method selects on is inferred from that runner)")
+    if entry["dirty"]:
+        flags.append("**at least one run from a tree with uncommitted changes**")
+    m = r0["machine"]
+    every = f" every {cfg['every']} steps" if cfg.get("every") else ""
+    return (f"Data: {data_source(r0['data_source'])}.{f' Training used a fixed subset of {subset} items.' if subset else ''}"
+            f"{episodes} Seeds: {entry['seeds']}. Window k={entry['window']}{every}"
+            f"{steps}: {entry['window_note'] or 'placement not recorded'}. Test metric in {entry['unit']}, mean ± std over "
+            f"{len(recs)} seeds; equivalence margin ±{entry['margin']:g}. Machine: {m.get('platform')}, "
+            f"{m.get('cpus', m.get('cpu_count'))} CPUs, torch {m.get('torch')}{', ' + str(m['device']) if m.get('device') else ''}. "
+            f"Provenance: {'; '.join(flags)}.")
+
+
+def _avg(xs: list[Any]) -> float | None:
+    vals = [float(x) for x in xs if x is not None]
+    return mean_std(vals)[0] if vals and len(vals) == len(xs) else None
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def compute_table(groups: dict[Key, list[dict[str, Any]]], entries: dict[Key, dict[str, Any]]) -> list[str]:
+    """Training epoch time against SeWA's selection time, auto's time against SeWA's, and memory."""
+    lines = ["| task — regime (preset) | params | window | trajectory MB | epoch s | SeWA(10) selection s | selection / epoch | "
+             "fwd+bwd passes | auto s | auto / SeWA |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, recs in sorted(groups.items()):
+        c = [r.get("compute", {}) for r in recs]
+        ep, sel = _avg([x.get("epoch_seconds") for x in c]), _avg([x.get("selection_seconds") for x in c])
+        methods = entries[key]["methods"]
+        auto = _avg(methods["auto"]["seconds"]) if "auto" in methods else None
+        sewa = _avg(methods["sewa"]["seconds"]) if "sewa" in methods else sel
+        mb = c[0].get("trajectory_bytes")
+        lines.append(f"| {_title(key)} | {_num(c[0].get('params'), ',')} | {recs[0]['window']} | "
+                     f"{_num(None if mb is None else mb / 2**20, '.1f')} | {_num(ep, '.1f')} | {_num(sel, '.1f')} | "
+                     f"{_num(sel / ep if sel is not None and ep else None, '.2f')} | {c[0].get('selection_forward_backward', '—')} | "
+                     f"{_num(auto, '.1f')} | {_num(auto / sewa if auto is not None and sewa else None, '.2f')} |")
+    return lines
+
+
+def selection_table(entries: dict[Key, dict[str, Any]]) -> list[str]:
+    """Does the method best on the selection split stay best on test?"""
+    lines = ["| task — regime (preset) | best on val metric | its test rank | best on test | its val rank |", "|---|---|---|---|---|"]
+    for key, e in sorted(entries.items()):
+        scored = [m for m in e["ranks"] if all(x is not None for x in e["methods"][m]["val_metric"])]
+        if not scored:
             continue
-        tm = mean_std([x["test_metric"] * k for x in rows])
-        tl = mean_std([x["test_loss"] for x in rows])
-        vl = mean_std([x["val_loss"] for x in rows])
-        sec = mean_std([x["seconds"] for x in rows])
-        lines.append(f"| {name} | {_fmt(*tm)} | {tl[0]:.4f} | {vl[0]:.4f} | {rows[0].get('averaged', '')} | {sec[0]:.1f} |")
+        val = {m: mean_std(e["methods"][m]["val_metric"])[0] for m in scored}
+        test = {m: mean_std(e["methods"][m]["test_metric"])[0] for m in scored}
+        by_val, by_test = sorted(scored, key=lambda m: -val[m]), sorted(scored, key=lambda m: -test[m])
+        lines.append(f"| {_title(key)} | {by_val[0]} | {by_test.index(by_val[0]) + 1} of {len(scored)} | {by_test[0]} | "
+                     f"{by_val.index(by_test[0]) + 1} of {len(scored)} |")
     return lines
 
 
-def paired_table(recs: list[dict[str, Any]], ref: str = "sewa10") -> tuple[list[str], dict[str, str]]:
-    """SeWA(K=10) minus each baseline, paired over seeds, with 95% CIs, and a verdict per baseline."""
-    k = _scale(recs[0])
-    lines = [f"| {ref} minus | mean diff | 95% CI | verdict |", "|---|---|---|---|"]
-    verdicts: dict[str, str] = {}
-    a = [r["methods"][ref]["test_metric"] * k for r in recs]
-    for name in BASELINES:
-        if not all(name in r["methods"] for r in recs):
-            continue
-        b = [r["methods"][name]["test_metric"] * k for r in recs]
-        m, lo, hi = paired_ci(a, b)
-        verdict = "n/a (1 seed)" if math.isnan(lo) else ("win" if lo > 0 else "loss" if hi < 0 else "tie")
-        verdicts[name] = verdict
-        ci = "n/a" if math.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
-        lines.append(f"| {name} | {m:+.2f} | {ci} | {verdict} |")
-    return lines, verdicts
-
-
-def overfit_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
-    """Selection-split loss against test metric for the K=10 methods: does winning on the
-    selection split carry over to the test split?"""
-    names = ("lawa10", "random10", "sewa10", "greedy_soup", "twa")
-    lines = ["| task | " + " | ".join(f"{n} val loss / test" for n in names) + " | best val loss | best test |",
-             "|---|" + "---|" * (len(names) + 2)]
-    for (task, preset), recs in sorted(groups.items()):
-        k = _scale(recs[0])
-        val = {n: mean_std([r["methods"][n]["val_loss"] for r in recs])[0] for n in names}
-        test = {n: mean_std([r["methods"][n]["test_metric"] * k for r in recs])[0] for n in names}
-        cells = " | ".join(f"{val[n]:.4f} / {test[n]:.2f}" for n in names)
-        lines.append(f"| {task} ({preset}) | {cells} | {min(val, key=val.__getitem__)} | {max(test, key=test.__getitem__)} |")
-    return lines
-
-
-def compute_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
-    """Training epoch time against SeWA's whole selection time, and trajectory memory."""
-    lines = ["| task | preset | params | window | trajectory MB | epoch s | SeWA(10) selection s | selection / epoch | fwd+bwd passes |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for (task, preset), recs in sorted(groups.items()):
-        c = [r["compute"] for r in recs]
-        ep = mean_std([x["epoch_seconds"] for x in c])[0]
-        sel = mean_std([x["selection_seconds"] for x in c])[0]
-        lines.append(f"| {task} | {preset} | {c[0]['params']:,} | {recs[0]['window']} | {c[0]['trajectory_bytes'] / 2**20:.1f} | "
-                     f"{ep:.1f} | {sel:.1f} | {sel / ep:.2f} | {c[0]['selection_forward_backward']} |")
-    return lines
-
-
-def ablation_plots(groups: dict[tuple[str, str], list[dict[str, Any]]], out: Path) -> list[str]:
-    """One figure per (task, preset) with ablations; returns Markdown lines (tables + images)."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _grid(n: int) -> tuple[Any, list[Any]]:
+    plt = _pyplot()
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def rank_plot(entries: dict[Key, dict[str, Any]], out: Path) -> list[str]:
+    """One panel per task-regime: each method's per-seed rank (dots) and mean rank (bar)."""
+    shown = {k: e for k, e in sorted(entries.items()) if e["ranks"]}
+    if not shown:
+        return []
+    fig, axes = _grid(len(shown))
+    for ax, (key, e) in zip(axes, shown.items(), strict=False):
+        names = list(e["ranks"])
+        for i, n in enumerate(names):
+            r = e["ranks"][n]
+            ax.bar(i, mean_std(r)[0], color="tab:orange" if n in summary.CLAIMANTS else "tab:gray", alpha=0.5)
+            ax.scatter([i + 0.08 * (j - len(r) / 2) / max(1, len(r)) for j in range(len(r))], r, s=8, color="k")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_ylim(len(names) + 0.5, 0.5)
+        ax.set_ylabel("rank on test (1 = best)")
+        ax.set_title(_title(key), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "ranks.png", dpi=80)
+    _pyplot().close(fig)
+    return ["Per-seed ranks on the test metric (dots) and mean rank (bars); SeWA and auto in orange.", "", "![ranks](ranks.png)", ""]
+
+
+def k_curve_plot(entries: dict[Key, dict[str, Any]], out: Path) -> list[str]:
+    """One panel per task-regime with K-curves: mean test metric against K."""
+    shown = {k: e for k, e in sorted(entries.items()) if e["k_curves"] and len(e["k_curves"]["Ks"]) > 1}
+    if not shown:
+        return []
+    fig, axes = _grid(len(shown))
+    for ax, (key, e) in zip(axes, shown.items(), strict=False):
+        kc = e["k_curves"]
+        for s in (s for s in kc if s != "Ks"):
+            ax.plot(kc["Ks"], kc[s], marker="o", label=s)
+        ax.set_xscale("log")
+        ax.set_xlabel("K (snapshots averaged)")
+        ax.set_ylabel(f"test ({e['unit']})")
+        ax.set_title(_title(key), fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "k_curves.png", dpi=80)
+    _pyplot().close(fig)
+    return ["![K-curves](k_curves.png)", ""]
+
+
+def ablation_plots(groups: dict[Key, list[dict[str, Any]]], out: Path) -> list[str]:
+    """One figure per task-regime with ablations; returns Markdown lines (summaries + images)."""
+    plt = _pyplot()
     lines: list[str] = []
-    for (task, preset), recs in sorted(groups.items()):
-        recs = [r for r in recs if "ablations" in r]
+    for key, recs in sorted(groups.items()):
+        recs = [r for r in recs if r.get("ablations")]
         if not recs:
             continue
-        k = _scale(recs[0])
-        keys = list(recs[0]["ablations"])
-        fig, axes = plt.subplots(2, 4, figsize=(16, 7))
-        lines += [f"### Ablations: {task} ({preset}, {len(recs)} seeds, SeWA K=10 unless varied)", ""]
-        for ax, key in zip(axes.flat, keys, strict=False):
-            values = [row["value"] for row in recs[0]["ablations"][key]]
-            if key == "convergence":
-                steps = [row["step"] for row in recs[0]["ablations"][key]]
-                for series in ("last", "uniform", "lawa10", "sewa10"):
-                    ys = [mean_std([r["ablations"][key][i][series] * k for r in recs])[0] for i in range(len(values))]
-                    ax.plot(steps, ys, marker="o", label=series)
+        k = summary.UNITS[recs[0]["metric"]][1]
+        ab = recs[0]["ablations"]
+        fig, axes = _grid(len(ab))
+        lines += [f"### Ablations: {_title(key)}, {len(recs)} seeds, SeWA K=10 unless varied", ""]
+        for ax, name in zip(axes, ab, strict=False):
+            rows = ab[name]
+            labels = [str(row["value"]) for row in rows]
+            if name == "convergence":
+                series = [s for s in rows[0] if s not in ("value", "step")]
+                steps = [row["step"] for row in rows]
+                means = {s: [mean_std([r["ablations"][name][i][s] * k for r in recs])[0] for i in range(len(rows))] for s in series}
+                for s in series:
+                    ax.plot(steps, means[s], marker="o", label=s)
                 ax.set_xlabel("training step at which averaging happens")
                 ax.legend(fontsize=7)
-                row_txt = " · ".join(f"step {s}: " + ", ".join(f"{n} {mean_std([r['ablations'][key][i][n] * k for r in recs])[0]:.2f}"
-                                                              for n in ("last", "uniform", "lawa10", "sewa10")) for i, s in enumerate(steps))
-                lines.append(f"- **convergence**: {row_txt}")
+                lines.append(f"- **{name}**: " + " · ".join(f"step {st}: " + ", ".join(f"{s} {means[s][i]:.2f}" for s in series)
+                                                           for i, st in enumerate(steps)))
             else:
-                stats = [mean_std([r["ablations"][key][i]["test_metric"] * k for r in recs]) for i in range(len(values))]
-                labels = [str(v) for v in values]
-                ax.errorbar(range(len(values)), [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3)
-                ax.set_xticks(range(len(values)), labels)
-                ax.set_xlabel(key)
-                lines.append(f"- **{key}**: " + ", ".join(f"{lab} → {m:.2f} ± {s:.2f}" for lab, (m, s) in zip(labels, stats, strict=True)))
-            ax.set_title(key)
+                ms = [mean_std([r["ablations"][name][i]["test_metric"] * k for r in recs]) for i in range(len(rows))]
+                ax.errorbar(range(len(rows)), [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3)
+                ax.set_xticks(range(len(rows)), labels)
+                ax.set_xlabel(name)
+                lines.append(f"- **{name}**: " + ", ".join(f"{lab} → {m:.2f} ± {s:.2f}" for lab, (m, s) in zip(labels, ms, strict=True)))
+            ax.set_title(name)
             ax.set_ylabel(recs[0]["metric"])
-        fig.suptitle(f"{task} ({preset}): SeWA ablations, mean ± std over {len(recs)} seeds")
+        fig.suptitle(f"{_title(key)}: SeWA ablations, mean ± std over {len(recs)} seeds")
         fig.tight_layout()
-        name = f"ablations_{task}_{preset}.png"
-        fig.savefig(out / name, dpi=90)
+        png = "ablations_" + "_".join(key) + ".png"
+        fig.savefig(out / png, dpi=90)
         plt.close(fig)
-        lines += ["", f"![ablations {task}]({name})", ""]
+        lines += ["", f"![ablations {key[0]}]({png})", ""]
     return lines
 
 
-def render(root: Path, out: Path) -> Path:
-    """Writes ``out/RESULTS.md`` (and plots) from the runs under ``root``."""
-    groups = load_runs(root)
+def discussion(doc: dict[str, Any]) -> list[str]:
+    """The paper's claims (and auto's) one by one, each with the counts of the verdicts on it."""
+    tasks = doc["tasks"]
+    lines = [f"Counts are over the summary's task-regimes ({len(tasks)}); every verdict is Holm-corrected within its "
+             f"task-regime at α={stats.ALPHA} and the margins declared in `sewa.experiments.stats`.", ""]
+    for c in doc["claims"]:
+        if not c["comparisons"]:
+            lines.append(f"- **{c['claim']}**: no run bears on it yet.")
+            continue
+        n, found = c["counts"], c["comparisons"]
+        detail = "; ".join(f"{v}: " + ", ".join(f"{x['where']} vs {x['vs']}" for x in found if x["verdict"] == v)
+                           for v in stats.VERDICTS if n[v] and v != "inconclusive")
+        lines.append(f"- **{c['claim']}**: " + ", ".join(f"{n[v]} {v}" for v in stats.VERDICTS) + f" of {len(found)} comparisons"
+                     + (f" ({detail})." if detail else "."))
+    pct = [(e["task"], e["regime"], e["random_k"]["percentiles"]["sewa"]) for e in tasks
+           if e["random_k"] and "sewa" in e["random_k"]["percentiles"]]
+    lines.append("- **SeWA's selection beats picking K snapshots at random**: " + (
+        "; ".join(f"{t}/{r}: percentile {mean_std(p)[0]:.0f} (seeds {min(p):.0f}–{max(p):.0f})" for t, r, p in pct) + "."
+        if pct else "no run records a random-K distribution yet."))
+    total = Counter(v["verdict"] for e in tasks for v in e["verdicts"].values())
+    lines += ["", "All comparisons: " + ", ".join(f"{total[v]} {v}" for v in stats.VERDICTS) + "."]
+    return lines
+
+
+def render(root: Path, out: Path, summary_path: Path | None = None, allow_mixed: bool = False) -> Path:
+    """Writes ``out/RESULTS.md``, its plots and (when given) the summary JSON from the runs under ``root``."""
+    groups = summary.load_runs(root)
     if not groups:
         raise FileNotFoundError(f"no runs under {root}: run `sewa experiment NAME` first")
+    entries = summary.entries(groups, allow_mixed)
+    doc = summary.build(entries)
     out.mkdir(parents=True, exist_ok=True)
-    md = ["# Results", "", "Generated by `python -m sewa.experiments.results` from the raw runs in "
-          f"`{root}`. Do not edit by hand.", "", "## Data used", "", SUBSTITUTES]
-    discussion: list[str] = []
-    totals: Counter[str] = Counter()
-    by_family: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for key, recs in groups.items():
-        by_family[recs[0]["family"]].append(key)
-    for family in sorted(by_family):
+    if summary_path is not None:
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(doc, indent=1) + "\n")
+    margins = ", ".join(f"{m}: ±{v:g} {summary.UNITS[m][0]}" for m, v in doc["margins"].items())
+    md = ["# Results", "", f"Generated by `python -m sewa.experiments.results` from the raw runs in `{root}`"
+          + (f" (machine-readable: `{summary_path}`)" if summary_path else "") + ". Do not edit by hand.", "",
+          "## Data used", "", SUBSTITUTES, "## How to read the verdicts", "",
+          "Every comparison pairs two methods on the same training runs (one difference per seed). The 95% interval is "
+          "a t interval of the mean difference; p is the paired t-test; **p Holm** corrects it over the task-regime's "
+          f"family of comparisons. **Equivalent** means TOST (Holm-corrected) shows the difference inside the margin "
+          f"declared before the runs ({margins}); **better**/**worse** means a Holm-significant difference not shown to "
+          f"be inside the margin; everything else is **inconclusive** (a wide interval is never a tie). α={doc['alpha']}. "
+          "The Wilcoxon signed-rank p-value is a distribution-free check on the t-test.", ""]
+    for family in sorted({e["family"] for e in entries.values()}):
         md += [f"## {family}", ""]
-        for task, preset in sorted(by_family[family]):
-            recs = groups[(task, preset)]
-            r0 = recs[0]
-            unit = "% accuracy" if family != "bc" else "D4RL-normalised score"
-            subset = r0["config"].get("train_subset")
-            trained_on = f" Training used a fixed subset of {subset} of the training items." if subset else ""
-            commits = ", ".join(dict.fromkeys(str(r["git_commit"])[:10] for r in recs))
-            md += [f"### {task} ({preset} preset)", "",
-                   f"Data: {data_source(r0['data_source'])}.{trained_on} Seeds: {[r['seed'] for r in recs]}. Window k={r0['window']} "
-                   f"snapshots every {r0['config']['every']} steps (steps {r0['steps'][0]}–{r0['steps'][-1]}). "
-                   f"Test metric in {unit}, mean ± std over {len(recs)} seeds. Machine: {r0['machine']['platform']}, "
-                   f"{r0['machine'].get('cpus', r0['machine'].get('cpu_count'))} CPUs, torch {r0['machine']['torch']}; commits {commits}.", ""]
-            md += method_table(recs) + [""]
-            lines, verdicts = paired_table(recs)
-            md += lines + [""]
-            counts = {v: sum(1 for x in verdicts.values() if x == v) for v in ("win", "tie", "loss")}
-            totals.update(v for v in verdicts.values())
-            discussion.append(f"- **{task}** ({len(recs)} seed{'s' if len(recs) != 1 else ''}): SeWA(K=10) wins against {counts['win']}, ties with "
-                              f"{counts['tie']} and loses to {counts['loss']} of {len(verdicts)} baselines "
-                              f"({', '.join(f'{k}: {v}' for k, v in verdicts.items())}).")
-    md += ["## Compute", "", "Wall-clock on the machine named above; selection counts SeWA's forward and backward passes "
-           "(steps × samples).", ""] + compute_table(groups) + [""]
-    md += ["## Selection split against test split", "",
-           "Loss on the validation split (which SeWA, greedy soup and TWA optimise) next to the test metric, "
-           "mean over seeds. A method that wins on validation but not on test has over-fitted the selection split.", ""]
-    md += overfit_table(groups) + [""]
+        for key in sorted(k for k, e in entries.items() if e["family"] == family):
+            recs, e = groups[key], entries[key]
+            md += [f"### {_title(key)}", "", describe(recs, e), ""] + method_table(recs, e) + [""]
+            md += verdict_table(e) + [""] + random_k_table(e) + k_curve_table(e)
+    md += ["## Ranks", ""] + rank_plot(entries, out) + k_curve_plot(entries, out)
+    md += ["## Compute", "", "Wall-clock on the machines named above; passes count SeWA's forward and backward passes "
+           "(steps × samples).", ""] + compute_table(groups, entries) + [""]
+    md += ["## Selection split against test split", "", "The method best on the selection (validation) metric and where it "
+           "ranks on test, and the reverse: a method that leads on validation but not on test has over-fitted the "
+           "selection split, or the split does not track the test metric.", ""] + selection_table(entries) + [""]
     md += ["## Ablations", ""] + ablation_plots(groups, out)
-    md += ["## Discussion", "", "Verdicts use paired differences over seeds with a 95% t interval: a win or loss needs "
-           "the whole interval on one side of zero.", "",
-           f"Over all tasks and baselines, SeWA(K=10) has {totals['win']} significant wins, {totals['tie']} ties and "
-           f"{totals['loss']} significant losses ({totals['n/a (1 seed)']} comparisons have a single seed). "
-           + ("On this data the paper's claim (SeWA matches or beats the baselines) holds at best as 'matches': most "
-              "differences are within seed noise. " if totals["win"] <= totals["tie"] else "")
-           + "Where a method optimised on the validation split leads there but not on test (table above), it has "
-           "over-fitted the selection split.", ""] + discussion + [""]
+    md += ["## Discussion", ""] + discussion(doc) + [""]
     path = out / "RESULTS.md"
     path.write_text("\n".join(md) + "\n")
     return path
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: regenerate the results document."""
+    """Command-line entry: regenerate the results document, its plots and the summary."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="results/experiments", type=Path)
     p.add_argument("--out", default="docs", type=Path)
+    p.add_argument("--summary", default="results/summary.json", type=Path)
+    p.add_argument("--allow-mixed", action="store_true", help="render task-regimes whose runs come from several commits (flagged)")
     args = p.parse_args(argv)
-    print(render(args.runs, args.out))
+    print(render(args.runs, args.out, args.summary, args.allow_mixed))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,278 @@
+"""The machine-readable summary of the experiment runs, ``results/summary.json`` (issue 14, item 9).
+
+    python -m sewa.experiments.results          # writes it together with docs/RESULTS.md
+
+Reads the raw runs (format ``sewa.experiment/2`` at ``<task>/<regime>/<preset>/seed<N>.json``, and
+the older layout ``<task>/<preset>/seed<N>.json`` without a ``format`` key, read as the constant-LR
+regime with its labels mapped to today's) and writes one entry per task and regime with the per-seed
+metrics of every method, the random-K distribution, per-seed ranks and the verdicts of
+:mod:`sewa.experiments.stats` for "sewa vs X" and "auto vs X" over every baseline X.
+
+Metrics in the summary are in display units: accuracy in percent, behaviour cloning in
+D4RL-normalised points (0-100), so both equivalence margins read as points (0.3 and 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from . import stats
+
+FORMAT = "sewa.experiment/2"
+LEGACY_FORMAT = "sewa.experiment/1"
+SCHEMA = "sewa.summary/1"
+MAIN = ("last", "uniform", "swa_lr", "lawa", "ema", "suffix", "greedy_soup", "learned_soup", "sewa", "auto")
+"""Method labels of the main tables, in display order; only these enter the verdicts."""
+CLAIMANTS = ("sewa", "auto")
+"""Methods whose claims are tested: each against every other main method (sewa not against auto)."""
+V1_LABELS = {"sewa10": "sewa", "lawa10": "lawa", "twa": "learned_soup"}
+V1_SELECTION = {"sewa": ("val", "loss"), "greedy_soup": ("val", "loss"), "learned_soup": ("val", "loss")}
+"""What the format-1 runner selected on (it did not record it): the validation split, by its loss."""
+UNITS = {"accuracy": ("percent", 100.0), "normalized_score": ("D4RL-normalised points", 1.0)}
+PRESET_ORDER = ("full", "quick")
+CLAIMS: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
+    ("SeWA(K=10) beats averaging the whole window (uniform, SWA with its LR schedule)", "sewa", ("uniform", "swa_lr"), False),
+    ("SeWA beats the other checkpoint averages (LAWA, EMA)", "sewa", ("lawa", "ema"), False),
+    ("SeWA beats the other selections (suffix, greedy soup, learned soup)", "sewa", ("suffix", "greedy_soup", "learned_soup"), False),
+    ("SeWA beats the last iterate", "sewa", ("last",), False),
+    ("auto is never worse than the best baseline (chosen per task on test, in hindsight)", "auto", ("<best>",), False),
+    ("auto beats uniform and the last iterate where checkpoints differ in quality (unstable regimes)", "auto", ("uniform", "last"), True),
+)
+"""(claim, claimant, the methods it is compared with ("<best>": the task's best baseline), unstable regimes only)."""
+
+Key = tuple[str, str, str]
+"""(task, regime, preset)."""
+
+
+def from_v1(rec: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 run read as format 2: regime "constant", labels mapped (sewa10 -> sewa,
+    lawa10 -> lawa, twa -> learned_soup), SeWA's K-curve from its sewa1..sewa50 rows, provenance
+    fields it did not record set to ``None``. lawa100 (equal to uniform) and random10 (one draw) stay
+    as extra rows outside the verdicts."""
+    out = dict(rec)
+    methods: dict[str, Any] = {}
+    for label, row in rec["methods"].items():
+        new = V1_LABELS.get(label, label)
+        row = dict(row)
+        row.setdefault("selected_on", V1_SELECTION.get(new, (None, None))[0])
+        row.setdefault("choice_by", V1_SELECTION.get(new, (None, None))[1])
+        methods[new] = row
+    out["methods"] = methods
+    curve = {int(k[4:]): row["test_metric"] for k, row in rec["methods"].items() if k[:4] == "sewa" and k[4:].isdigit()}
+    out.update(format=LEGACY_FORMAT, legacy=True, regime="constant", dirty=None, reference=None, per_snapshot=None,
+               random_k=None, window_note=f"constant learning rate; the window is the last {rec['window']} snapshots",
+               k_curves={"Ks": sorted(curve), "sewa": [curve[k] for k in sorted(curve)]} if curve else None)
+    return out
+
+
+def normalize(rec: dict[str, Any], where: str = "a run") -> dict[str, Any]:
+    """A raw run in format 2 (format-1 runs converted by :func:`from_v1`).
+
+    Raises:
+        ValueError: for a format this code does not know.
+    """
+    fmt = rec.get("format")
+    if fmt is None:
+        return from_v1(rec)
+    if fmt != FORMAT:
+        raise ValueError(f"{where} has format {fmt!r}; this renderer reads {FORMAT!r} and the older format without a key")
+    return {**rec, "legacy": False}
+
+
+def load_runs(root: Path) -> dict[Key, list[dict[str, Any]]]:
+    """Every run under ``root`` grouped by (task, regime, preset), sorted by seed.
+
+    Format-2 runs supersede format-1 runs of the same task, regime and preset.
+
+    Raises:
+        ValueError: when one group holds the same seed twice.
+    """
+    groups: dict[Key, list[dict[str, Any]]] = defaultdict(list)
+    for path in sorted(root.glob("*/*/seed*.json")) + sorted(root.glob("*/*/*/seed*.json")):
+        rec = normalize(json.loads(path.read_text()), str(path))
+        groups[(rec["task"], rec["regime"], rec["preset"])].append(rec)
+    out: dict[Key, list[dict[str, Any]]] = {}
+    for key, recs in sorted(groups.items()):
+        if any(not r["legacy"] for r in recs):
+            recs = [r for r in recs if not r["legacy"]]
+        recs.sort(key=lambda r: r["seed"])
+        seeds = [r["seed"] for r in recs]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"{'/'.join(key)} holds a seed twice: {seeds}")
+        out[key] = recs
+    return out
+
+
+def check_commits(key: Key, recs: list[dict[str, Any]], allow_mixed: bool = False) -> list[str]:
+    """The distinct commits of one task-regime's runs, in order of first appearance.
+
+    Raises:
+        ValueError: when format-2 runs of one task-regime come from several commits and
+            ``allow_mixed`` is false (format-1 runs predate the rule: they are allowed and flagged).
+    """
+    commits = list(dict.fromkeys(str(r["git_commit"]) for r in recs))
+    if len(commits) > 1 and not allow_mixed and not all(r["legacy"] for r in recs):
+        raise ValueError(f"{'/'.join(key)} mixes runs of {len(commits)} commits ({', '.join(commits)}): rerun its "
+                         "seeds from one commit, or pass --allow-mixed to render it flagged")
+    return commits
+
+
+def _r(x: float | None, scale: float = 1.0) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x) * scale, 6)
+
+
+def _complete(recs: list[dict[str, Any]], label: str) -> bool:
+    return all(label in r["methods"] and r["methods"][label].get("test_metric") is not None for r in recs)
+
+
+def labels(recs: list[dict[str, Any]]) -> list[str]:
+    """Method labels present in every run: main ones in display order, then the rest sorted."""
+    present = [set(r["methods"]) for r in recs]
+    common = set.intersection(*present) if present else set()
+    extra = sorted(common - set(MAIN), key=lambda m: (re.sub(r"\d+$", "", m), int(re.sub(r"^.*?(\d*)$", r"0\1", m))))
+    return [m for m in MAIN if m in common] + extra
+
+
+def comparisons(recs: list[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
+    """The family of one task-regime: "C vs X" for claimant C and every other main method X that
+    every seed scored (SeWA is not compared with auto, which may contain it)."""
+    done = [m for m in MAIN if _complete(recs, m)]
+    test = {m: [float(r["methods"][m]["test_metric"]) for r in recs] for m in done}
+    return {f"{c} vs {x}": (test[c], test[x]) for c in CLAIMANTS if c in test
+            for x in done if x != c and not (c == "sewa" and x == "auto")}
+
+
+def averaged(row: dict[str, Any]) -> int | None:
+    """How many snapshots a method averaged: its recorded count, else its non-zero weights."""
+    if row.get("averaged") is not None:
+        return int(row["averaged"])
+    w = row.get("weights")
+    return None if w is None else sum(1 for x in w if x)
+
+
+def task_entry(key: Key, recs: list[dict[str, Any]], allow_mixed: bool = False) -> dict[str, Any]:
+    """One task-regime's summary entry (see the module docstring for units)."""
+    commits = check_commits(key, recs, allow_mixed)
+    r0 = recs[0]
+    metric = r0["metric"]
+    unit, scale = UNITS[metric]
+    margin = stats.margin_for(metric)
+    seeds = [r["seed"] for r in recs]
+    methods = {}
+    for m in labels(recs):
+        rows = [r["methods"][m] for r in recs]
+        methods[m] = {"test_metric": [_r(x.get("test_metric"), scale) for x in rows],
+                      "val_metric": [_r(x.get("val_metric"), scale) for x in rows],
+                      "seconds": [_r(x.get("seconds")) for x in rows],
+                      "averaged": [averaged(x) for x in rows],
+                      "selected_on": rows[0].get("selected_on"), "choice_by": rows[0].get("choice_by")}
+    verdicts = {}
+    for name, c in stats.compare(comparisons(recs), margin).items():
+        s = c.stats
+        verdicts[name] = {"verdict": c.verdict, "diff": _r(s.diff, scale),
+                          "ci": None if s.ci is None else [_r(s.ci[0], scale), _r(s.ci[1], scale)],
+                          "p": _r(s.p), "p_holm": _r(c.p_holm), "p_tost": _r(s.p_tost), "p_tost_holm": _r(c.p_tost_holm),
+                          "p_wilcoxon": _r(s.p_wilcoxon), "n": s.n}
+    scored = [m for m in MAIN if _complete(recs, m)]
+    ranks = stats.ranks({m: [r["methods"][m]["test_metric"] for r in recs] for m in scored})
+    baselines = [m for m in scored if m != "auto"]
+    best = max(baselines, key=lambda m: math.fsum(r["methods"][m]["test_metric"] for r in recs)) if baselines else None
+    refs = [r.get("reference") for r in recs]
+    reference = None
+    if all(refs):
+        tm = [float(x["test_metric"]) for x in refs if x]
+        reference = {"name": refs[0]["name"] if refs[0] else None, "test_metric": _r(math.fsum(tm) / len(tm), scale),
+                     "per_seed": [_r(x, scale) for x in tm]}
+    return {"task": key[0], "family": r0["family"], "regime": key[1], "preset": key[2],
+            "format": r0["format"], "metric": metric, "unit": unit,
+            "commit": Counter(str(r["git_commit"]) for r in recs).most_common(1)[0][0], "commits": commits,
+            "mixed_commits": len(commits) > 1,
+            "dirty": None if any(r.get("dirty") is None for r in recs) else any(r["dirty"] for r in recs),
+            "seeds": seeds, "window": r0["window"], "window_note": r0.get("window_note"),
+            "reference": reference, "methods": methods, "random_k": _random_k(recs, scale, scored),
+            "k_curves": _k_curves(recs, scale), "ranks": ranks, "best_baseline": best,
+            "margin": _r(margin, scale), "alpha": stats.ALPHA, "verdicts": verdicts}
+
+
+def _random_k(recs: list[dict[str, Any]], scale: float, scored: list[str]) -> dict[str, Any] | None:
+    if not all(r.get("random_k") for r in recs):
+        return None
+    draws = [r["random_k"]["test_metric"] for r in recs]
+    return {"k": recs[0]["random_k"]["k"], "draws": recs[0]["random_k"]["draws"],
+            "test_metric_mean": [_r(math.fsum(d) / len(d), scale) for d in draws],
+            "test_metric_p05": [_r(_quantile(d, 0.05), scale) for d in draws],
+            "test_metric_p95": [_r(_quantile(d, 0.95), scale) for d in draws],
+            "percentiles": {m: [_r(stats.percentile(r["methods"][m]["test_metric"], d)) for r, d in zip(recs, draws, strict=True)]
+                            for m in scored}}
+
+
+def _quantile(xs: Iterable[float], q: float) -> float:
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (pos - lo)
+
+
+def _k_curves(recs: list[dict[str, Any]], scale: float) -> dict[str, Any] | None:
+    """Mean over seeds of every K-curve that all seeds share, on their common Ks."""
+    curves = [r.get("k_curves") for r in recs]
+    if not all(curves) or len({tuple(c["Ks"]) for c in curves if c}) != 1:
+        return None
+    first = curves[0] or {}
+    series = [s for s in first if s != "Ks" and all(c and s in c for c in curves)]
+    return {"Ks": first["Ks"], **{s: [_r(math.fsum(c[s][i] for c in curves if c) / len(curves), scale)
+                                       for i in range(len(first["Ks"]))] for s in series}}
+
+
+def entries(groups: Mapping[Key, list[dict[str, Any]]], allow_mixed: bool = False) -> dict[Key, dict[str, Any]]:
+    """A summary entry for every group of runs."""
+    return {key: task_entry(key, recs, allow_mixed) for key, recs in groups.items()}
+
+
+def build(all_entries: Mapping[Key, dict[str, Any]]) -> dict[str, Any]:
+    """The summary document: one entry per task and regime (the full preset where several exist)."""
+    chosen: dict[tuple[str, str], dict[str, Any]] = {}
+    rank = {p: i for i, p in enumerate(PRESET_ORDER)}
+    for (task, regime, preset), entry in sorted(all_entries.items()):
+        old = chosen.get((task, regime))
+        if old is None or (rank.get(preset, len(rank)), preset) < (rank.get(old["preset"], len(rank)), old["preset"]):
+            chosen[(task, regime)] = entry
+    tasks = [chosen[k] for k in sorted(chosen)]
+    return {"schema": SCHEMA, "generated_by": "python -m sewa.experiments.results",
+            "units": {m: u for m, (u, _) in UNITS.items()}, "alpha": stats.ALPHA,
+            "margins": {m: _r(v, UNITS[m][1]) for m, v in stats.MARGINS.items()},
+            "tasks": tasks, "claims": claims(tasks)}
+
+
+def claims(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each claim of :data:`CLAIMS` with the verdicts that bear on it and their counts."""
+    out = []
+    for claim, who, against, unstable in CLAIMS:
+        found = []
+        for e in tasks:
+            if unstable and "unstable" not in e["regime"]:
+                continue
+            for x in against:
+                x = e["best_baseline"] if x == "<best>" else x
+                v = e["verdicts"].get(f"{who} vs {x}")
+                if v:
+                    found.append({"where": f"{e['task']}/{e['regime']}", "vs": x, "verdict": v["verdict"]})
+        counts = Counter(f["verdict"] for f in found)
+        out.append({"claim": claim, "counts": {v: counts[v] for v in stats.VERDICTS}, "comparisons": found})
+    return out
+
+
+def write(root: Path, path: Path, allow_mixed: bool = False) -> Path:
+    """Writes the summary of the runs under ``root`` to ``path``."""
+    groups = load_runs(root)
+    if not groups:
+        raise FileNotFoundError(f"no runs under {root}: run `sewa experiment NAME` first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(build(entries(groups, allow_mixed)), indent=1) + "\n")
+    return path

@@ -1,0 +1,104 @@
+"""results/summary.json on synthetic format-2 runs (issue 14, item 9)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sewa.experiments import results, summary
+
+COMMIT = "a" * 40
+# Per-seed test accuracy (fractions) of each method: sewa sits 5 points above uniform on every seed.
+SCORES = {"last": [0.80, 0.82, 0.78], "uniform": [0.84, 0.85, 0.83], "swa_lr": [0.84, 0.84, 0.84],
+          "lawa": [0.83, 0.84, 0.82], "ema": [0.84, 0.86, 0.83], "suffix": [0.84, 0.85, 0.84],
+          "greedy_soup": [0.85, 0.85, 0.85], "learned_soup": [0.85, 0.86, 0.84],
+          "sewa": [0.89, 0.901, 0.879], "auto": [0.89, 0.901, 0.879]}
+
+
+def fake_run(seed: int, commit: str = COMMIT, regime: str = "unstable-spikes") -> dict[str, Any]:
+    """A tiny run in format 2 with every field the renderer reads."""
+    methods = {m: {"method": m, "settings": {}, "weights": [0.5, 0.5, 0.0, 0.0] if m != "swa_lr" else None,
+                   "test_metric": s[seed], "val_metric": s[seed] - 0.01, "test_loss": 0.4, "val_loss": 0.5,
+                   "seconds": 1.0 + seed, "selected_on": "val" if m in ("sewa", "auto") else None,
+                   "choice_by": "metric" if m in ("sewa", "auto") else None} for m, s in SCORES.items()}
+    return {"format": "sewa.experiment/2", "task": "tiny", "family": "text", "regime": regime, "preset": "quick",
+            "seed": seed, "git_commit": commit, "dirty": False,
+            "machine": {"platform": "test", "cpus": 1, "torch": "x"},
+            "config": {"every": 2, "episodes": None}, "data_source": "synthetic", "metric": "accuracy",
+            "window": 4, "steps": [2, 4, 6, 8], "window_note": "a loss spike inside the window",
+            "reference": {"name": "multinomial naive Bayes", "test_metric": 0.874, "val_metric": 0.87},
+            "methods": methods,
+            "per_snapshot": {"val_metric": [0.8] * 4, "test_metric": [0.8] * 4, "val_loss": [0.5] * 4, "test_loss": [0.5] * 4},
+            "random_k": {"k": 2, "draws": 4, "test_metric": [0.80, 0.84, 0.88, 0.90], "val_metric": [0.8] * 4},
+            "k_curves": {"Ks": [1, 2, 4], "lawa": [0.8, 0.82, 0.84], "random_k_mean": [0.8, 0.81, 0.84],
+                         "sewa": [0.85, 0.89, 0.84], "oracle": [0.9, 0.91, 0.84]},
+            "compute": {"epoch_seconds": 1.0, "train_seconds": 3.0, "selection_seconds": 2.0,
+                        "trajectory_bytes": 2**20, "params": 10}}
+
+
+def write_runs(root: Path, runs: list[dict[str, Any]]) -> None:
+    for r in runs:
+        path = root / r["task"] / r["regime"] / r["preset"] / f"seed{r['seed']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+
+
+def test_summary_schema_on_three_synthetic_runs(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_runs(runs, [fake_run(s) for s in range(3)])
+    out = tmp_path / "summary.json"
+    results.render(runs, tmp_path / "docs", out)
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "sewa.summary/1" and len(doc["tasks"]) == 1
+    t = doc["tasks"][0]
+    assert {"task", "family", "regime", "commit", "dirty", "seeds", "reference", "methods", "random_k", "verdicts"} <= set(t)
+    assert (t["task"], t["family"], t["commit"], t["dirty"], t["seeds"]) == ("tiny", "text", COMMIT, False, [0, 1, 2])
+    assert "unstable" in t["regime"]
+    assert t["reference"]["name"] == "multinomial naive Bayes" and t["reference"]["test_metric"] == pytest.approx(87.4)
+    assert list(t["methods"]) == list(summary.MAIN)
+    assert t["methods"]["sewa"]["test_metric"] == pytest.approx([89.0, 90.1, 87.9])
+    assert set(t["methods"]["last"]) >= {"test_metric", "val_metric", "seconds"}
+    assert t["methods"]["last"]["seconds"] == [1.0, 2.0, 3.0] and t["methods"]["last"]["averaged"] == [2, 2, 2]
+    assert t["random_k"]["k"] == 2 and t["random_k"]["test_metric_mean"] == pytest.approx([85.5] * 3)
+    assert t["random_k"]["percentiles"]["sewa"][0] == pytest.approx(75.0)  # 0.89 beats 0.80, 0.84, 0.88 of 4 draws
+    others = [m for m in summary.MAIN if m not in ("sewa", "auto")]
+    assert set(t["verdicts"]) == {f"sewa vs {x}" for x in others} | {f"auto vs {x}" for x in others + ["sewa"]}
+    up = t["verdicts"]["sewa vs uniform"]
+    assert up["verdict"] == "better" and up["diff"] == pytest.approx(5.0) and up["ci"][0] > 0.3
+    assert up["p_holm"] >= up["p"]
+    same = t["verdicts"]["auto vs sewa"]
+    assert same["diff"] == 0.0 and same["verdict"] == "equivalent"
+    assert t["best_baseline"] == "sewa" and t["ranks"]["last"] == [10.0, 10.0, 10.0]
+    assert t["k_curves"]["oracle"] == pytest.approx([90.0, 91.0, 84.0])
+    claims = {c["claim"].split(" (")[0]: c for c in doc["claims"]}
+    assert claims["auto is never worse than the best baseline"]["comparisons"] == [
+        {"where": "tiny/unstable-spikes", "vs": "sewa", "verdict": "equivalent"}]
+    assert claims["auto beats uniform and the last iterate where checkpoints differ in quality"]["counts"]["better"] == 2
+    md = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "reference: multinomial naive Bayes | 87.40 ± 0.00" in md
+    assert "| sewa vs uniform | +5.00 |" in md and "**better**" in md
+    assert "auto is never worse than the best baseline" in md and "1 equivalent" in md
+    assert (tmp_path / "docs" / "ranks.png").is_file() and (tmp_path / "docs" / "k_curves.png").is_file()
+
+
+def test_mixed_commits_are_refused_unless_allowed(tmp_path: Path) -> None:
+    write_runs(tmp_path, [fake_run(0), fake_run(1, commit="b" * 40), fake_run(2)])
+    with pytest.raises(ValueError, match=f"mixes runs of 2 commits.*{'a' * 40}.*{'b' * 40}.*--allow-mixed"):
+        summary.write(tmp_path, tmp_path / "s.json")
+    doc = json.loads(summary.write(tmp_path, tmp_path / "s.json", allow_mixed=True).read_text())
+    assert doc["tasks"][0]["mixed_commits"] is True and doc["tasks"][0]["commit"] == COMMIT
+
+
+def test_one_entry_per_task_and_regime_preferring_the_full_preset(tmp_path: Path) -> None:
+    full = [dict(fake_run(s, regime="cosine"), preset="full") for s in range(2)]
+    write_runs(tmp_path, [fake_run(s) for s in range(2)] + [fake_run(s, regime="cosine") for s in range(2)] + full)
+    doc = summary.build(summary.entries(summary.load_runs(tmp_path)))
+    assert [(t["regime"], t["preset"]) for t in doc["tasks"]] == [("cosine", "full"), ("unstable-spikes", "quick")]
+
+
+def test_unknown_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="sewa.experiment/3"):
+        summary.normalize({"format": "sewa.experiment/3"})
