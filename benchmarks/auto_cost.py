@@ -3,6 +3,7 @@
 Run (about two minutes on a 2-core machine)::
 
     python benchmarks/auto_cost.py                  # writes benchmarks/results/auto_cost.json
+    python benchmarks/auto_cost.py --study 20       # choice quality: benchmarks/results/auto_study.json
 
 The trajectory is 50 snapshots of an MLP 64-h-h-10 (about ``--params`` parameters) trained with
 SGD on a synthetic 10-class problem; the selection split is a few hundred examples in batches
@@ -108,14 +109,84 @@ def measure(model: nn.Module, traj: sewa.Trajectory, pool: tuple[torch.Tensor, t
     }
 
 
+def _excess(traj: sewa.Trajectory, w: list[float], star: torch.Tensor) -> float:
+    """Excess test loss of the average in closed form: x ~ N(0, I) gives E loss = |θ - θ*|² + σ²."""
+    rows = torch.stack([traj.snapshot(i)["weight"].flatten().double() for i in range(len(traj))])
+    return float(((torch.tensor(w, dtype=torch.float64) @ rows - star.double()) ** 2).sum())
+
+
+def _rule(info: dict[str, Any], rule: str) -> str:
+    """The candidate ``rule`` picks from the record: "best" (no one-SE rule), "classic" or "paired"."""
+    cands = info["candidates"]
+    best = next(c for c in cands if c["name"] == info["best"])
+    if rule == "best" or not info["crossfit"]:
+        return best["name"]
+    se = {"classic": lambda c: best["se"], "paired": lambda c: c["gap_to_best"]["se"]}[rule]
+    ok = [c for c in cands if c is best or c["gap_to_best"]["mean"] <= se(c)]
+    return min(ok, key=lambda c: (c["complexity"], -c["score"]))["name"]
+
+
+def study(seeds: int) -> list[dict[str, Any]]:
+    """Choice quality on linear regressions with known optimum θ* = 0 (the cases of tests/test_auto.py):
+    excess test loss of each choice rule, uniform, last and SeWA(K=k/2), and how often the one-SE rule moves."""
+    d, k = 8, 12
+    out = []
+    for case in ("damaged", "past_optimum", "plateau"):
+        rows: dict[str, list[float]] = {}
+        moved = {"classic": 0, "paired": 0}
+        for seed in range(seeds):
+            g = torch.Generator().manual_seed(100 + seed)
+            if case == "damaged":
+                th = 0.3 * torch.randn(k, d, generator=g)
+                th[7:10] += 2.0 * torch.randn(3, d, generator=g)
+            elif case == "past_optimum":
+                v = torch.randn(d, generator=g)
+                th = torch.arange(k)[:, None] / (k - 1) * 1.5 * v / v.norm() + 0.1 * torch.randn(k, d, generator=g)
+            else:
+                th = 0.05 * torch.randn(k, d, generator=g)
+            model = nn.Linear(d, 1, bias=False)
+            traj = sewa.Trajectory(model, window=k)
+            with torch.no_grad():
+                for i in range(k):
+                    model.weight.copy_(th[i][None])
+                    traj.push(model, step=i + 1)
+            gd = torch.Generator().manual_seed(seed)
+            batches = []
+            for _ in range(10):
+                x = torch.randn(16, d, generator=gd)
+                batches.append((x, 0.5 * torch.randn(16, generator=gd)))
+            ev = Evaluator(model, lambda o, y: ((o.squeeze(-1) - y) ** 2).mean(), batches)
+            info = sewa.methods.create("auto").weights(traj, ev).info
+            weights = {c["name"]: c["weights"] for c in info["candidates"]}
+            star = torch.zeros(d)
+            for rule in ("classic", "paired", "best"):
+                rows.setdefault(f"auto ({rule})", []).append(_excess(traj, weights[_rule(info, rule)], star))
+                if rule != "best":
+                    moved[rule] += _rule(info, rule) != _rule(info, "best")
+            rows.setdefault("oracle candidate", []).append(min(_excess(traj, w, star) for w in weights.values()))
+            for name in ("uniform", "last"):
+                rows.setdefault(name, []).append(_excess(traj, weights[name], star))
+            sel = sewa.methods.sewa(top_k=k // 2).weights(traj, ev).weights.tolist()
+            rows.setdefault("sewa(K=k/2)", []).append(_excess(traj, sel, star))
+        out.append(emit({"case": case, "seeds": seeds, "mean_excess_test_loss": {n: sum(v) / len(v) for n, v in rows.items()},
+                         "fallback_rate": {r: m / seeds for r, m in moved.items()}}))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=int, default=20_000, help="MLP parameters (default 20000)")
     parser.add_argument("--examples", type=int, nargs="+", default=[256, 512], help="selection split sizes")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--study", type=int, default=0, metavar="SEEDS",
+                        help="instead: choice quality on the synthetic cases over SEEDS seeds (writes auto_study.json)")
     args = parser.parse_args()
     set_threads(1)
+    if args.study:
+        write_json(RESULTS.with_name("auto_study.json"), {"benchmark": "auto_study", "records": study(args.study),
+                                                          "command": f"python benchmarks/auto_cost.py --study {args.study}"})
+        return
     start = time.perf_counter()
     model, traj, pool = build(args.params)
     records = [emit(measure(model, traj, pool, n, args.repeats)) for n in args.examples]

@@ -300,7 +300,8 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
         within = c is best or (s["one_se"] and se is not None and gap["mean"] <= se)
         if within:
             eligible.append(c)
-        records.append({"name": c.name, "family": c.family, "params": c.params, "complexity": list(c.complexity),
+        records.append({"name": c.name, "family": c.family, "params": c.params, "weights": c.weights.tolist(),
+                        "complexity": list(c.complexity),
                         "score": stats[c.name]["key"][0], "fold_scores": fold.tolist(), "se": _mean_se(fold)["se"],
                         "loss": stats[c.name]["loss"], "metric": stats[c.name]["metric"], "gap_to_best": gap,
                         "within_one_se": within, "crossfit": c.crossfit})
