@@ -43,6 +43,7 @@ from _common import JsonLines, emit, human_bytes, machine, median, mlp, ms, tabl
 
 import sewa  # noqa: E402
 from sewa import distributed as sd  # noqa: E402
+from sewa.trajectory import canonical_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.jsonl"
 
@@ -108,7 +109,7 @@ def worker(rank: int, world: int, mode: str, cfg: dict[str, Any], out: str) -> N
                         fully_shard(layer, mesh=mesh)
                 fully_shard(model, mesh=mesh)
             traj_r = sd.ShardedTrajectory(model, cfg["window"])
-            names = {sewa.canonical_name(n): p for n, p in model.named_parameters()}
+            names = {canonical_name(n): p for n, p in model.named_parameters()}
             start = time.perf_counter()
             for step, state in enumerate(snaps):
                 if mode == "fsdp":  # what a training step leaves in the local shards
