@@ -18,8 +18,12 @@ row, so ``data[:len]`` holds exactly the listed snapshots.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-__all__ = ["Ring", "TrajectoryError", "check_window"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Ring", "RingHeld", "TrajectoryError", "check_window"]
 
 
 class TrajectoryError(ValueError):
@@ -144,3 +148,30 @@ class Ring:
         """
         held = range(len(self))
         return sorted({held[i] for i in indices})
+
+
+class RingHeld:
+    """What a trajectory that keeps its rows in ``data`` and its bookkeeping in a :class:`Ring`
+    says about the snapshots it holds (shared by :class:`sewa.Trajectory` and
+    :class:`sewa.distributed.ShardedTrajectory`)."""
+
+    _ring: Ring
+    data: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The storage dtype."""
+        return self.data.dtype
+
+    @property
+    def steps(self) -> list[int]:
+        """Training steps of the held snapshots, oldest first."""
+        return list(self._ring.steps)
+
+    @property
+    def slots(self) -> list[int]:
+        """Row of :attr:`data` holding each snapshot, oldest first."""
+        return list(self._ring.slots)
+
+    def __len__(self) -> int:
+        return len(self._ring)

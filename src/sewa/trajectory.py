@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ._names import _named_tensors, canonical_name, strip_shared_prefixes
-from ._ring import Ring, TrajectoryError, check_window
+from ._ring import Ring, RingHeld, TrajectoryError, check_window
 from ._storage import _dtype, free_memory
 
 __all__ = ["Trajectory", "TrajectoryError", "all_finite", "canonical_name"]
@@ -29,7 +29,7 @@ def all_finite(row: Tensor) -> bool:
     return bool(torch.isfinite(row.sum(dtype=torch.float32))) or bool(torch.isfinite(row).all())
 
 
-class Trajectory:
+class Trajectory(RingHeld):
     """The last ``window`` snapshots of a model, as one contiguous ``(window, P)`` matrix.
 
     Args:
@@ -112,24 +112,6 @@ class Trajectory:
                                   f"{e}; use a smaller window or a sewa.disk.DiskTrajectory") from e
 
     # ----------------------------------------------------------------- inspection
-    @property
-    def dtype(self) -> torch.dtype:
-        """The storage dtype."""
-        return self.data.dtype
-
-    @property
-    def steps(self) -> list[int]:
-        """Training steps of the held snapshots, oldest first."""
-        return list(self._ring.steps)
-
-    @property
-    def slots(self) -> list[int]:
-        """Row of :attr:`data` holding each snapshot, oldest first."""
-        return list(self._ring.slots)
-
-    def __len__(self) -> int:
-        return len(self._ring)
-
     def __repr__(self) -> str:
         steps = self._ring.steps
         return (f"Trajectory(window={self.window}, held={len(self)}, params={self.num_params:,}, "

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
-from .._ring import Ring, check_window
+from .._ring import Ring, RingHeld, check_window
 from ..trajectory import Trajectory, TrajectoryError, _named_tensors
 from ._comm import collective, comm_device, shard_bounds
 
@@ -30,7 +30,7 @@ class _Piece:
     dst: int  # offset inside this rank's local vector
 
 
-class ShardedTrajectory:
+class ShardedTrajectory(RingHeld):
     """A :class:`sewa.Trajectory` whose ``(window, P)`` matrix is split along P over the ranks.
 
     Each rank stores ``(window, S_r)``: its columns of every snapshot, with the same ring
@@ -141,27 +141,9 @@ class ShardedTrajectory:
         return self.layout.num_params
 
     @property
-    def dtype(self) -> torch.dtype:
-        """The storage dtype."""
-        return self.data.dtype
-
-    @property
-    def steps(self) -> list[int]:
-        """Training steps of the held snapshots, oldest first (the same on every rank)."""
-        return list(self._ring.steps)
-
-    @property
-    def slots(self) -> list[int]:
-        """Row of :attr:`data` holding each snapshot, oldest first."""
-        return list(self._ring.slots)
-
-    @property
     def nbytes(self) -> int:
         """Bytes of the local matrix on this rank."""
         return self.data.numel() * self.data.element_size()
-
-    def __len__(self) -> int:
-        return len(self._ring)
 
     def __repr__(self) -> str:
         return (f"ShardedTrajectory(mode={self.mode}, rank={self.rank}/{self.world_size}, window={self.window}, "

@@ -101,12 +101,8 @@ class SeWACallback(AveragingCallbackBase, transformers.TrainerCallback):
         **options: Any,
     ) -> None:
         super().__init__(window, vectorize=vectorize, **options)
-        self.trainer = trainer
-        self.loss_fn = loss_fn
-        self.selection_batches = selection_batches
-        self.bn_batches = bn_batches
-        self.eval_dataset_name = eval_dataset_name
-        self.label_names = label_names
+        self.trainer, self.loss_fn, self.label_names = trainer, loss_fn, label_names
+        self.selection_batches, self.bn_batches, self.eval_dataset_name = selection_batches, bn_batches, eval_dataset_name
 
     def attach(self, trainer: transformers.Trainer) -> SeWACallback:
         """Registers this callback with ``trainer`` and lets it read the eval dataset; returns it."""
