@@ -67,5 +67,5 @@ def test_a_format_1_run_still_renders(tmp_path) -> None:
     t = json.loads((tmp_path / "summary.json").read_text())["tasks"][0]
     assert (t["regime"], t["format"], t["dirty"], t["mixed_commits"]) == ("constant", "sewa.experiment/1", None, True)
     assert t["methods"]["sewa"]["test_metric"] == pytest.approx([79.0, 79.1])
-    assert t["k_curves"] == {"Ks": [1, 10], "sewa": pytest.approx([78.05, 79.05])}
+    assert t["k_curves"] == {"Ks": [1, 10], "measure": "test_metric", "sewa": pytest.approx([78.05, 79.05])}
     assert t["methods"]["greedy_soup"]["selected_on"] == "val" and t["methods"]["greedy_soup"]["choice_by"] == "loss"

@@ -95,6 +95,7 @@ def test_ranks_average_ties_and_percentile_counts_ties_half() -> None:
     r = stats.ranks({"a": [3.0, 1.0], "b": [2.0, 2.0], "c": [2.0, 3.0]})
     assert r == {"a": [1.0, 3.0], "b": [2.5, 2.0], "c": [2.5, 1.0]}
     assert stats.percentile(0.5, [0.1, 0.5, 0.9, 0.2]) == pytest.approx(62.5)
+    assert stats.percentile(0.5, [0.1, 0.5, 0.9, 0.2], higher=False) == pytest.approx(37.5)  # a loss: beats only 0.9
     with pytest.raises(ValueError, match="same, non-zero length"):
         stats.differences([1.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="no equivalence margin"):

@@ -33,7 +33,7 @@ def fake_run(seed: int, commit: str = COMMIT, regime: str = "unstable-spikes") -
             "methods": methods,
             "per_snapshot": {"val_metric": [0.8] * 4, "test_metric": [0.8] * 4, "val_loss": [0.5] * 4, "test_loss": [0.5] * 4},
             "random_k": {"k": 2, "draws": 4, "test_metric": [0.80, 0.84, 0.88, 0.90], "val_metric": [0.8] * 4},
-            "k_curves": {"Ks": [1, 2, 4], "lawa": [0.8, 0.82, 0.84], "random_k_mean": [0.8, 0.81, 0.84],
+            "k_curves": {"Ks": [1, 2, 4], "measure": "test_metric", "random_k_draws": [4, 4, 4], "lawa": [0.8, 0.82, 0.84], "random_k_mean": [0.8, 0.81, 0.84],
                          "sewa": [0.85, 0.89, 0.84], "oracle": [0.9, 0.91, 0.84]},
             "compute": {"epoch_seconds": 1.0, "train_seconds": 3.0, "selection_seconds": 2.0,
                         "trajectory_bytes": 2**20, "params": 10}}
@@ -82,6 +82,27 @@ def test_summary_schema_on_three_synthetic_runs(tmp_path: Path) -> None:
     assert "| sewa vs uniform | +5.00 |" in md and "**better**" in md
     assert "auto is never worse than the best baseline" in md and "1 equivalent" in md
     assert (tmp_path / "docs" / "ranks.png").is_file() and (tmp_path / "docs" / "k_curves.png").is_file()
+
+
+def test_behaviour_cloning_scores_random_k_and_k_curves_by_the_test_loss(tmp_path: Path) -> None:
+    runs = []
+    for seed in range(2):
+        r = fake_run(seed)
+        r.update(family="bc", metric="normalized_score", regime="constant")
+        for m, row in r["methods"].items():
+            row.update(test_metric=40.0 + seed, val_metric=None, test_loss=0.02 if m == "sewa" else 0.05)
+        r["random_k"] = {"k": 2, "draws": 4, "test_metric": [None] * 4, "test_loss": [0.01, 0.03, 0.04, 0.06]}
+        r["k_curves"] = {"Ks": [1, 2], "measure": "test_loss", "random_k_draws": [4, 4], "lawa": [0.05, 0.04],
+                         "sewa": [None, 0.03]}
+        runs.append(r)
+    write_runs(tmp_path / "runs", runs)
+    md = results.render(tmp_path / "runs", tmp_path / "docs", tmp_path / "s.json").read_text()
+    t = json.loads((tmp_path / "s.json").read_text())["tasks"][0]
+    assert t["random_k"]["measure"] == "test_loss" and t["random_k"]["test_metric_mean"] == [None, None]
+    assert t["random_k"]["percentiles"]["sewa"] == [75.0, 75.0] and t["random_k"]["percentiles"]["last"] == [25.0, 25.0]
+    assert t["k_curves"] == {"Ks": [1, 2], "measure": "test_loss", "lawa": [0.05, 0.04], "sewa": [None, 0.03]}
+    assert t["methods"]["last"]["test_metric"] == [40.0, 41.0] and t["margin"] == 2.0
+    assert "scored by the test loss (lower is better)" in md and "Best K per curve: lawa: K=2, sewa: K=2." in md
 
 
 def test_mixed_commits_are_refused_unless_allowed(tmp_path: Path) -> None:

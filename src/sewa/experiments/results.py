@@ -138,14 +138,22 @@ def verdict_table(entry: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _on(measure: str) -> tuple[str, int]:
+    """How a measure reads in the text, and its decimals."""
+    return ("test metric", 2) if measure == "test_metric" else (measure.replace("_", " ") + " (lower is better)", 4)
+
+
 def random_k_table(entry: dict[str, Any]) -> list[str]:
     """The random-K distribution per seed and each method's percentile in it."""
     rk = entry["random_k"]
     if not rk:
         return []
-    lines = [f"Random-K (K={rk['k']}, {rk['draws']} draws per seed): mean {_ms(rk['test_metric_mean'])}, "
-             f"5th–95th percentile of the draws {mean_std(rk['test_metric_p05'])[0]:.2f}–{mean_std(rk['test_metric_p95'])[0]:.2f} "
-             "(mean over seeds). Each method's percentile in its seed's distribution:", "",
+    name, digits = _on(rk["measure"])
+    f = f".{digits}f"
+    lo, hi = mean_std(rk[f"{rk['measure']}_p05"])[0], mean_std(rk[f"{rk['measure']}_p95"])[0]
+    lines = [f"Random-K (K={rk['k']}, {rk['draws']} draws per seed, scored by the {name}): mean "
+             f"{_ms(rk[rk['measure'] + '_mean'], digits)}, 5th–95th percentile of the draws {lo:{f}}–{hi:{f}} (mean over "
+             "seeds). Each method's percentile in its seed's distribution (the share of draws it beats):", "",
              "| method | mean percentile | range over seeds |", "|---|---|---|"]
     for label, pct in rk["percentiles"].items():
         lines.append(f"| {label} | {mean_std(pct)[0]:.0f} | {min(pct):.0f}–{max(pct):.0f} |")
@@ -153,15 +161,19 @@ def random_k_table(entry: dict[str, Any]) -> list[str]:
 
 
 def k_curve_table(entry: dict[str, Any]) -> list[str]:
-    """Mean test metric over seeds at each K, per curve, and the best K of each curve."""
+    """Mean over seeds at each K, per curve, and the best K of each curve."""
     kc = entry["k_curves"]
     if not kc:
         return []
-    series = [s for s in kc if s != "Ks"]
+    name, digits = _on(kc["measure"])
+    f = f".{digits}f"
+    series = [s for s in kc if s not in ("Ks", "measure")]
     lines = ["| K | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
-    lines += [f"| {k} | " + " | ".join(f"{kc[s][i]:.2f}" for s in series) + " |" for i, k in enumerate(kc["Ks"])]
-    best = ", ".join(f"{s}: K={max(zip(kc[s], kc['Ks'], strict=True))[1]}" for s in series)
-    return ["K-curves (mean test metric over seeds):", ""] + lines + ["", f"Best K per curve: {best}.", ""]
+    lines += [f"| {k} | " + " | ".join(_num(kc[s][i], f) for s in series) + " |" for i, k in enumerate(kc["Ks"])]
+    sign = 1 if kc["measure"] == "test_metric" else -1
+    best = ", ".join(f"{s}: K={max((sign * v, k) for v, k in zip(kc[s], kc['Ks'], strict=True) if v is not None)[1]}"
+                     for s in series if any(v is not None for v in kc[s]))
+    return [f"K-curves (mean {name} over seeds):", ""] + lines + ["", f"Best K per curve: {best}.", ""]
 
 
 def describe(recs: list[dict[str, Any]], entry: dict[str, Any]) -> str:
@@ -280,11 +292,12 @@ def k_curve_plot(entries: dict[Key, dict[str, Any]], out: Path) -> list[str]:
     fig, axes = _grid(len(shown))
     for ax, (key, e) in zip(axes, shown.items(), strict=False):
         kc = e["k_curves"]
-        for s in (s for s in kc if s != "Ks"):
-            ax.plot(kc["Ks"], kc[s], marker="o", label=s)
+        for s in (s for s in kc if s not in ("Ks", "measure")):
+            pts = [(k, v) for k, v in zip(kc["Ks"], kc[s], strict=True) if v is not None]
+            ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", label=s)
         ax.set_xscale("log")
         ax.set_xlabel("K (snapshots averaged)")
-        ax.set_ylabel(f"test ({e['unit']})")
+        ax.set_ylabel(_on(kc["measure"])[0])
         ax.set_title(_title(key), fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -349,10 +362,11 @@ def discussion(doc: dict[str, Any]) -> list[str]:
                            for v in stats.VERDICTS if n[v] and v != "inconclusive")
         lines.append(f"- **{c['claim']}**: " + ", ".join(f"{n[v]} {v}" for v in stats.VERDICTS) + f" of {len(found)} comparisons"
                      + (f" ({detail})." if detail else "."))
-    pct = [(e["task"], e["regime"], e["random_k"]["percentiles"]["sewa"]) for e in tasks
+    pct = [(e["task"], e["regime"], e["random_k"]["measure"], e["random_k"]["percentiles"]["sewa"]) for e in tasks
            if e["random_k"] and "sewa" in e["random_k"]["percentiles"]]
-    lines.append("- **SeWA's selection beats picking K snapshots at random**: " + (
-        "; ".join(f"{t}/{r}: percentile {mean_std(p)[0]:.0f} (seeds {min(p):.0f}–{max(p):.0f})" for t, r, p in pct) + "."
+    lines.append("- **SeWA's selection beats picking K snapshots at random** (SeWA's percentile in the random-K "
+                 "distribution): " + ("; ".join(f"{t}/{r}: {mean_std(p)[0]:.0f} by {m.replace('_', ' ')} (seeds "
+                                               f"{min(p):.0f}–{max(p):.0f})" for t, r, m, p in pct) + "."
         if pct else "no run records a random-K distribution yet."))
     total = Counter(v["verdict"] for e in tasks for v in e["verdicts"].values())
     lines += ["", "All comparisons: " + ", ".join(f"{total[v]} {v}" for v in stats.VERDICTS) + "."]

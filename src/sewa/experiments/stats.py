@@ -228,10 +228,16 @@ def ranks(scores: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
     return out
 
 
-def percentile(value: float, draws: Sequence[float]) -> float:
-    """Percentile (0-100) of ``value`` among ``draws``; ties count half (mid-rank)."""
+def percentile(value: float, draws: Sequence[float], higher: bool = True) -> float:
+    """Share (0-100) of ``draws`` that ``value`` beats, ties counting half (mid-rank).
+
+    Args:
+        value: the method's score.
+        draws: the distribution (e.g. random-K averages).
+        higher: whether higher scores are better (a metric); ``False`` for a loss.
+    """
     if not draws:
         raise ValueError("percentile of an empty distribution")
-    below = sum(1 for x in draws if x < value)
+    beaten = sum(1 for x in draws if (x < value if higher else x > value))
     equal = sum(1 for x in draws if x == value)
-    return 100.0 * (below + 0.5 * equal) / len(draws)
+    return 100.0 * (beaten + 0.5 * equal) / len(draws)

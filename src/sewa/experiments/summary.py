@@ -67,7 +67,7 @@ def from_v1(rec: dict[str, Any]) -> dict[str, Any]:
     curve = {int(k[4:]): row["test_metric"] for k, row in rec["methods"].items() if k[:4] == "sewa" and k[4:].isdigit()}
     out.update(format=LEGACY_FORMAT, legacy=True, regime="constant", dirty=None, reference=None, per_snapshot=None,
                random_k=None, window_note=f"constant learning rate; the window is the last {rec['window']} snapshots",
-               k_curves={"Ks": sorted(curve), "sewa": [curve[k] for k in sorted(curve)]} if curve else None)
+               k_curves={"Ks": sorted(curve), "measure": "test_metric", "sewa": [curve[k] for k in sorted(curve)]} if curve else None)
     return out
 
 
@@ -200,16 +200,29 @@ def task_entry(key: Key, recs: list[dict[str, Any]], allow_mixed: bool = False) 
             "margin": _r(margin, scale), "alpha": stats.ALPHA, "verdicts": verdicts}
 
 
+def measure(recs: list[dict[str, Any]]) -> str:
+    """What the random-K draws and the K-curves score: the test metric, or for behaviour cloning
+    (where a rollout per average would be too slow) the test loss on held-out episodes."""
+    kc = recs[0].get("k_curves") or {}
+    return str(kc.get("measure") or ("test_loss" if recs[0]["family"] == "bc" else "test_metric"))
+
+
 def _random_k(recs: list[dict[str, Any]], scale: float, scored: list[str]) -> dict[str, Any] | None:
-    if not all(r.get("random_k") for r in recs):
+    """Per seed: the draws' mean and 5th/95th percentiles, and each method's percentile among them."""
+    on = measure(recs)
+    if not all(r.get("random_k") and r["random_k"].get(on) and None not in r["random_k"][on] for r in recs):
         return None
-    draws = [r["random_k"]["test_metric"] for r in recs]
-    return {"k": recs[0]["random_k"]["k"], "draws": recs[0]["random_k"]["draws"],
-            "test_metric_mean": [_r(math.fsum(d) / len(d), scale) for d in draws],
-            "test_metric_p05": [_r(_quantile(d, 0.05), scale) for d in draws],
-            "test_metric_p95": [_r(_quantile(d, 0.95), scale) for d in draws],
-            "percentiles": {m: [_r(stats.percentile(r["methods"][m]["test_metric"], d)) for r, d in zip(recs, draws, strict=True)]
-                            for m in scored}}
+    s = scale if on.endswith("metric") else 1.0
+    draws = [r["random_k"][on] for r in recs]
+    rated = [m for m in scored if all(r["methods"][m].get(on) is not None for r in recs)]
+    metric = [r["random_k"].get("test_metric") or [None] for r in recs]
+    return {"k": recs[0]["random_k"]["k"], "draws": recs[0]["random_k"]["draws"], "measure": on,
+            "test_metric_mean": [None if None in d else _r(math.fsum(d) / len(d), scale) for d in metric],
+            f"{on}_mean": [_r(math.fsum(d) / len(d), s) for d in draws],
+            f"{on}_p05": [_r(_quantile(d, 0.05), s) for d in draws],
+            f"{on}_p95": [_r(_quantile(d, 0.95), s) for d in draws],
+            "percentiles": {m: [_r(stats.percentile(r["methods"][m][on], d, higher=on.endswith("metric")))
+                                for r, d in zip(recs, draws, strict=True)] for m in rated}}
 
 
 def _quantile(xs: Iterable[float], q: float) -> float:
@@ -220,14 +233,21 @@ def _quantile(xs: Iterable[float], q: float) -> float:
 
 
 def _k_curves(recs: list[dict[str, Any]], scale: float) -> dict[str, Any] | None:
-    """Mean over seeds of every K-curve that all seeds share, on their common Ks."""
+    """Mean over seeds of every K-curve that all seeds share, on their common Ks (``None`` at a K
+    where a seed has no value)."""
     curves = [r.get("k_curves") for r in recs]
     if not all(curves) or len({tuple(c["Ks"]) for c in curves if c}) != 1:
         return None
     first = curves[0] or {}
-    series = [s for s in first if s != "Ks" and all(c and s in c for c in curves)]
-    return {"Ks": first["Ks"], **{s: [_r(math.fsum(c[s][i] for c in curves if c) / len(curves), scale)
-                                       for i in range(len(first["Ks"]))] for s in series}}
+    on = measure(recs)
+    s = scale if on.endswith("metric") else 1.0
+    series = [k for k, v in first.items() if k not in ("Ks", "random_k_draws") and isinstance(v, list)
+              and all(c and isinstance(c.get(k), list) for c in curves)]
+    out: dict[str, Any] = {"Ks": first["Ks"], "measure": on}
+    for name in series:
+        cols = [[c[name][i] for c in curves if c] for i in range(len(first["Ks"]))]
+        out[name] = [None if None in col else _r(math.fsum(col) / len(col), s) for col in cols]
+    return out
 
 
 def entries(groups: Mapping[Key, list[dict[str, Any]]], allow_mixed: bool = False) -> dict[Key, dict[str, Any]]:
