@@ -8,7 +8,16 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "fsync_file"]
+
+
+def fsync_file(path: Path) -> None:
+    """Flushes ``path``'s data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -50,11 +59,7 @@ def atomic_write(path: Path, write: Callable[[Path], object], *, overwrite: bool
     try:
         write(tmp)
         if sync:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(tmp)
         if overwrite:
             os.replace(tmp, path)
         else:

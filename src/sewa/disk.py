@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._atomic import _fsync_dir, atomic_write
+from ._atomic import _fsync_dir, atomic_write, fsync_file
 from ._disk_files import (
     _LAYOUT_KEYS,
     DATA,
@@ -362,11 +362,7 @@ class DiskTrajectory(Trajectory):
         try:
             write(tmp)
             if self.sync:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_file(tmp)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
