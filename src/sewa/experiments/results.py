@@ -196,7 +196,7 @@ def describe(recs: list[dict[str, Any]], entry: dict[str, Any]) -> str:
     return (f"Data: {data_source(r0['data_source'])}.{f' Training used a fixed subset of {subset} items.' if subset else ''}"
             f"{episodes} Seeds: {entry['seeds']}. Window k={entry['window']}{every}"
             f"{steps}: {entry['window_note'] or 'placement not recorded'}. Test metric in {entry['unit']}, mean ± std over "
-            f"{len(recs)} seeds; equivalence margin ±{entry['margin']:g}. Machine: {m.get('platform')}, "
+            f"{len(recs)} seed{'s' if len(recs) != 1 else ''}; equivalence margin ±{entry['margin']:g}. Machine: {m.get('platform')}, "
             f"{m.get('cpus', m.get('cpu_count'))} CPUs, torch {m.get('torch')}{', ' + str(m['device']) if m.get('device') else ''}. "
             f"Provenance: {'; '.join(flags)}.")
 
