@@ -23,25 +23,31 @@ def _available(name: str) -> None:
         pytest.skip(f"{name} data not available here: {e}")
 
 
-@pytest.mark.parametrize("name,ablations", [("ag_news", True), ("hopper", False), ("fashion_mnist", False)])
-def test_quick_preset_runs_and_renders(tmp_path: Path, name: str, ablations: bool) -> None:
+@pytest.mark.parametrize("name,ablations,regime", [("ag_news", True, "unstable-shard"), ("hopper", False, "wsd"),
+                                                   ("fashion_mnist", False, "constant")])
+def test_quick_preset_runs_and_renders(tmp_path: Path, name: str, ablations: bool, regime: str) -> None:
     _available(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rec = runner.run(name, "quick", 0, tmp_path, ablations=ablations, progress=False)
-    saved = json.loads((tmp_path / name / "quick" / "seed0.json").read_text())
-    assert saved["task"] == name and saved["seed"] == 0 and saved["data_source"]
+        rec = runner.run(name, "quick", 0, tmp_path, ablations=ablations, progress=False, regime=regime)
+    saved = json.loads((tmp_path / name / regime / "quick" / "seed0.json").read_text())
+    assert saved["task"] == name and saved["seed"] == 0 and saved["data_source"] and saved["regime"] == regime
     methods = saved["methods"]
-    for key in ("last", "uniform", "swa_lr", "ema", "lawa10", "random10", "greedy_soup", "twa", "sewa1", "sewa10"):
-        assert key in methods, key
+    for key in ("last", "uniform", "swa_lr", "ema", "suffix", "lawa", "greedy_soup", "learned_soup", "sewa"):
+        assert key in methods and methods[key].get("error") is None, key
+        assert methods[key]["test_metric"] is not None, key
     for key, m in methods.items():
-        if "weights" in m:
+        if m["weights"] is not None:
             assert abs(sum(m["weights"]) - 1) < 1e-6, key
-    assert sorted(methods["sewa10"]["indices"]) == methods["sewa10"]["indices"] and len(methods["sewa10"]["indices"]) == 10
+    assert sorted(methods["sewa"]["indices"]) == methods["sewa"]["indices"] and len(methods["sewa"]["indices"]) == 10
     assert methods["last"]["weights"][-1] == 1.0
+    bc = saved["family"] == "bc"
+    assert saved["k_curves"]["measure"] == ("test_loss" if bc else "test_metric")
+    assert (saved["reference"] is not None) == bc and ("measure_note" in saved) == bc
+    assert len(saved["per_snapshot"]["test_loss"]) == saved["window"]
     assert rec["compute"]["selection_seconds"] > 0 and rec["compute"]["epoch_seconds"] > 0
     if ablations:
         assert {"window", "tau", "samples", "steps", "objective", "budget", "split", "convergence"} <= set(saved["ablations"])
     doc = results.render(tmp_path, tmp_path / "docs")
     text = doc.read_text()
-    assert name in text and "sewa10 minus" in text and "## Compute" in text
+    assert name in text and "## Compute" in text
