@@ -33,6 +33,7 @@ bench: venv
 	$(BIN)/python benchmarks/selection.py
 	$(BIN)/python benchmarks/make_performance_doc.py
 	$(BIN)/python benchmarks/recording.py
+	$(BIN)/python benchmarks/threads.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 # The test models are tiny: intra-op threads only add synchronisation cost, and the suite runs
 # on small shared machines.
 torch.set_num_threads(1)
+# ... and sewa's own choice of threads (which probes the free cores) is pinned to the same.
+os.environ.setdefault("SEWA_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

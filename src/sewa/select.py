@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ._batch import cycle_batches
 from ._engine import MixedLoss
+from ._threads import compute_threads
 from .trajectory import Trajectory, TrajectoryError
 from .weights import from_indices
 
@@ -207,7 +208,7 @@ def select(
     """
     check_settings(len(trajectory), top_k, steps, samples)
     refuse_nonfinite_snapshots(trajectory)
-    with trajectory.reading():
+    with trajectory.reading(), compute_threads():
         engine = MixedLoss(trajectory, model, loss_fn, batch_stats=batch_stats, vectorize=vectorize, device=device)
         selection = run_selection(engine, cycle_batches(batches), trajectory.steps, top_k=top_k, samples=samples,
                                   steps=steps, tau_start=tau_start, tau_end=tau_end, lr=lr, optimizer=optimizer,
@@ -354,7 +355,7 @@ def trainable_average(
     n = len(trajectory)
     alpha = torch.zeros(n, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([alpha], lr=lr)
-    with trajectory.reading():
+    with trajectory.reading(), compute_threads():
         engine = MixedLoss(trajectory, model, loss_fn, batch_stats=batch_stats, vectorize=vectorize, device=device)
         feed = cycle_batches(batches)
         for t in _progress(range(steps), progress, "trainable average"):
