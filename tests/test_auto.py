@@ -174,7 +174,7 @@ def test_auto_on_a_one_batch_split_scores_in_sample_without_standard_errors() ->
 def test_a_small_pass_budget_skips_greedy_soup_and_scores_a_subset_of_batches() -> None:
     traj, ev = _damaged(0)
     info = create("auto", pass_budget=0.25, **FAST).weights(traj, ev).info
-    assert "greedy_soup: over the pass budget" in info["skipped"] and info["scored_batches"] == 6
+    assert "greedy_soup: over the pass budget" in info["skipped"] and info["scored_batches"] < 10
     assert "greedy_soup" not in {c["name"] for c in info["candidates"]}
     # Batch passes spent (a forward and backward counts three) within the budget: a quarter of SeWA's.
     spent = info["forward_passes"] + 2 * info["backward_passes"]

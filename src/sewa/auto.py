@@ -19,7 +19,8 @@ keeps the simplest one that is not worse than the best beyond noise:
 3. **Cross-fitting.** Candidates that learn from the split (SeWA, greedy soup, shrinkage) are
    fitted twice, on the even folds and on the odd folds, and every batch is scored by the fit
    that did not see it; the weights returned come from both halves (SeWA's two probability
-   vectors averaged, greedy soup refitted on the whole split). Fixed rules learn nothing.
+   vectors averaged; the mean of the two greedy soups), so cross-fitting costs no more than one
+   fit. Fixed rules learn nothing.
 4. **One-standard-error rule** (Breiman et al. 1984). With ``d_f`` the best candidate's fold
    score minus candidate ``c``'s, ``c`` is within noise when ``mean(d) <= SE``: by default the
    standard error of the best candidate's score, ``std(fold scores)/sqrt(F)`` (the classic
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,8 +67,7 @@ class Candidate:
     params: dict[str, Any]
     loss: Tensor
     metric: Tensor | None
-    crossfit: bool = False
-    fold: dict[str, Any] = field(default_factory=dict)
+    fits: tuple[Tensor, Tensor] | None = None  # the fits on each half, when cross-fitted
 
 
 def fold_ids(num_batches: int, folds: int, seed: int) -> Tensor:
@@ -112,30 +112,34 @@ def _mean_se(d: Tensor) -> dict[str, Any]:
     return {"mean": float(d.mean()), "se": se}
 
 
-def _greedy_cost(scorer: _Scorer, objective: str, mask: Tensor) -> Callable[[Tensor], float]:
-    """Greedy soup's yardstick on the batches in ``mask``: minus the metric (loss breaks ties), or the loss."""
+def _greedy_cost(scorer: _Scorer, objective: str) -> Callable[[Tensor], float]:
+    """Greedy soup's yardstick on the scorer's batches: minus the metric (loss breaks ties), or the loss."""
 
     def cost(w: Tensor) -> float:
         s = scorer(w)
         if s is None:
             return math.inf
-        loss = float((s.loss * s.sizes)[mask].sum() / s.sizes[mask].sum())
         if objective == "loss" or s.metric is None:
-            return loss
-        return -float((s.metric * s.sizes)[mask].sum() / s.sizes[mask].sum()) + 1e-9 * loss
+            return s.mean("loss")
+        return -s.mean("metric") + 1e-9 * s.mean("loss")
 
     return cost
 
 
-def _crossfitted(scorer: _Scorer, fits: tuple[Tensor, Tensor], half: Tensor) -> tuple[Tensor, Tensor | None] | None:
-    """Per-batch loss and metric where each batch is scored by the fit on the other half:
-    ``fits[h]`` was fitted on the batches with ``half == h``."""
-    s0, s1 = scorer(fits[0]), scorer(fits[1])
-    if s0 is None or s1 is None:
+def _crossfitted(halves: tuple[_Scorer, _Scorer], where: tuple[Tensor, Tensor], fits: tuple[Tensor, Tensor],
+                 num: int) -> tuple[Tensor, Tensor | None] | None:
+    """Per-batch loss and metric over the whole split (``num`` batches), each half scored by the
+    fit on the other: ``fits[h]`` was fitted on ``halves[h]``, whose batches sit at ``where[h]``."""
+    scored = [halves[h](fits[1 - h]) for h in (0, 1)]
+    if scored[0] is None or scored[1] is None:
         return None
-    other = half == 0  # these batches were not seen by fits[1]
-    loss = torch.where(other, s1.loss, s0.loss)
-    metric = None if s0.metric is None or s1.metric is None else torch.where(other, s1.metric, s0.metric)
+    loss = torch.empty(num, dtype=torch.float64)
+    metric = None if scored[0].metric is None else torch.empty(num, dtype=torch.float64)
+    for h, sc in enumerate(scored):
+        assert sc is not None
+        loss[where[h]] = sc.loss
+        if metric is not None and sc.metric is not None:
+            metric[where[h]] = sc.metric
     return loss, metric
 
 
@@ -166,8 +170,9 @@ def _plan(n: int, batches: int, s: Mapping[str, Any]) -> dict[str, Any]:
     unit = 1 + _BACKWARD_COST
     sewa_default = defaults["steps"] * defaults["samples"] * unit
     sewa_own = 2 * s["sewa_steps"] * s["sewa_samples"] * unit
-    core = len(_fixed(n)) + 2 * len(_top_ks(n)) + (2 if s["shrink"] > 0 else 0)
-    greedy = n + 3 * (n - 1)
+    # Cross-fitted candidates score each half once: one pass over the split each.
+    core = len(_fixed(n)) + len(_top_ks(n)) + (1 if s["shrink"] > 0 else 0)
+    greedy = n + (n - 1) + 1  # singles and additions on each half, then each half's soup on the other
     budget = s["pass_budget"] * sewa_default - sewa_own
     scored = batches if core * batches <= budget else min(batches, max(2, int(budget // max(core, 1))))
     with_greedy = s["greedy"] and (core + greedy) * scored <= budget
@@ -189,14 +194,16 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
         g = torch.Generator().manual_seed(int(s["seed"]))
         keep = sorted(torch.randperm(len(all_batches), generator=g)[:plan["scored_batches"]].tolist())
         all_batches = [all_batches[i] for i in keep]
-        ev = Evaluator(ev.model, ev.loss_fn, all_batches, metric=ev.metric, metric_name=ev.metric_name,
-                       batch_stats=ev.batch_stats, vectorize=ev.vectorize, device=ev.device, progress=ev.progress)
+        ev = _subset(ev, all_batches)
     scorer = _Scorer(ev, trajectory)
     num = ev.num_batches(trajectory)
     ids = fold_ids(num, s["folds"], s["seed"])
     folds = int(ids.max()) + 1
     half = ids % 2
     crossfit = folds >= 2
+    parts = [[b for b, h in zip(all_batches, half.tolist(), strict=True) if h == side] for side in (0, 1)] if crossfit else [all_batches]
+    halves = (_Scorer(_subset(ev, parts[0]), trajectory), _Scorer(_subset(ev, parts[-1]), trajectory)) if crossfit else (scorer, scorer)
+    where = ((half == 0).nonzero().flatten(), (half == 1).nonzero().flatten())
     backward = 0
     candidates: list[Candidate] = []
     skipped: list[str] = []
@@ -209,68 +216,57 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
             scores = scorer(w)
             scored = None if scores is None else (scores.loss, scores.metric)
         else:
-            scored = _crossfitted(scorer, fits, half)
+            scored = _crossfitted(halves, where, fits, num)
         if scored is None:
             skipped.append(f"{name}: a loss or metric is not finite")
             return
-        candidates.append(Candidate(name, family, complexity, w, params, scored[0], scored[1], fits is not None and crossfit))
+        candidates.append(Candidate(name, family, complexity, w, params, scored[0], scored[1], fits if crossfit else None))
 
     for name, family, complexity, w, params in _fixed(n):
         add(name, family, complexity, w, params)
 
     # SeWA: one budget K, fitted on each half; each K's top-K set comes from the same ranking.
     budget_k = min(n - 1, max(1, round(n * s["sewa_fraction"]))) if n > 1 else 1
-    halves = [[b for b, h in zip(all_batches, half.tolist(), strict=True) if h == side] for side in (0, 1)] if crossfit else [all_batches]
     probs: list[Tensor] = []
-    for side, part in enumerate(halves if _top_ks(n) else []):
+    for side, part in enumerate(parts if _top_ks(n) else []):
         steps = s["sewa_steps"] if crossfit else 2 * s["sewa_steps"]
         sel = select(trajectory, ev.model, ev.loss_fn, part, top_k=budget_k, samples=s["sewa_samples"], steps=steps,
                      seed=s["seed"] + side, **ev.engine_options())
         probs.append(sel.probabilities.double())
         backward += steps * s["sewa_samples"]
     for k in _top_ks(n):
-        ranking = torch.stack(probs).mean(0)
-        add(f"sewa_top({k})", "sewa", (4, n - k), _top(ranking, k),
-            {"top_k": k, "indices": _top(ranking, k).nonzero().flatten().tolist()},
+        w = _top(torch.stack(probs).mean(0), k)  # the ranking of both halves
+        add(f"sewa_top({k})", "sewa", (4, n - k), w, {"top_k": k, "indices": w.nonzero().flatten().tolist()},
             (_top(probs[0], k), _top(probs[-1], k)))
 
     if plan["greedy"]:
-        def soup(mask: Tensor) -> Tensor:
-            return rules.greedy_soup(n, _greedy_cost(scorer, objective, mask))
-        fits = (soup(half == 0), soup(half == 1)) if crossfit else None
-        w = soup(torch.ones(num, dtype=torch.bool))
-        add("greedy_soup", "greedy_soup", (5, 0), w, {"by": objective, "indices": w.nonzero().flatten().tolist()}, fits)
+        # Greedy soup on each half; the weights returned are the mean of the two soups.
+        soups = (rules.greedy_soup(n, _greedy_cost(halves[0], objective)), rules.greedy_soup(n, _greedy_cost(halves[1], objective)))
+        w = (soups[0] + soups[1]) / 2
+        add("greedy_soup", "greedy_soup", (5, 0), w, {"by": objective, "indices": w.nonzero().flatten().tolist()}, soups)
     elif s["greedy"]:
         skipped.append("greedy_soup: over the pass budget")
 
-    stats = _statistics(candidates, ev, scorer, ids, folds, objective)
+    stats = _statistics(candidates, scorer, ids, folds, objective)
     selected = [c for c in candidates if c.family in ("sewa", "greedy_soup")]
     if s["shrink"] > 0 and selected and crossfit:
         base = max(selected, key=lambda c: stats[c.name]["key"])
         a = float(s["shrink"])
         u = rules.uniform(n)
-
-        def shrunk(w: Tensor) -> Tensor:
-            return a * w + (1 - a) * u
-        shrunk_fits = None
-        if base.crossfit:
-            f0, f1 = _fits_of(base, probs, scorer, n, objective, half)
-            shrunk_fits = (shrunk(f0), shrunk(f1))
-        add(f"shrunk({base.name}, {a:g})", "shrunk", (3, a), shrunk(base.weights), {"of": base.name, "a": a}, shrunk_fits)
-        stats = _statistics(candidates, ev, scorer, ids, folds, objective)
-    return _choose(candidates, stats, s, objective, folds, n, plan, skipped, scorer.forward, backward, crossfit)
+        fits = None if base.fits is None else (a * base.fits[0] + (1 - a) * u, a * base.fits[1] + (1 - a) * u)
+        add(f"shrunk({base.name}, {a:g})", "shrunk", (3, a), a * base.weights + (1 - a) * u, {"of": base.name, "a": a}, fits)
+        stats = _statistics(candidates, scorer, ids, folds, objective)
+    forward = scorer.forward + (halves[0].forward + halves[1].forward if crossfit else 0)
+    return _choose(candidates, stats, s, objective, folds, plan, skipped, forward, backward, crossfit)
 
 
-def _fits_of(c: Candidate, probs: list[Tensor], scorer: _Scorer, n: int, objective: str, half: Tensor) -> tuple[Tensor, Tensor]:
-    """The two half fits of a cross-fitted candidate (cached scores make this free)."""
-    if c.family == "sewa":
-        k = int(c.params["top_k"])
-        return _top(probs[0], k), _top(probs[-1], k)
-    cost0, cost1 = (_greedy_cost(scorer, objective, half == h) for h in (0, 1))
-    return rules.greedy_soup(n, cost0), rules.greedy_soup(n, cost1)
+def _subset(ev: Evaluator, batches: list[Any]) -> Evaluator:
+    """An evaluator like ``ev`` over some of its batches."""
+    return Evaluator(ev.model, ev.loss_fn, batches, metric=ev.metric, metric_name=ev.metric_name,
+                     batch_stats=ev.batch_stats, vectorize=ev.vectorize, device=ev.device, progress=ev.progress)
 
 
-def _statistics(candidates: list[Candidate], ev: Evaluator, scorer: _Scorer, ids: Tensor, folds: int,
+def _statistics(candidates: list[Candidate], scorer: _Scorer, ids: Tensor, folds: int,
                 objective: str) -> dict[str, dict[str, Any]]:
     """Fold scores of every candidate: of the objective, and of the loss (for ties)."""
     sizes = scorer(candidates[0].weights).sizes  # type: ignore[union-attr]
@@ -286,7 +282,7 @@ def _statistics(candidates: list[Candidate], ev: Evaluator, scorer: _Scorer, ids
 
 
 def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Mapping[str, Any], objective: str,
-            folds: int, n: int, plan: dict[str, Any], skipped: list[str], forward: int, backward: int,
+            folds: int, plan: dict[str, Any], skipped: list[str], forward: int, backward: int,
             crossfit: bool) -> tuple[Tensor, dict[str, Any]]:
     if not candidates:
         raise MethodError("auto: no candidate average has a finite loss on the selection split; check the snapshots")
@@ -304,7 +300,7 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
                         "complexity": list(c.complexity),
                         "score": stats[c.name]["key"][0], "fold_scores": fold.tolist(), "se": _mean_se(fold)["se"],
                         "loss": stats[c.name]["loss"], "metric": stats[c.name]["metric"], "gap_to_best": gap,
-                        "within_one_se": within, "crossfit": c.crossfit})
+                        "within_one_se": within, "crossfit": c.fits is not None})
     chosen = min(eligible, key=lambda c: (c.complexity, -stats[c.name]["key"][0]))
 
     def gain(name: str) -> dict[str, Any] | None:
