@@ -52,6 +52,7 @@ def test_summary_schema_on_three_synthetic_runs(tmp_path: Path) -> None:
     out = tmp_path / "summary.json"
     results.render(runs, tmp_path / "docs", out)
     doc = json.loads(out.read_text())
+    assert '"seeds": [0, 1, 2],' in out.read_text()  # per-seed lists stay on one line
     assert doc["schema"] == "sewa.summary/1" and len(doc["tasks"]) == 1
     t = doc["tasks"][0]
     assert {"task", "family", "regime", "commit", "dirty", "seeds", "reference", "methods", "random_k", "verdicts"} <= set(t)

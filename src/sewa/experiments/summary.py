@@ -288,11 +288,20 @@ def claims(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+_SCALARS = re.compile(r"\[(?:[-0-9.eE+,\s]|null|true|false)*\]")
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    """The summary as indented JSON with each per-seed list of numbers on one line."""
+    text = json.dumps(doc, indent=1)
+    return _SCALARS.sub(lambda m: " ".join(m.group(0).split()).replace("[ ", "[").replace(" ]", "]"), text) + "\n"
+
+
 def write(root: Path, path: Path, allow_mixed: bool = False) -> Path:
     """Writes the summary of the runs under ``root`` to ``path``."""
     groups = load_runs(root)
     if not groups:
         raise FileNotFoundError(f"no runs under {root}: run `sewa experiment NAME` first")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(build(entries(groups, allow_mixed)), indent=1) + "\n")
+    path.write_text(dumps(build(entries(groups, allow_mixed))))
     return path
