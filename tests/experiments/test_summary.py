@@ -74,6 +74,8 @@ def test_summary_schema_on_three_synthetic_runs(tmp_path: Path) -> None:
     assert same["diff"] == 0.0 and same["verdict"] == "equivalent"
     assert t["best_baseline"] == "sewa" and t["ranks"]["last"] == [10.0, 10.0, 10.0]
     assert t["k_curves"]["oracle"] == pytest.approx([90.0, 91.0, 84.0])
+    assert t["selection_check"] == {"score": "val_metric", "methods": 10, "best_on_selection": "sewa", "its_test_rank": 1,
+                                    "best_on_test": "sewa", "its_selection_rank": 1}
     claims = {c["claim"].split(" (")[0]: c for c in doc["claims"]}
     assert claims["auto is never worse than the best baseline"]["comparisons"] == [
         {"where": "tiny/unstable-spikes", "vs": "sewa", "verdict": "equivalent"}]
@@ -103,6 +105,7 @@ def test_behaviour_cloning_scores_random_k_and_k_curves_by_the_test_loss(tmp_pat
     assert t["random_k"]["percentiles"]["sewa"] == [75.0, 75.0] and t["random_k"]["percentiles"]["last"] == [25.0, 25.0]
     assert t["k_curves"] == {"Ks": [1, 2], "measure": "test_loss", "lawa": [0.05, 0.04], "sewa": [None, 0.03]}
     assert t["methods"]["last"]["test_metric"] == [40.0, 41.0] and t["margin"] == 2.0
+    assert t["selection_check"]["score"] == "val_loss" and t["selection_check"]["best_on_selection"] == "sewa"
     assert "scored by the test loss (lower is better)" in md and "Best K per curve: lawa: K=2, sewa: K=2." in md
 
 

@@ -96,14 +96,8 @@ def _p(x: float | None) -> str:
     return "—" if x is None else ("<0.001" if x < 0.001 else f"{x:.3f}")
 
 
-def _loss(recs: list[dict[str, Any]], label: str, key: str) -> str:
-    vals = [r["methods"][label].get(key) for r in recs]
-    return "—" if any(v is None for v in vals) else f"{mean_std([float(v) for v in vals])[0]:.4f}"
-
-
 def _title(key: Key) -> str:
-    task, regime, preset = key
-    return f"{task} — {regime} ({preset})"
+    return f"{key[0]} — {key[1]} ({key[2]})"
 
 
 def method_table(recs: list[dict[str, Any]], entry: dict[str, Any]) -> list[str]:
@@ -120,7 +114,8 @@ def method_table(recs: list[dict[str, Any]], entry: dict[str, Any]) -> list[str]
     for label, row in entry["methods"].items():
         rank = entry["ranks"].get(label)
         lines.append(f"| {label if label in MAIN else label + ' (extra)'} | {_ms(row['test_metric'], missing='failed')} | {_ms(row['val_metric'])} | "
-                     f"{_loss(recs, label, 'test_loss')} | {_loss(recs, label, 'val_loss')} | {_span(row['averaged'])} | "
+                     f"{_num(_avg([r['methods'][label].get('test_loss') for r in recs]), '.4f')} | "
+                     f"{_num(_avg([r['methods'][label].get('val_loss') for r in recs]), '.4f')} | {_span(row['averaged'])} | "
                      f"{row['selected_on'] or '—'} | {row['choice_by'] or '—'} | "
                      f"{'—' if rank is None else f'{mean_std(rank)[0]:.1f}'} | {_ms(row['seconds'], 1)} |")
     return lines
@@ -191,11 +186,14 @@ def describe(recs: list[dict[str, Any]], entry: dict[str, Any]) -> str:
     if entry["dirty"]:
         flags.append("**at least one run from a tree with uncommitted changes**")
     m = r0["machine"]
+    split = r0.get("selection_split")
+    where = f" Selection split: {split['name']} ({split['items']} items)." if split else ""
+    note = f" Note: {r0['measure_note']}." if r0.get("measure_note") else ""
     every = f" every {cfg['every']} steps" if cfg.get("every") else ""
     return (f"Data: {data_source(r0['data_source'])}.{f' Training used a fixed subset of {subset} items.' if subset else ''}"
             f"{episodes} Seeds: {entry['seeds']}. Window k={entry['window']}{every}"
             f"{steps}: {entry['window_note'] or 'placement not recorded'}. Test metric in {entry['unit']}, mean ± std over "
-            f"{len(recs)} seed{'s' if len(recs) != 1 else ''}; equivalence margin ±{entry['margin']:g}. Machine: {m.get('platform')}, "
+            f"{len(recs)} seed{'s' if len(recs) != 1 else ''}; equivalence margin ±{entry['margin']:g}.{where}{note} Machine: {m.get('platform')}, "
             f"{m.get('cpus', m.get('cpu_count'))} CPUs, torch {m.get('torch')}{', ' + str(m['device']) if m.get('device') else ''}. "
             f"Provenance: {'; '.join(flags)}.")
 
@@ -228,17 +226,14 @@ def compute_table(groups: dict[Key, list[dict[str, Any]]], entries: dict[Key, di
 
 
 def selection_table(entries: dict[Key, dict[str, Any]]) -> list[str]:
-    """Does the method best on the selection split stay best on test?"""
-    lines = ["| task — regime (preset) | best on val metric | its test rank | best on test | its val rank |", "|---|---|---|---|---|"]
+    """Does the method best on the selection split (its metric, else its loss) stay best on test?"""
+    lines = ["| task — regime (preset) | selection score | best on it | its test rank | best on test | its selection rank |",
+             "|---|---|---|---|---|---|"]
     for key, e in sorted(entries.items()):
-        scored = [m for m in e["ranks"] if all(x is not None for x in e["methods"][m]["val_metric"])]
-        if not scored:
-            continue
-        val = {m: mean_std(e["methods"][m]["val_metric"])[0] for m in scored}
-        test = {m: mean_std(e["methods"][m]["test_metric"])[0] for m in scored}
-        by_val, by_test = sorted(scored, key=lambda m: -val[m]), sorted(scored, key=lambda m: -test[m])
-        lines.append(f"| {_title(key)} | {by_val[0]} | {by_test.index(by_val[0]) + 1} of {len(scored)} | {by_test[0]} | "
-                     f"{by_val.index(by_test[0]) + 1} of {len(scored)} |")
+        c = e["selection_check"]
+        if c:
+            lines.append(f"| {_title(key)} | {c['score'].replace('_', ' ')} | {c['best_on_selection']} | {c['its_test_rank']} of "
+                         f"{c['methods']} | {c['best_on_test']} | {c['its_selection_rank']} of {c['methods']} |")
     return lines
 
 
@@ -359,7 +354,7 @@ def discussion(doc: dict[str, Any]) -> list[str]:
         n, found = c["counts"], c["comparisons"]
         detail = "; ".join(f"{v}: " + ", ".join(f"{x['where']} vs {x['vs']}" for x in found if x["verdict"] == v)
                            for v in stats.VERDICTS if n[v] and v != "inconclusive")
-        lines.append(f"- **{c['claim']}**: " + ", ".join(f"{n[v]} {v}" for v in stats.VERDICTS) + f" of {len(found)} comparisons"
+        lines.append(f"- **{c['claim']}**: " + ", ".join(f"{n[v]} {v}" for v in stats.VERDICTS) + f" of {len(found)} comparison{'s' if len(found) != 1 else ''}"
                      + (f" ({detail})." if detail else "."))
     pct = [(e["task"], e["regime"], e["random_k"]["measure"], e["random_k"]["percentiles"]["sewa"]) for e in tasks
            if e["random_k"] and "sewa" in e["random_k"]["percentiles"]]

@@ -169,6 +169,7 @@ def task_entry(key: Key, recs: list[dict[str, Any]], allow_mixed: bool = False) 
         rows = [r["methods"][m] for r in recs]
         methods[m] = {"test_metric": [_r(x.get("test_metric"), scale) for x in rows],
                       "val_metric": [_r(x.get("val_metric"), scale) for x in rows],
+                      "val_loss": [_r(x.get("val_loss")) for x in rows],
                       "seconds": [_r(x.get("seconds")) for x in rows],
                       "averaged": [averaged(x) for x in rows],
                       "selected_on": rows[0].get("selected_on"), "choice_by": rows[0].get("choice_by")}
@@ -196,8 +197,23 @@ def task_entry(key: Key, recs: list[dict[str, Any]], allow_mixed: bool = False) 
             "dirty": None if any(r.get("dirty") is None for r in recs) else any(r["dirty"] for r in recs),
             "seeds": seeds, "window": r0["window"], "window_note": r0.get("window_note"),
             "reference": reference, "methods": methods, "random_k": _random_k(recs, scale, scored),
-            "k_curves": _k_curves(recs, scale), "ranks": ranks, "best_baseline": best,
+            "k_curves": _k_curves(recs, scale), "ranks": ranks,
+            "selection_check": selection_check(methods, scored), "best_baseline": best,
             "margin": _r(margin, scale), "alpha": stats.ALPHA, "verdicts": verdicts}
+
+
+def selection_check(methods: dict[str, dict[str, Any]], scored: list[str]) -> dict[str, Any] | None:
+    """The method best on the selection split (mean val metric, else mean val loss) and its rank on
+    test, and the reverse: a leader on validation that is not one on test over-fitted the split."""
+    on = "val_metric" if all(None not in methods[m]["val_metric"] for m in scored) else "val_loss"
+    rated = [m for m in scored if None not in methods[m][on]]
+    if not rated:
+        return None
+    sign = 1 if on == "val_metric" else -1
+    by_val = sorted(rated, key=lambda m: -sign * math.fsum(methods[m][on]))
+    by_test = sorted(rated, key=lambda m: -math.fsum(methods[m]["test_metric"]))
+    return {"score": on, "methods": len(rated), "best_on_selection": by_val[0], "its_test_rank": by_test.index(by_val[0]) + 1,
+            "best_on_test": by_test[0], "its_selection_rank": by_val.index(by_test[0]) + 1}
 
 
 def measure(recs: list[dict[str, Any]]) -> str:
