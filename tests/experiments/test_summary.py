@@ -93,7 +93,8 @@ def test_behaviour_cloning_scores_random_k_and_k_curves_by_the_test_loss(tmp_pat
         r = fake_run(seed)
         r.update(family="bc", metric="normalized_score", regime="constant")
         for m, row in r["methods"].items():
-            row.update(test_metric=40.0 + seed, val_metric=None, test_loss=0.02 if m == "sewa" else 0.05)
+            row.update(test_metric=40.0 + seed, val_metric=None, test_loss=0.02 if m == "sewa" else 0.05,
+                       val_loss=0.01 if m == "sewa" else 0.04)
         r["random_k"] = {"k": 2, "draws": 4, "test_metric": [None] * 4, "test_loss": [0.01, 0.03, 0.04, 0.06]}
         r["k_curves"] = {"Ks": [1, 2], "measure": "test_loss", "random_k_draws": [4, 4], "lawa": [0.05, 0.04],
                          "sewa": [None, 0.03]}
