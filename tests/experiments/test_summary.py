@@ -24,6 +24,9 @@ def fake_run(seed: int, commit: str = COMMIT, regime: str = "unstable-spikes") -
                    "test_metric": s[seed], "val_metric": s[seed] - 0.01, "test_loss": 0.4, "val_loss": 0.5,
                    "seconds": 1.0 + seed, "selected_on": "val" if m in ("sewa", "auto") else None,
                    "choice_by": "metric" if m in ("sewa", "auto") else None} for m, s in SCORES.items()}
+    methods["auto"].update(chosen="uniform", chosen_family="tail", objective="metric", fell_back=True, crossfit=True,
+                           folds_used=5, gain_vs_uniform={"mean": 0.0, "se": 0.001}, gain_vs_last={"mean": 0.05, "se": 0.01},
+                           forward_passes=400, sewa_default_passes={"forward": 800, "backward": 800})
     return {"format": "sewa.experiment/2", "task": "tiny", "family": "text", "regime": regime, "preset": "quick",
             "seed": seed, "git_commit": commit, "dirty": False,
             "machine": {"platform": "test", "cpus": 1, "torch": "x"},
@@ -76,6 +79,8 @@ def test_summary_schema_on_three_synthetic_runs(tmp_path: Path) -> None:
     assert t["k_curves"]["oracle"] == pytest.approx([90.0, 91.0, 84.0])
     assert t["selection_check"] == {"score": "val_metric", "methods": 10, "best_on_selection": "sewa", "its_test_rank": 1,
                                     "best_on_test": "sewa", "its_selection_rank": 1}
+    assert t["auto"]["fell_back"] == [True] * 3 and t["auto"]["forward_passes_over_sewa"] == [0.5] * 3
+    assert t["auto"]["gain_vs_last"] == [0.05] * 3 and t["auto"]["chosen"] == ["uniform"] * 3
     claims = {c["claim"].split(" (")[0]: c for c in doc["claims"]}
     assert claims["auto is never worse than the best baseline"]["comparisons"] == [
         {"where": "tiny/unstable-spikes", "vs": "sewa", "verdict": "equivalent"}]
@@ -83,6 +88,7 @@ def test_summary_schema_on_three_synthetic_runs(tmp_path: Path) -> None:
     md = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "reference: multinomial naive Bayes | 87.40 ± 0.00" in md
     assert "| sewa vs uniform | +5.00 |" in md and "**better**" in md
+    assert "| tiny — unstable-spikes (quick) | uniform, uniform, uniform | 3 of 3 | 3 of 3 | +0 (metric) | +5.00 | 0.50 |" in md
     assert "auto is never worse than the best baseline" in md and "1 equivalent" in md
     assert (tmp_path / "docs" / "ranks.png").is_file() and (tmp_path / "docs" / "k_curves.png").is_file()
 

@@ -198,7 +198,7 @@ def task_entry(key: Key, recs: list[dict[str, Any]], allow_mixed: bool = False) 
             "seeds": seeds, "window": r0["window"], "window_note": r0.get("window_note"),
             "reference": reference, "methods": methods, "random_k": _random_k(recs, scale, scored),
             "k_curves": _k_curves(recs, scale), "ranks": ranks,
-            "selection_check": selection_check(methods, scored), "best_baseline": best,
+            "selection_check": selection_check(methods, scored), "auto": auto_record(recs), "best_baseline": best,
             "margin": _r(margin, scale), "alpha": stats.ALPHA, "verdicts": verdicts}
 
 
@@ -214,6 +214,28 @@ def selection_check(methods: dict[str, dict[str, Any]], scored: list[str]) -> di
     by_test = sorted(rated, key=lambda m: -math.fsum(methods[m]["test_metric"]))
     return {"score": on, "methods": len(rated), "best_on_selection": by_val[0], "its_test_rank": by_test.index(by_val[0]) + 1,
             "best_on_test": by_test[0], "its_selection_rank": by_val.index(by_test[0]) + 1}
+
+
+def auto_record(recs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What ``auto`` chose on each seed and why (issue 15): the chosen candidate, whether it fell
+    back to the simplest one, whether it cross-fitted, its estimated gains on the selection split (in
+    its objective's raw units, a loss gain is a loss decrease) and its passes against SeWA's."""
+    rows = [r["methods"].get("auto") for r in recs]
+    if not all(rows):
+        return None
+
+    def each(key: str, sub: str | None = None) -> list[Any]:
+        vals = [(row or {}).get(key) for row in rows]
+        return [v.get(sub) if isinstance(v, dict) else None for v in vals] if sub else vals
+
+    passes = [(row or {}).get("forward_passes") for row in rows]
+    sewa = [((row or {}).get("sewa_default_passes") or {}).get("forward") for row in rows]
+    return {"chosen": each("chosen"), "family": each("chosen_family"), "objective": each("objective"),
+            "fell_back": each("fell_back"), "crossfit": each("crossfit"), "folds_used": each("folds_used"),
+            "gain_vs_uniform": [_r(x) for x in each("gain_vs_uniform", "mean")],
+            "gain_vs_uniform_se": [_r(x) for x in each("gain_vs_uniform", "se")],
+            "gain_vs_last": [_r(x) for x in each("gain_vs_last", "mean")],
+            "forward_passes_over_sewa": [None if a is None or not b else _r(a / b) for a, b in zip(passes, sewa, strict=True)]}
 
 
 def measure(recs: list[dict[str, Any]]) -> str:
