@@ -176,7 +176,7 @@ def study(seeds: int) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=int, default=20_000, help="MLP parameters (default 20000)")
-    parser.add_argument("--examples", type=int, nargs="+", default=[256, 512], help="selection split sizes")
+    parser.add_argument("--examples", type=int, nargs="+", default=[256, 512, 1024], help="selection split sizes")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--study", type=int, default=0, metavar="SEEDS",

@@ -8,18 +8,19 @@ keeps the simplest one that is not worse than the best beyond noise:
 1. **Candidates** (oldest snapshot first): uniform tails of length ``k, k/2, k/4, ..., 1``
    (LAWA-K / suffix averaging: this chooses the window, from uniform to the last iterate); EMA
    for half-lives ``k/16 .. k/2`` snapshots (torch's recursion, :func:`sewa.weights.ema`);
-   SeWA top-K for ``K = k/8, k/4, k/2, 3k/4`` from the ranking of one SeWA budget; the best of
-   those shrunk towards uniform, ``w = a·w_sel + (1 - a)·1/k``; greedy soup (by the metric when
-   the task has one), when it fits the pass budget.
+   SeWA top-K for ``K = k/8, k/4, k/2, 3k/4`` from the ranking of one SeWA budget; greedy soup
+   (by the metric when the task has one), when it fits the pass budget; a learned convex soup on
+   the best SeWA set's support; the best selection shrunk towards uniform,
+   ``w = a·w_sel + (1 - a)·1/k``.
 2. **Scores.** Each candidate costs one weighted average and one forward pass over the split
    (:meth:`sewa.evaluator.Evaluator.per_batch`). The batches fall into ``F`` folds (a seeded
    permutation, position mod ``F``); a candidate's score is the mean of its ``F`` fold scores
    of the objective: the task's metric when it has one (the loss breaks ties), else minus the
    loss.
-3. **Cross-fitting.** Candidates that learn from the split (SeWA, greedy soup, shrinkage) are
+3. **Cross-fitting.** Candidates that learn from the split (SeWA, greedy soup, learned soup, shrinkage) are
    fitted twice, on the even folds and on the odd folds, and every batch is scored by the fit
    that did not see it; the weights returned come from both halves (SeWA's two probability
-   vectors averaged; the mean of the two greedy soups), so cross-fitting costs no more than one
+   vectors averaged; the mean of the two soups), so cross-fitting costs no more than one
    fit. Fixed rules learn nothing.
 4. **One-standard-error rule** (Breiman et al. 1984). With ``d_f`` the best candidate's fold
    score minus candidate ``c``'s, ``c`` is within noise when ``mean(d) <= SE``: by default the
@@ -27,7 +28,7 @@ keeps the simplest one that is not worse than the best beyond noise:
    rule); with ``se_rule="paired"`` the standard error of ``d`` itself, which drops the
    batch-difficulty noise every candidate shares and so falls back less often. The simplest
    candidate within noise is chosen: uniform over the window, then narrower tails, EMA, shrunk
-   selections, SeWA sets, greedy soup.
+   selections, SeWA sets, greedy soup, the learned soup.
 5. **Cost.** The two SeWA fits run ``sewa_steps`` steps of ``sewa_samples`` masks each; with the
    defaults that is half the model passes of one default :func:`sewa.select`. Candidates are
    added while the planned passes fit ``pass_budget`` default selections; a split too large for
@@ -47,7 +48,7 @@ from torch import Tensor
 from . import weights as rules
 from .evaluator import EvaluationError, Evaluator, Scores
 from .methods import Method, MethodError, _frozen, _positive_int, register
-from .select import select, select_settings
+from .select import select, select_settings, trainable_average
 from .trajectory import Trajectory
 
 __all__ = ["auto", "fold_ids", "Candidate"]
@@ -169,9 +170,9 @@ def _plan(n: int, batches: int, s: Mapping[str, Any]) -> dict[str, Any]:
     defaults = select_settings()[1]
     unit = 1 + _BACKWARD_COST
     sewa_default = defaults["steps"] * defaults["samples"] * unit
-    sewa_own = 2 * s["sewa_steps"] * s["sewa_samples"] * unit
+    sewa_own = 2 * (s["sewa_steps"] * s["sewa_samples"] + s["soup_steps"]) * unit
     # Cross-fitted candidates score each half once: one pass over the split each.
-    core = len(_fixed(n)) + len(_top_ks(n)) + (1 if s["shrink"] > 0 else 0)
+    core = len(_fixed(n)) + len(_top_ks(n)) + (1 if s["shrink"] > 0 else 0) + (1 if s["soup_steps"] > 0 else 0)
     greedy = n + (n - 1) + 1  # singles and additions on each half, then each half's soup on the other
     budget = s["pass_budget"] * sewa_default - sewa_own
     scored = batches if core * batches <= budget else min(batches, max(2, int(budget // max(core, 1))))
@@ -248,7 +249,21 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
         skipped.append("greedy_soup: over the pass budget")
 
     stats = _statistics(candidates, scorer, ids, folds, objective)
-    selected = [c for c in candidates if c.family in ("sewa", "greedy_soup")]
+    sets = [c for c in candidates if c.family == "sewa" and c.fits is not None]
+    if s["soup_steps"] > 0 and sets and hasattr(trajectory, "subset"):
+        # A learned convex soup on the best SeWA set's support, fitted on each half.
+        base = max(sets, key=lambda c: stats[c.name]["key"])
+        assert base.fits is not None
+        soups = (_learned(trajectory, ev, parts[0], base.fits[0], s["soup_steps"]),
+                 _learned(trajectory, ev, parts[1], base.fits[1], s["soup_steps"]))
+        backward += 2 * s["soup_steps"]
+        w = (soups[0] + soups[1]) / 2
+        add(f"learned_soup({base.name})", "learned_soup", (6, 0), w, {"on": base.name, "indices": w.nonzero().flatten().tolist()},
+            soups)
+        stats = _statistics(candidates, scorer, ids, folds, objective)
+    elif s["soup_steps"] > 0:
+        skipped.append("learned_soup: needs a cross-fitted SeWA set and a trajectory with subset()")
+    selected = [c for c in candidates if c.family in ("sewa", "greedy_soup", "learned_soup")]
     if s["shrink"] > 0 and selected and crossfit:
         base = max(selected, key=lambda c: stats[c.name]["key"])
         a = float(s["shrink"])
@@ -258,6 +273,16 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
         stats = _statistics(candidates, scorer, ids, folds, objective)
     forward = scorer.forward + (halves[0].forward + halves[1].forward if crossfit else 0)
     return _choose(candidates, stats, s, objective, folds, plan, skipped, forward, backward, crossfit)
+
+
+def _learned(trajectory: Trajectory, ev: Evaluator, batches: list[Any], support: Tensor, steps: int) -> Tensor:
+    """Dense convex weights learned on ``batches`` over the snapshots where ``support > 0``
+    (:func:`sewa.trainable_average` on that subset), zero elsewhere."""
+    idx = support.nonzero().flatten().tolist()
+    learned = trainable_average(trajectory.subset(idx), ev.model, ev.loss_fn, batches, steps=steps, **ev.engine_options())
+    w = torch.zeros(len(trajectory), dtype=torch.float64)
+    w[idx] = learned.double()
+    return w / w.sum()
 
 
 def _subset(ev: Evaluator, batches: list[Any]) -> Evaluator:
@@ -325,7 +350,7 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
 
 def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 50, sewa_samples: int = 4,
          sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, pass_budget: float = 1.0,
-         se_rule: str = "best") -> Method:
+         se_rule: str = "best", soup_steps: int = 50) -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
@@ -342,6 +367,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 5
         pass_budget: Model passes auto may plan, in units of one default SeWA selection's passes.
         se_rule: The standard error of the one-SE rule: "best" (of the best candidate's fold
             scores, the classic rule) or "paired" (of each candidate's fold differences to the best).
+        soup_steps: Steps of the learned convex soup on the best SeWA set's support, per half (0: none).
     """
     for name, value in (("folds", folds), ("sewa_steps", sewa_steps), ("sewa_samples", sewa_samples)):
         _positive_int(name, "auto", value)
@@ -353,11 +379,14 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 5
         raise MethodError(f"auto: shrink must lie in [0, 1), got {shrink!r}")
     if not pass_budget > 0:
         raise MethodError(f"auto: pass_budget must be positive, got {pass_budget!r}")
+    if isinstance(soup_steps, bool) or not isinstance(soup_steps, int) or soup_steps < 0:
+        raise MethodError(f"auto: soup_steps must be a non-negative integer, got {soup_steps!r}")
     if se_rule not in ("best", "paired"):
         raise MethodError(f"auto: se_rule must be 'best' or 'paired', got {se_rule!r}")
     settings = {"folds": folds, "seed": seed, "one_se": bool(one_se), "sewa_steps": sewa_steps, "sewa_samples": sewa_samples,
                 "sewa_fraction": float(sewa_fraction), "shrink": float(shrink), "greedy": bool(greedy),
-                "pass_budget": float(pass_budget), "se_rule": se_rule}
+                "pass_budget": float(pass_budget), "se_rule": se_rule,
+                "soup_steps": soup_steps}
     return Method("auto", _frozen(settings), _rule, evaluates=True)
 
 
