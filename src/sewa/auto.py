@@ -37,6 +37,7 @@ keeps the simplest one that is not worse than the best beyond noise:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -287,8 +288,7 @@ def _learned(trajectory: Trajectory, ev: Evaluator, batches: list[Any], support:
 
 def _subset(ev: Evaluator, batches: list[Any]) -> Evaluator:
     """An evaluator like ``ev`` over some of its batches."""
-    return Evaluator(ev.model, ev.loss_fn, batches, metric=ev.metric, metric_name=ev.metric_name,
-                     batch_stats=ev.batch_stats, vectorize=ev.vectorize, device=ev.device, progress=ev.progress)
+    return dataclasses.replace(ev, batches=batches)
 
 
 def _statistics(candidates: list[Candidate], scorer: _Scorer, ids: Tensor, folds: int,
