@@ -52,7 +52,7 @@ from .methods import Method, MethodError, _frozen, _positive_int, register
 from .select import select, select_settings, trainable_average
 from .trajectory import Trajectory
 
-__all__ = ["auto", "fold_ids", "Candidate"]
+__all__ = ["auto", "fold_ids"]
 
 # Model passes of one batch: a forward and backward costs about three forwards.
 _BACKWARD_COST = 2
@@ -97,12 +97,6 @@ class _Scorer:
                 self.cache[key] = None
             self.forward += self.evaluator.num_batches(self.trajectory)
         return self.cache[key]
-
-
-def _utility(s: Scores, objective: str) -> Tensor:
-    """Per-batch utility, higher is better: the metric, or minus the loss."""
-    assert s.metric is not None or objective == "loss"
-    return s.metric if objective == "metric" and s.metric is not None else -s.loss
 
 
 def _fold_means(values: Tensor, sizes: Tensor, ids: Tensor, folds: int) -> Tensor:
