@@ -171,6 +171,21 @@ def test_auto_on_a_one_batch_split_scores_in_sample_without_standard_errors() ->
     json.dumps(info, allow_nan=False)
 
 
+def test_auto_skips_candidates_whose_loss_is_not_finite() -> None:
+    """The oldest snapshot overflows the loss: every average holding it (uniform, the EMAs, the
+    SeWA fits) is skipped, and auto chooses among the rest (tails, greedy soup)."""
+    g = torch.Generator().manual_seed(3)
+    thetas = 0.3 * torch.randn(K, D, generator=g)
+    thetas[0] = 1e30
+    result = create("auto", **FAST).weights(*_problem(thetas))
+    info = result.info
+    assert float(result.weights[0]) == 0.0 and info["chosen"] in {c["name"] for c in info["candidates"]}
+    assert {"uniform", "ema(0.8909)"} & {c["name"] for c in info["candidates"]} == set()
+    assert any(s.startswith("uniform: a loss or metric is not finite") for s in info["skipped"])
+    assert any(s.startswith("sewa: ") for s in info["skipped"]) and info["gain_vs_uniform"] is None
+    json.dumps(info, allow_nan=False)
+
+
 def test_a_small_pass_budget_skips_greedy_soup_and_scores_a_subset_of_batches() -> None:
     traj, ev = _damaged(0)
     info = create("auto", pass_budget=0.37, **FAST).weights(traj, ev).info

@@ -47,9 +47,11 @@ import torch
 from torch import Tensor
 
 from . import weights as rules
+from ._batch import split_batch
 from .evaluator import EvaluationError, Evaluator, Scores
 from .methods import Method, MethodError, _frozen, _positive_int, register
-from .select import select, select_settings, trainable_average
+from .select import SelectionError, select, select_settings, trainable_average
+from .task import batch_size
 from .trajectory import Trajectory
 
 __all__ = ["auto", "fold_ids"]
@@ -200,6 +202,7 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
     parts = [[b for b, h in zip(all_batches, half.tolist(), strict=True) if h == side] for side in (0, 1)] if crossfit else [all_batches]
     halves = (_Scorer(_subset(ev, parts[0]), trajectory), _Scorer(_subset(ev, parts[-1]), trajectory)) if crossfit else (scorer, scorer)
     where = ((half == 0).nonzero().flatten(), (half == 1).nonzero().flatten())
+    sizes = torch.tensor([float(batch_size(split_batch(b)[1])) for b in all_batches], dtype=torch.float64)
     backward = 0
     candidates: list[Candidate] = []
     skipped: list[str] = []
@@ -224,13 +227,16 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
     # SeWA: one budget K, fitted on each half; each K's top-K set comes from the same ranking.
     budget_k = min(n - 1, max(1, round(n * s["sewa_fraction"]))) if n > 1 else 1
     probs: list[Tensor] = []
-    for side, part in enumerate(parts if _top_ks(n) else []):
-        steps = s["sewa_steps"] if crossfit else 2 * s["sewa_steps"]
-        sel = select(trajectory, ev.model, ev.loss_fn, part, top_k=budget_k, samples=s["sewa_samples"], steps=steps,
-                     seed=s["seed"] + side, **ev.engine_options())
-        probs.append(sel.probabilities.double())
-        backward += steps * s["sewa_samples"]
-    for k in _top_ks(n):
+    steps = s["sewa_steps"] if crossfit else 2 * s["sewa_steps"]
+    try:
+        for side, part in enumerate(parts if _top_ks(n) else []):
+            backward += steps * s["sewa_samples"]
+            probs.append(select(trajectory, ev.model, ev.loss_fn, part, top_k=budget_k, samples=s["sewa_samples"], steps=steps,
+                                seed=s["seed"] + side, **ev.engine_options()).probabilities.double())
+    except SelectionError as e:  # e.g. a snapshot whose loss overflows: the rules that avoid it remain
+        skipped.append(f"sewa: {e}")
+        probs = []
+    for k in _top_ks(n) if probs else []:
         w = _top(torch.stack(probs).mean(0), k)  # the ranking of both halves
         add(f"sewa_top({k})", "sewa", (4, n - k), w, {"top_k": k, "indices": w.nonzero().flatten().tolist()},
             (_top(probs[0], k), _top(probs[-1], k)))
@@ -243,20 +249,23 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
     elif s["greedy"]:
         skipped.append("greedy_soup: over the pass budget")
 
-    stats = _statistics(candidates, scorer, ids, folds, objective)
+    stats = _statistics(candidates, sizes, ids, folds, objective)
     sets = [c for c in candidates if c.family == "sewa" and c.fits is not None]
     if s["soup_steps"] > 0 and sets and hasattr(trajectory, "subset"):
         # A learned convex soup on the best SeWA set's support, fitted on each half.
         base = max(sets, key=lambda c: stats[c.name]["key"])
         assert base.fits is not None
-        soups = (_learned(trajectory, ev, parts[0], base.fits[0], s["soup_steps"]),
-                 _learned(trajectory, ev, parts[1], base.fits[1], s["soup_steps"]))
         backward += 2 * s["soup_steps"]
-        w = (soups[0] + soups[1]) / 2
-        add(f"learned_soup({base.name})", "learned_soup", (6, 0), w, {"on": base.name, "indices": w.nonzero().flatten().tolist()},
-            soups)
-        stats = _statistics(candidates, scorer, ids, folds, objective)
-    elif s["soup_steps"] > 0:
+        try:
+            soups = (_learned(trajectory, ev, parts[0], base.fits[0], s["soup_steps"]),
+                     _learned(trajectory, ev, parts[1], base.fits[1], s["soup_steps"]))
+            w = (soups[0] + soups[1]) / 2
+            add(f"learned_soup({base.name})", "learned_soup", (6, 0), w, {"on": base.name, "indices": w.nonzero().flatten().tolist()},
+                soups)
+            stats = _statistics(candidates, sizes, ids, folds, objective)
+        except SelectionError as e:
+            skipped.append(f"learned_soup: {e}")
+    elif s["soup_steps"] > 0 and crossfit:
         skipped.append("learned_soup: needs a cross-fitted SeWA set and a trajectory with subset()")
     selected = [c for c in candidates if c.family in ("sewa", "greedy_soup", "learned_soup")]
     if s["shrink"] > 0 and selected and crossfit:
@@ -265,7 +274,7 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
         u = rules.uniform(n)
         fits = None if base.fits is None else (a * base.fits[0] + (1 - a) * u, a * base.fits[1] + (1 - a) * u)
         add(f"shrunk({base.name}, {a:g})", "shrunk", (3, a), a * base.weights + (1 - a) * u, {"of": base.name, "a": a}, fits)
-        stats = _statistics(candidates, scorer, ids, folds, objective)
+        stats = _statistics(candidates, sizes, ids, folds, objective)
     forward = scorer.forward + (halves[0].forward + halves[1].forward if crossfit else 0)
     return _choose(candidates, stats, s, objective, folds, plan, skipped, forward, backward, crossfit)
 
@@ -285,10 +294,9 @@ def _subset(ev: Evaluator, batches: list[Any]) -> Evaluator:
     return dataclasses.replace(ev, batches=batches)
 
 
-def _statistics(candidates: list[Candidate], scorer: _Scorer, ids: Tensor, folds: int,
+def _statistics(candidates: list[Candidate], sizes: Tensor, ids: Tensor, folds: int,
                 objective: str) -> dict[str, dict[str, Any]]:
-    """Fold scores of every candidate: of the objective, and of the loss (for ties)."""
-    sizes = scorer(candidates[0].weights).sizes  # type: ignore[union-attr]
+    """Fold scores of every candidate (batch sizes ``sizes``): of the objective, and of the loss (for ties)."""
     out = {}
     for c in candidates:
         u = c.metric if objective == "metric" and c.metric is not None else -c.loss
