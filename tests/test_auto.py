@@ -128,6 +128,19 @@ def test_the_one_se_rule_moves_the_choice_on_a_plateau() -> None:
     assert any(moved)
 
 
+@pytest.mark.parametrize("rule", ["best", "paired"])
+def test_the_choice_follows_the_one_se_rule_from_the_record(rule: str) -> None:
+    """Within noise means a mean fold gap to the best of at most one SE (the best's, or the
+    gap's own); the choice is the simplest candidate within noise."""
+    info = create("auto", se_rule=rule, **FAST).weights(*_plateau(1)).info
+    for c in info["candidates"]:
+        se = info["best_se"] if rule == "best" else c["gap_to_best"]["se"]
+        assert c["within_one_se"] == (c["name"] == info["best"] or c["gap_to_best"]["mean"] <= se)
+    within = [c for c in info["candidates"] if c["within_one_se"]]
+    assert info["chosen"] == min(within, key=lambda c: (c["complexity"], -c["score"]))["name"]
+    assert info["fell_back"] == (info["chosen"] != info["best"])
+
+
 def test_auto_chooses_on_the_metric_when_the_task_has_one() -> None:
     """The loss prefers the newest snapshots, the metric the oldest: auto follows the metric."""
     g = torch.Generator().manual_seed(7)
