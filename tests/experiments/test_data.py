@@ -209,3 +209,32 @@ def test_tokenize_and_vocab():
               "test": (["q"], torch.tensor([1]))}
     tensors, vocab = D.encode_text_splits(splits, max_len=8)
     assert tensors["train"][0].tolist() == [[3, 2], [2, 0]] and tensors["test"][0].tolist() == [[1]]
+
+
+def test_ngrams_sit_beside_their_first_word():
+    assert D.ngrams(["a", "b", "c"], 1) == ["a", "b", "c"]
+    assert D.ngrams(["a", "b", "c"], 2) == ["a", "a b", "b", "b c", "c"]
+    assert D.ngrams(["a", "b"], 3) == ["a", "a b", "b"]
+    assert D.ngrams([], 2) == []
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        D.ngrams(["a"], 0)
+
+
+def test_bigram_vocab_counts_and_encodes_bigrams():
+    texts = ["new york times", "new york", "york"]
+    vocab = D.Vocab.build(texts, ngram=2)
+    # counts: york 3, new 2, "new york" 2, times 1, "york times" 1; ties A-Z
+    assert vocab.itos == ["<pad>", "<unk>", "york", "new", "new york", "times", "york times"]
+    assert vocab.ids("New York, Paris") == [3, 4, 2, 1, 1]  # new, new york, york, york paris, paris
+    assert D.Vocab.build(texts, ngram=2, min_freq=2).itos == ["<pad>", "<unk>", "york", "new",
+                                                             "new york"]
+    splits = {k: (texts, torch.tensor([0, 1, 0])) for k in ("train", "val", "test")}
+    tensors, v2 = D.encode_text_splits(splits, max_len=4, ngram=2)
+    assert v2.ngram == 2 and tensors["val"][0].tolist()[0] == [3, 4, 2, 6]
+
+
+def test_text_api_still_importable_from_data():
+    from sewa.experiments import data_text, splits
+
+    assert D.Vocab is data_text.Vocab and D.ag_news is data_text.ag_news
+    assert D.stratified_split is splits.stratified_split and D.batches is splits.batches

@@ -1,5 +1,6 @@
 """Tests of the experiment models: shapes, parameter counts, padding handling."""
 
+import pytest
 import torch
 
 from sewa.experiments import models as M
@@ -63,3 +64,16 @@ def test_bc_mlp_shape_range_and_layers():
     assert [type(m).__name__ for m in policy] == ["Linear", "ReLU", "Linear", "ReLU", "Linear",
                                                    "Tanh"]
     assert M.count_parameters(M.bc_mlp(11, 3)) == 11 * 256 + 256 + 256 * 256 + 256 + 256 * 3 + 3
+
+
+def test_fasttext_is_a_linear_head_on_mean_embeddings():
+    torch.manual_seed(0)
+    model = M.fasttext(vocab_size=20, num_classes=4, embed_dim=8, dropout=0.5).eval()
+    assert M.count_parameters(model) == 20 * 8 + 8 * 4 + 4
+    padded = torch.tensor([[2, 3, 4, 0], [5, 0, 0, 0]])
+    head = model.mlp[-1]
+    with torch.no_grad():
+        mean = model.embed.weight[[2, 3, 4]].mean(0)
+        torch.testing.assert_close(model(padded)[0], head(mean))
+    with pytest.raises(ValueError, match="hidden must be >= 0"):
+        M.TextClassifier(20, 4, hidden=-1)

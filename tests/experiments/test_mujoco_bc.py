@@ -126,3 +126,73 @@ def test_load_d4rl_hdf5(tmp_path) -> None:
     data = mb.load_d4rl_hdf5(tmp_path / "d.hdf5")
     assert data["terminals"].dtype == bool and data["terminals"][-1]
     assert data["observations"].shape == (4, 11) and "next_observations" not in data
+
+
+def _episodes(lengths: list[int], last_open: bool = False) -> dict[str, np.ndarray]:
+    n = sum(lengths)
+    term, obs = np.zeros(n, bool), np.zeros((n, 2), np.float32)
+    act = np.zeros((n, 1), np.float32)
+    ends = np.cumsum(lengths) - 1
+    term[ends[:-1] if last_open else ends] = True
+    for e, (a, b) in enumerate(zip([0, *np.cumsum(lengths)[:-1]], np.cumsum(lengths), strict=True)):
+        obs[a:b] = [e, 10 * e]  # observation says which episode it came from
+        act[a:b] = [2.0, -0.5][e % 2]  # 2.0 is clipped to 1.0
+    return {"terminals": term, "timeouts": np.zeros(n, bool), "observations": obs, "actions": act}
+
+
+def test_episode_bounds_and_whole_episode_validation() -> None:
+    from sewa.experiments import bc_data as bd
+
+    data = _episodes([3, 5, 2, 4, 6])
+    assert bd.episode_bounds(data) == [(0, 3), (3, 8), (8, 10), (10, 14), (14, 20)]
+    assert bd.episode_bounds(_episodes([3, 2], last_open=True)) == [(0, 3), (3, 5)]
+    for seed in range(5):
+        train, val = bd.split_episodes(data, 0.25, seed)
+        assert sorted([*train, *val]) == list(range(20)) and len(val) >= 5
+        val_eps, train_eps = set(data["observations"][val, 0]), set(data["observations"][train, 0])
+        assert not val_eps & train_eps  # no episode is cut between the splits
+    assert len(bd.split_episodes(data, 0.99, 0)[0]) > 0  # never every episode
+    with pytest.raises(ValueError, match="two episodes"):
+        bd.split_episodes(_episodes([4]), 0.5)
+    s = bd.bc_splits(data, 0.25, 0)
+    assert s["episodes"]["train"] + s["episodes"]["val"] == 5 and s["episodes"]["val"] >= 1
+    train_obs = s["train"][0]
+    np.testing.assert_allclose(train_obs.mean(0), 0.0, atol=1e-5)  # train statistics
+    assert s["train"][1].max() <= 1.0 and s["val"][1].min() >= -1.0
+
+
+def test_rollout_seeds_are_disjoint_from_each_other_and_the_data() -> None:
+    from sewa.experiments import bc_data as bd
+
+    test = {s: set(bd.rollout_seeds("test", 50, s)) for s in range(10)}
+    val = {s: set(bd.rollout_seeds("val", 20, s)) for s in range(10)}
+    every = [*test.values(), *val.values()]
+    assert sum(map(len, every)) == len(set().union(*every)) == 700
+    data = mb.collect("hopper", mb.LinearPolicy(np.zeros((3, 11)), np.zeros(11), np.ones(11)),
+                      400, seed=0)
+    used = bd.dataset_reset_seeds(data, 0)
+    assert len(used) == len(bd.episode_bounds(data)) > 1 and not used & set().union(*every)
+    with pytest.raises(ValueError, match="split must be"):
+        bd.rollout_seeds("train", 3)
+    res = bd.evaluate_seeds("hopper", lambda o: np.zeros((len(o), 3)), [5, 6], max_steps=30)
+    again = mb.evaluate_policy("hopper", lambda o: np.zeros((len(o), 3)), 1, seed=6, max_steps=30)
+    assert len(res["returns"]) == 2 and res["returns"][1] == pytest.approx(again[0])
+
+
+def test_train_bc_fits_and_expert_check_runs(tmp_path) -> None:
+    pytest.importorskip("torch")
+    from sewa.experiments import bc_data as bd
+
+    data = _episodes([10, 10, 10, 10])
+    s = bd.bc_splits(data, 0.25, 0)
+    model = bd.train_bc(s, steps=200, batch_size=16, lr=1e-2, hidden=16, seed=0)
+    import torch
+
+    with torch.no_grad():
+        pred = model(torch.as_tensor(s["train"][0])).numpy()
+    assert np.abs(pred - s["train"][1]).mean() < 0.2  # targets 1.0 (clipped) and -0.5
+    experts = _fake_experts(tmp_path / "experts")
+    out = bd.expert_bc_check("halfcheetah", n_transitions=2100, steps=20, episodes=1,
+                             cache_dir=str(tmp_path / "cache"), experts_dir=str(experts))
+    assert {"bc_score", "expert_score", "bc_return", "expert_return"} <= set(out)
+    assert np.isfinite(out["bc_score"]) and out["steps"] == 20

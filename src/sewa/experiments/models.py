@@ -71,16 +71,17 @@ def resnet8(num_classes: int, in_channels: int = 3) -> ResNet:
 
 
 class TextClassifier(nn.Module):
-    """Mean of word embeddings (``nn.EmbeddingBag``) followed by a one-hidden-layer MLP.
+    """Mean of term embeddings (``nn.EmbeddingBag``) followed by a one-hidden-layer MLP.
 
     Accepts either padded ids ``B×L`` (padding id excluded from the mean) or the flat ids plus
-    ``offsets`` from ``Vocab.encode_bag``.
+    ``offsets`` from ``Vocab.encode_bag``. With ``hidden=0`` the head is a single linear layer:
+    ``logits = W · dropout(mean_t E[x_t]) + b``, the fastText classifier (see :func:`fasttext`).
 
     Args:
         vocab_size: Rows of the embedding table.
         num_classes: Output logits.
         embed_dim: Embedding width.
-        hidden: MLP hidden width.
+        hidden: MLP hidden width (0: a linear head).
         dropout: Dropout on the pooled embedding.
         padding_idx: Id ignored in the mean.
     """
@@ -89,12 +90,25 @@ class TextClassifier(nn.Module):
                  dropout: float = 0.0, padding_idx: int = 0) -> None:
         super().__init__()
         self.embed = nn.EmbeddingBag(vocab_size, embed_dim, mode="mean", padding_idx=padding_idx)
-        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(embed_dim, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, num_classes))
+        if hidden < 0:
+            raise ValueError(f"hidden must be >= 0 (0: a linear head), got {hidden}")
+        head: list[nn.Module] = [nn.Linear(embed_dim, num_classes)] if hidden == 0 else [
+            nn.Linear(embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)]
+        self.mlp = nn.Sequential(nn.Dropout(dropout), *head)
 
     def forward(self, tokens: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``B×num_classes``."""
         return self.mlp(self.embed(tokens, offsets))
+
+
+def fasttext(vocab_size: int, num_classes: int, embed_dim: int = 64,
+             dropout: float = 0.5) -> TextClassifier:
+    """fastText-style classifier (Joulin et al. 2017): mean of term embeddings, dropout, linear.
+
+    Pair it with an n-gram :class:`~sewa.experiments.data.Vocab` (``ngram=2``) for the bag of
+    bigrams. It is a :class:`TextClassifier` with ``hidden=0``.
+    """
+    return TextClassifier(vocab_size, num_classes, embed_dim, hidden=0, dropout=dropout)
 
 
 class TinyTransformer(nn.Module):
