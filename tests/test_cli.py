@@ -28,7 +28,7 @@ from sewa.cli import main
 from sewa.io import load_state_dict_file, trajectory_from_files
 from sewa.task import load_task
 
-METHODS = ("last", "uniform", "lawa", "ema", "random_k", "greedy_soup", "sewa")
+METHODS = ("last", "uniform", "lawa", "ema", "random_k", "greedy_soup", "sewa", "auto")
 PNGS = ("selection_probabilities.png", "selection_loss_tau.png", "test_metric.png")
 
 

@@ -29,7 +29,7 @@ def _problem(n: int = 6):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_registered_method_returns_valid_weights(name: str) -> None:
     traj, ev = _problem()
-    method = create(name, top_k=2, seed=3, decay=0.5, steps=4, samples=2)
+    method = create(name, top_k=2, seed=3, decay=0.5, steps=4, samples=2, sewa_steps=4, soup_steps=4)
     result = method.weights(traj, ev)
     w = result.weights
     assert result.name == name and result.seconds >= 0 and method.name == name

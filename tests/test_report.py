@@ -70,8 +70,9 @@ def test_write_report_plots_decode(tmp_path: Path, multi: bool) -> None:
     results: dict[str, Any] = {"runs": [_run(0, 0.8, 0.5), _run(1, 0.9, 0.3)]} if multi else _run(0, None, 0.5)
     written = write_report(results, tmp_path / "r")
     names = {p.name for p in written}
-    assert names == {"report.md", "results.json", *PLOTS}
-    for name in PLOTS:
+    drawn = set(PLOTS) - {"auto_weights.png"}  # no auto entry here
+    assert names == {"report.md", "results.json", *drawn}
+    for name in drawn:
         path = tmp_path / "r" / name
         assert path.stat().st_size > 1000
         image = imread(path)
@@ -196,3 +197,24 @@ def test_a_failed_method_and_one_without_weights_render(tmp_path: Path) -> None:
     assert "greedy_soup" in table and "swa_lr" in table and "0.8100" in table
     write_report(results, tmp_path / "rep", force=False, results_path=path)
     assert (tmp_path / "rep" / "report.md").is_file()
+
+
+def test_auto_explains_its_choice(tmp_path: Path) -> None:
+    """The report of a run with ``auto`` shows its candidates' fold scores, the chosen one, the
+    estimated gains and a plot of the chosen weights (issue 15, "explain the choice")."""
+    import reference as ref
+
+    from sewa.methods import Evaluator, create
+
+    model, traj, batches = ref.make_problem("mlp", n=6)
+    result = create("auto", sewa_steps=4, soup_steps=4).weights(traj, Evaluator(model, ref.cross_entropy, batches))
+    run = _run(0, 0.8, 0.5, k=6)
+    run["methods"]["auto"] = {"weights": result.weights.tolist(), "test_loss": 0.4, "test_metric": 0.82, **result.info}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(run, allow_nan=False))
+    written = write_report(load_results(path), tmp_path / "rep", results_path=path)
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "How `auto` chose" in text and f"`{result.info['chosen']}`" in text and "estimated gain over uniform" in text
+    assert text.count("| uniform") >= 1 and "(chosen)" in text
+    png = tmp_path / "rep" / "auto_weights.png"
+    assert png in written and imread(png).shape[0] > 100

@@ -37,9 +37,11 @@ keeps the simplest one that is not worse than the best beyond noise:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,8 +233,9 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
     try:
         for side, part in enumerate(parts if _top_ks(n) else []):
             backward += steps * s["sewa_samples"]
-            probs.append(select(trajectory, ev.model, ev.loss_fn, part, top_k=budget_k, samples=s["sewa_samples"], steps=steps,
-                                seed=s["seed"] + side, **ev.engine_options()).probabilities.double())
+            with _quiet("sewa.select"):  # auto's inner runs are not the user's selection: no "selected steps" lines
+                probs.append(select(trajectory, ev.model, ev.loss_fn, part, top_k=budget_k, samples=s["sewa_samples"],
+                                    steps=steps, seed=s["seed"] + side, **ev.engine_options()).probabilities.double())
     except SelectionError as e:  # e.g. a snapshot whose loss overflows: the rules that avoid it remain
         skipped.append(f"sewa: {e}")
         probs = []
@@ -393,3 +396,15 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 5
 
 
 register("auto", auto)
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Silences logger ``name`` below warnings for a block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -133,7 +133,7 @@ class Method:
 METHODS: dict[str, Callable[..., Method]] = {}
 ALIASES: dict[str, str] = {}
 _DEPRECATED: dict[str, str] = {}
-DEFAULT_METHODS = ("last", "uniform", "lawa", "ema", "random_k", "greedy_soup", "sewa")
+DEFAULT_METHODS = ("last", "uniform", "lawa", "ema", "random_k", "greedy_soup", "sewa", "auto")
 
 
 def register(name: str, constructor: Callable[..., Method], *, aliases: Iterable[str] = (),

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._report_auto import auto_markdown, plot_auto_weights
+
 __all__ = ["load_results", "runs_of", "is_selection", "summarise", "format_table", "markdown", "write_report", "PLOTS",
            "SELECTION_FORMAT"]
 
@@ -35,6 +37,7 @@ PLOTS = {
     "selection_probabilities.png": "SeWA's selection probability of each checkpoint (chosen top-K marked)",
     "selection_loss_tau.png": "Selection loss and temperature tau per selection step",
     "test_metric.png": "Test metric and loss of every method (mean ± std over runs)",
+    "auto_weights.png": "The weights auto chose over the window (first run)",
 }
 
 
@@ -224,6 +227,8 @@ def markdown(results: dict[str, Any], images: Sequence[str] = ()) -> str:
             label = "SeWA" if name == "sewa" else name
             out.append(f"- {label} (seed {run.get('seed')}) chose the checkpoints at steps {chosen}.")
     out.append("")
+    for run in runs:
+        out += auto_markdown(run)
     if results.get("selection_time"):
         out += ["**Selection time**", "", *_bullets(results["selection_time"]), ""]
     env = results.get("environment") or first.get("environment") or {}
@@ -395,6 +400,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path, *, force: bool = 
         "selection_probabilities.png": lambda p: plot_selection(runs[0], p),
         "selection_loss_tau.png": lambda p: plot_history(runs[0], p),
         "test_metric.png": lambda p: not is_selection(results) and plot_methods(results, p),
+        "auto_weights.png": lambda p: plot_auto_weights(runs[0], p, _figure),
     }
     for name, draw in drawers.items():
         if draw(out / name):

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             out = dict(entry)
             out.update({"format": "sewa.select/1", "task": task.source, "metric_name": task.metric_name if task.metric else None,
                         "split": split, "objective": args.objective, "checkpoints": [str(f) for f in files],
-                        "checkpoint_steps": traj.steps, "indices": chosen, "top_k": method.top_k,
+                        "checkpoint_steps": traj.steps, "indices": chosen, "top_k": entry.get("top_k", method.top_k),
                         "seed": method.settings.get("seed"), "out": str(args.out), "environment": environment(),
                         "argv": ["sewa", *sys.argv[1:]]})
             c.write_json(args.json, out, args.force)

@@ -1,0 +1,74 @@
+"""The part of a report that explains ``auto``'s choice: the candidates' fold scores, the chosen
+one with its window or K, the estimated gains over uniform and over the last iterate, and the
+chosen weights over the window (issue 15's "explain the choice")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["auto_entry", "auto_markdown", "plot_auto_weights"]
+
+
+def auto_entry(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's ``auto`` entry when it holds the choice record, else ``None``."""
+    entry = run["methods"].get("auto")
+    return entry if entry and entry.get("candidates") else None
+
+
+def _pm(value: dict[str, Any] | None, digits: int = 4) -> str:
+    if not value or value.get("mean") is None:
+        return "n/a"
+    se = value.get("se")
+    return f"{value['mean']:+.{digits}f}" + ("" if se is None else f" ± {se:.{digits}f}")
+
+
+def auto_markdown(run: dict[str, Any]) -> list[str]:
+    """Markdown lines for the ``auto`` entry of one run (empty without one)."""
+    entry = auto_entry(run)
+    if entry is None:
+        return []
+    objective = entry.get("objective", "loss")
+    score = "metric" if objective == "metric" else "minus the loss"
+    out = [f"### How `auto` chose (seed {run.get('seed')})", "",
+           f"`auto` scored {len(entry['candidates'])} candidate averages on the selection split by {score} "
+           f"(higher is better), over {entry.get('folds_used', '?')} folds"
+           + (", cross-fitted (what learns on one half is scored on the other)" if entry.get("crossfit") else "") + ". "
+           f"The best was `{entry.get('best')}`; it chose `{entry.get('chosen')}`"
+           + (" by the one-standard-error rule, which prefers the simplest candidate within noise of the best"
+              if entry.get("fell_back") else "") + ".", "",
+           f"- estimated gain over uniform: {_pm(entry.get('gain_vs_uniform'))}; over the last iterate: "
+           f"{_pm(entry.get('gain_vs_last'))} (selection-split {score}, mean ± standard error over folds)",
+           f"- chosen: {entry.get('chosen_params') or entry.get('chosen_window') or {}}",
+           f"- forward / backward passes: {entry.get('forward_passes')} / {entry.get('backward_passes')}"
+           + (f" (a default SeWA selection: {entry['sewa_default_passes']['forward']} / "
+              f"{entry['sewa_default_passes']['backward']})" if entry.get("sewa_default_passes") else ""), "",
+           "| candidate | score | fold scores | gap to best | within 1 SE |", "|---|---|---|---|---|"]
+    for c in entry["candidates"]:
+        folds = ", ".join(f"{v:.4f}" for v in c.get("fold_scores") or [])
+        mark = " (chosen)" if c["name"] == entry.get("chosen") else ""
+        out.append(f"| {c['name']}{mark} | {c['score']:.4f} ± {c.get('se') or 0:.4f} | {folds} | "
+                   f"{_pm(c.get('gap_to_best'))} | {'yes' if c.get('within_one_se') else 'no'} |")
+    if entry.get("skipped"):
+        out += ["", "Skipped: " + "; ".join(str(s) for s in entry["skipped"])]
+    return out + [""]
+
+
+def plot_auto_weights(run: dict[str, Any], path: Path, figure: Any) -> bool:
+    """``auto``'s chosen weights against checkpoint step. ``False`` without an ``auto`` entry."""
+    entry = auto_entry(run)
+    if entry is None or not entry.get("weights"):
+        return False
+    w = entry["weights"]
+    steps = run.get("checkpoint_steps") or list(range(len(w)))
+    if len(steps) != len(w):
+        steps = list(range(len(w)))
+    fig = figure()
+    ax = fig.add_subplot()
+    ax.bar(steps, w, width=max(1.0, (steps[-1] - steps[0]) / max(1, len(steps) - 1)) * 0.8, color="tab:purple")
+    ax.set_xlabel("training step of the checkpoint")
+    ax.set_ylabel("weight in the average")
+    ax.set_title(f"auto chose {entry.get('chosen')} (seed {run.get('seed')})")
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
