@@ -70,6 +70,7 @@ def test_fasttext_is_a_linear_head_on_mean_embeddings():
     torch.manual_seed(0)
     model = M.fasttext(vocab_size=20, num_classes=4, embed_dim=8, dropout=0.5).eval()
     assert M.count_parameters(model) == 20 * 8 + 8 * 4 + 4
+    assert model.embed.weight.abs().max() <= 1 / 8 and model.embed.weight.std() > 1 / 32
     padded = torch.tensor([[2, 3, 4, 0], [5, 0, 0, 0]])
     head = model.mlp[-1]
     with torch.no_grad():

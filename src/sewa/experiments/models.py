@@ -106,9 +106,13 @@ def fasttext(vocab_size: int, num_classes: int, embed_dim: int = 64,
     """fastText-style classifier (Joulin et al. 2017): mean of term embeddings, dropout, linear.
 
     Pair it with an n-gram :class:`~sewa.experiments.data.Vocab` (``ngram=2``) for the bag of
-    bigrams. It is a :class:`TextClassifier` with ``hidden=0``.
+    bigrams. It is a :class:`TextClassifier` with ``hidden=0`` whose embeddings start, as in
+    fastText, uniform in ``[-1/embed_dim, 1/embed_dim]``: small, so that a rare term's random
+    start adds little noise to the mean (torch's N(0, 1) start costs ~1 point on AG News).
     """
-    return TextClassifier(vocab_size, num_classes, embed_dim, hidden=0, dropout=dropout)
+    model = TextClassifier(vocab_size, num_classes, embed_dim, hidden=0, dropout=dropout)
+    nn.init.uniform_(model.embed.weight, -1.0 / embed_dim, 1.0 / embed_dim)
+    return model
 
 
 class TinyTransformer(nn.Module):
