@@ -99,7 +99,13 @@ def _needs_ag_news() -> None:
 
 def test_v2_record_of_a_quick_text_run(tmp_path: Path) -> None:
     _needs_ag_news()
-    over = {"window": 12, "record_window": 12, "sel_steps": 5, "draws": 7, "curve_draws": 2}
+    calls: list[int] = []
+
+    def reference(spec: object, data: object, seed: int) -> dict[str, object]:
+        calls.append(seed)
+        return {"name": "planted", "test_metric": 0.5, "val_metric": 0.4}
+
+    over = {"window": 12, "record_window": 12, "sel_steps": 5, "draws": 7, "curve_draws": 2, "reference": reference}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rec = runner.run("ag_news", "quick", 0, tmp_path, ablations=False, progress=False, regime="cosine", overrides=over)
@@ -107,6 +113,7 @@ def test_v2_record_of_a_quick_text_run(tmp_path: Path) -> None:
     assert saved == json.loads(json.dumps(rec, default=float))
     assert saved["format"] == "sewa.experiment/2" and saved["regime"] == "cosine" and saved["family"] == "text"
     assert len(saved["git_commit"]) == 40 and isinstance(saved["dirty"], bool)
+    assert saved["reference"] == {"name": "planted", "test_metric": 0.5, "val_metric": 0.4} and calls == [0]
     assert "end of the decay" in saved["window_note"] and saved["schedule"]["lr_factor_window"][1] < 0.01
     n = saved["window"]
     assert n == 12 and len(saved["steps"]) == n
@@ -152,3 +159,4 @@ def test_full_presets_meet_the_seed_and_draw_counts() -> None:
         assert set(spec.regimes) <= set(schedules.REGIMES) and {"constant", "cosine"} <= set(spec.regimes), name
     assert any("unstable-shard" in s.regimes for s in SPECS.values())
     assert all(s.episodes >= 50 for s in SPECS.values() if s.family == "bc")
+    assert all(s.reference is not None for s in SPECS.values() if s.family in ("text", "bc"))

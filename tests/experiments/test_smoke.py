@@ -29,7 +29,9 @@ def test_quick_preset_runs_and_renders(tmp_path: Path, name: str, ablations: boo
     _available(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rec = runner.run(name, "quick", 0, tmp_path, ablations=ablations, progress=False, regime=regime)
+        # Fewer selection steps and random draws than even the quick preset, and no text reference (~30 s).
+        small = {"sel_steps": 10, "draws": 5, "curve_draws": 1} | ({"reference": None} if name == "ag_news" else {})
+        rec = runner.run(name, "quick", 0, tmp_path, ablations=ablations, progress=False, regime=regime, overrides=small)
     saved = json.loads((tmp_path / name / regime / "quick" / "seed0.json").read_text())
     assert saved["task"] == name and saved["seed"] == 0 and saved["data_source"] and saved["regime"] == regime
     methods = saved["methods"]
@@ -43,11 +45,12 @@ def test_quick_preset_runs_and_renders(tmp_path: Path, name: str, ablations: boo
     assert methods["last"]["weights"][-1] == 1.0
     bc = saved["family"] == "bc"
     assert saved["k_curves"]["measure"] == ("test_loss" if bc else "test_metric")
-    assert (saved["reference"] is not None) == bc and ("measure_note" in saved) == bc
+    assert (saved["reference"] is not None) == bc and ("measure_note" in saved) == bc  # BC: the medium policy
     assert len(saved["per_snapshot"]["test_loss"]) == saved["window"]
     assert rec["compute"]["selection_seconds"] > 0 and rec["compute"]["epoch_seconds"] > 0
     if ablations:
-        assert {"window", "tau", "samples", "steps", "objective", "budget", "split", "convergence"} <= set(saved["ablations"])
+        assert {"window", "tau", "samples", "steps", "objective", "budget", "split", "convergence", "choice_by"} <= set(saved["ablations"])
+        assert [r["value"].split(" by ")[1] for r in saved["ablations"]["choice_by"]] == ["metric"] * 3 + ["loss"] * 3
     doc = results.render(tmp_path, tmp_path / "docs")
     text = doc.read_text()
     assert name in text and "## Compute" in text

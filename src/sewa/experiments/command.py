@@ -31,9 +31,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", type=Path, default=Path("results/experiments"), help="where raw run JSON goes")
     p.add_argument("--data", default=None, help="local path to the original data (CIFAR-100 folder, AG News CSVs, D4RL hdf5)")
     p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the ablations (default: on for the experiments that define them)")
+                   help="run the ablations (default: on for the experiments that define them, in the constant regime)")
     p.add_argument("--allow-dirty", action="store_true",
                    help="run even though src/ has uncommitted changes (the run records dirty: true; it is not evidence)")
+    p.add_argument("--device", default="cpu", help="where to train and evaluate: cpu (default) or cuda (image family; BC stays on the CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on small shared machines)")
     p.set_defaults(func=run)
     return p
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     seeds = range(args.first_seed, args.first_seed + (args.seeds or spec.seeds))
     for seed in seeds:
         rec = runner.run(args.name, args.preset, seed, args.out, data_path=args.data, ablations=args.ablations,
-                         regime=args.regime)
+                         regime=args.regime, device=args.device)
         m = {k: v for k, v in rec["methods"].items() if v.get("test_metric") is not None}
         best = max(m, key=lambda k: m[k]["test_metric"])
         shown = "  ".join(f"{k} {m[k]['test_metric']:.4f}" for k in ("last", "uniform", "sewa", "auto") if k in m)

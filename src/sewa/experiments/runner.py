@@ -140,34 +140,41 @@ def _choose(ev: Evaluator, traj: Trajectory, candidates: Mapping[Any, Tensor], b
     return best["value"], rows
 
 
-def plan(n: int, spec: T.Spec, seed: int, ev: Evaluator, traj: Trajectory) -> tuple[dict[str, Method], dict[str, dict[str, Any]]]:
-    """The main table, ``{label: method}``, on a window of ``n`` snapshots, and the choices made
-    on the selection split for EMA's decay and the suffix's start (with their sweeps and cost)."""
-    by = "metric" if ev.metric is not None else "loss"
-    span = n * spec.every
+def choose_ema_and_suffix(ev: Evaluator, traj: Trajectory, every: int, by: str) -> dict[str, dict[str, Any]]:
+    """EMA's decay (from half-lives of :data:`EMA_HALF_LIVES` times the window's span, through
+    :func:`sewa.weights.ema_decay_per_snapshot`) and the suffix's start (uniform tails of 1, 2, 5
+    and 10%..100% of the window), each chosen on the selection split ``by`` its metric or loss."""
+    n = len(traj)
     t0 = time.perf_counter()
-    decays = {h * span: rules.ema_decay_per_snapshot(half_life=h * span, every=spec.every) for h in EMA_HALF_LIVES}
+    decays = {h * n * every: rules.ema_decay_per_snapshot(half_life=h * n * every, every=every) for h in EMA_HALF_LIVES}
     half_life, ema_sweep = _choose(ev, traj, {h: rules.ema(n, d, tail="renormalize") for h, d in decays.items()}, by)
     t1 = time.perf_counter()
     sizes = sorted({1, 2, 5} | {max(1, round(n * f / 10)) for f in range(1, 11)})
     tail, suffix_sweep = _choose(ev, traj, {k: rules.lawa(n, k) for k in sizes if k <= n}, by)
-    t2 = time.perf_counter()
+    return {
+        "ema": {"choice_seconds": t1 - t0, "half_life_updates": half_life, "decay": decays[half_life], "sweep": [
+            {"half_life_updates": r["value"], "decay": decays[r["value"]], "val_metric": r["val_metric"],
+             "val_loss": r["val_loss"]} for r in ema_sweep]},
+        "suffix": {"choice_seconds": time.perf_counter() - t1, "tail": tail, "start": n - tail, "sweep": [
+            {"tail": r["value"], "start": n - r["value"], "val_metric": r["val_metric"], "val_loss": r["val_loss"]}
+            for r in suffix_sweep]},
+    }
+
+
+def plan(n: int, spec: T.Spec, seed: int, ev: Evaluator, traj: Trajectory) -> tuple[dict[str, Method], dict[str, dict[str, Any]]]:
+    """The main table, ``{label: method}``, on a window of ``n`` snapshots, and the choices made
+    on the selection split for EMA's decay and the suffix's start (with their sweeps and cost)."""
+    by = "metric" if ev.metric is not None else "loss"
+    choices = choose_ema_and_suffix(ev, traj, spec.every, by)
     methods: dict[str, Method] = {
         "last": M.last(), "uniform": M.uniform(), "lawa": M.lawa(top_k=min(MAIN_K, n)),
-        "ema": M.ema(decay=decays[half_life], tail="renormalize"), "suffix": M.lawa(top_k=tail),
+        "ema": M.ema(decay=choices["ema"]["decay"], tail="renormalize"), "suffix": M.lawa(top_k=choices["suffix"]["tail"]),
         "greedy_soup": M.greedy_soup(by=by), "learned_soup": M.learned_soup(steps=spec.sel_steps),
         "sewa": M.sewa(top_k=min(MAIN_K, n), steps=spec.sel_steps, samples=spec.sel_samples, seed=seed),
     }
     if "auto" in M.METHODS:
-        methods["auto"] = M.create("auto", seed=seed)
-    choices = {
-        "ema": {"choice_seconds": t1 - t0, "half_life_updates": half_life, "sweep": [
-            {"half_life_updates": r["value"], "decay": decays[r["value"]], "val_metric": r["val_metric"],
-             "val_loss": r["val_loss"]} for r in ema_sweep]},
-        "suffix": {"choice_seconds": t2 - t1, "tail": tail, "start": n - tail, "sweep": [
-            {"tail": r["value"], "start": n - r["value"], "val_metric": r["val_metric"], "val_loss": r["val_loss"]}
-            for r in suffix_sweep]},
-    }
+        # auto's two cross-fitted SeWA runs together take the passes of the table's SeWA.
+        methods["auto"] = M.create("auto", seed=seed, sewa_steps=max(1, spec.sel_steps // 2), sewa_samples=spec.sel_samples)
     return methods, choices
 
 
@@ -224,13 +231,13 @@ def _distributions(traj: Trajectory, score: _Scorer, seed: int, sewa: Mapping[st
     curves: dict[str, Any] = {"Ks": ks, "measure": measure, "lawa": [], "random_k_mean": [], "random_k_draws": [],
                               "sewa": [], "oracle": []}
     probs = None if sewa is None or sewa.get("probabilities") is None else list(sewa["probabilities"])
+    own = [float(v) for v in per_snapshot[measure] if v is not None]
     for k in ks:
         curves["lawa"].append(score.average(traj, rules.lawa(n, k))[measure])
         rand = [d[measure] for d in (main if k == k_main else draws(k, spec.curve_draws))]
         curves["random_k_mean"].append(sum(rand) / len(rand))
         curves["random_k_draws"].append(len(rand))
         curves["sewa"].append(None if probs is None else score.average(traj, _top(probs, k, True))[measure])
-        own = [float(v) for v in per_snapshot[measure] if v is not None]
         curves["oracle"].append(score.average(traj, _top(own, k, higher))[measure])
     seconds = {"per_snapshot_seconds": t1 - t0, "random_k_seconds": t2 - t1, "k_curve_seconds": time.perf_counter() - t2}
     return {"per_snapshot": per_snapshot, "random_k": random_k, "k_curves": curves, "seconds": seconds}
@@ -238,7 +245,8 @@ def _distributions(traj: Trajectory, score: _Scorer, seed: int, sewa: Mapping[st
 
 def _ablations(traj: Trajectory, evaluator: Evaluator, score: _Scorer, full: Trajectory, data: T.TaskData, spec: T.Spec,
                seed: int) -> dict[str, list[dict[str, Any]]]:
-    """SeWA(K=10) under one changed setting at a time (the reviewers' questions)."""
+    """SeWA(K=10) under one changed setting at a time (the reviewers' questions), and the choices on
+    the selection split made by the metric or by the loss (``choice_by``)."""
     base = M.sewa(top_k=10, seed=seed, steps=spec.sel_steps, samples=spec.sel_samples)
 
     def run(t: Trajectory, batches: Any = None, **over: Any) -> dict[str, Any]:
@@ -252,7 +260,8 @@ def _ablations(traj: Trajectory, evaluator: Evaluator, score: _Scorer, full: Tra
         m = max(spec.sel_batch // 4, int(len(y) * fraction))
         return list(T.loader((x[:m], y[:m]), spec.sel_batch, False, 0))
 
-    ab: dict[str, list[dict[str, Any]]] = {k: [] for k in ("window", "tau", "samples", "steps", "objective", "budget", "split", "convergence")}
+    ab: dict[str, list[dict[str, Any]]] = {k: [] for k in ("window", "tau", "samples", "steps", "objective", "budget", "split",
+                                                         "convergence", "choice_by")}
     grid = QUICK_GRID if spec.options.get("quick") else GRID
     n_val = len(data.val[1])
     k_all = len(full)
@@ -272,6 +281,15 @@ def _ablations(traj: Trajectory, evaluator: Evaluator, score: _Scorer, full: Tra
         ab["budget"].append({"value": b} | run(traj, budget=b))
     for f in grid["split"]:
         ab["split"].append({"value": f} | run(traj, batches=split(f, data.val)))
+    # Metric or loss as what a choice on the selection split maximises (greedy soup, EMA's decay, the suffix's start).
+    for by in ("metric", "loss") if evaluator.metric is not None else ():
+        picked = choose_ema_and_suffix(evaluator, traj, spec.every, by)
+        soup = M.greedy_soup(by=by).weights(traj, evaluator).weights
+        ab["choice_by"] += [
+            {"value": f"greedy_soup by {by}", "size": int((soup > 0).sum())} | score(traj, soup),
+            {"value": f"ema by {by}", "half_life_updates": picked["ema"]["half_life_updates"]}
+            | score(traj, rules.ema(len(traj), picked["ema"]["decay"], tail="renormalize")),
+            {"value": f"suffix by {by}", "tail": picked["suffix"]["tail"]} | score(traj, rules.lawa(len(traj), picked["suffix"]["tail"]))]
     # Convergence: average at earlier points of training, from the snapshots recorded so far.
     span = max(10, k_all // 4)
     for frac in grid["convergence"]:
@@ -325,7 +343,7 @@ def _reference(spec: T.Spec, data: T.TaskData, seed: int) -> dict[str, Any] | No
 
 def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None = None,
         ablations: bool | None = None, progress: bool = True, regime: str = "constant",
-        overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        overrides: Mapping[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
     """Trains one seed of experiment ``name`` under ``regime`` and writes its v2 record; returns it.
 
     Args:
@@ -334,20 +352,26 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
         seed: Seed of the initialisation, the data order and the methods.
         out_dir: Root of the raw runs (``<out_dir>/<name>/<regime>/<preset>/seed<N>.json``).
         data_path: Local path to the original data.
-        ablations: Run the ablations (default: the spec's setting).
+        ablations: Run the ablations (default: the spec's setting, in the constant regime and for
+            seeds below ``spec.ablation_seeds`` only: they cost about 25 SeWA selections per seed).
         progress: Progress bars.
         regime: One of :data:`sewa.experiments.schedules.REGIMES`.
         overrides: Spec fields changed after the preset (e.g. a smaller window in tests).
+        device: Where to train and evaluate (``"cuda"`` for the image family where a GPU is
+            lent; behaviour cloning rolls out on the CPU and stays there).
     """
     spec = T.SPECS[name].with_preset(preset)
     if overrides:
         spec = replace(spec, **overrides)
     opts = spec.options | {"data_path": data_path, "train_subset": spec.train_subset}
+    if spec.family == "bc" and torch.device(device).type != "cpu":
+        raise ValueError(f"{name}: behaviour cloning runs on the CPU (its policies are rolled out there), not on {device}")
     data = spec.load(opts)
     if spec.eval_subset:  # smaller val/test splits keep the quick preset quick
         data.val, data.test = T._subset(data.val, spec.eval_subset, 0), T._subset(data.test, spec.eval_subset, 0)
+    data.train, data.val, data.test = ((x.to(device), y.to(device)) for x, y in (data.train, data.val, data.test))
     torch.manual_seed(seed)
-    model = spec.build(data)
+    model = spec.build(data).to(device)
     opt = _optimizer(spec, model)
     steps_per_epoch = math.ceil(len(data.train[1]) / spec.batch_size)
     total = spec.epochs * steps_per_epoch
@@ -356,7 +380,7 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
         raise ValueError(f"{name}: {total} steps cannot hold {spec.record_window} snapshots every {spec.every} steps")
     reg = make_regime(regime, total, min(spec.window, spec.record_window), spec.every, spec.warmup)
     sched = reg.scheduler(opt)
-    traj = Trajectory(model, spec.record_window)
+    traj = Trajectory(model, spec.record_window, device=device)
     branch: dict[str, Any] = {}
 
     def on_step(step: int) -> None:
@@ -389,7 +413,7 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
         "git_commit": env["git_commit"], "dirty": env["dirty"], "machine": env, "config": T.describe(spec),
         "data_source": data.source, "metric": spec.metric_name, "window": len(main), "recorded": len(traj),
         "steps": main.steps, "window_note": reg.note(), "schedule": reg.describe(),
-        "selection_split": {"name": "val", "items": int(len(y_val)), "batches": len(sel_batches)},
+        "selection_split": {"name": "val", "items": int(len(y_val)), "batches": len(sel_batches)}, "device": str(device),
         "reference": _reference(spec, data, seed), "methods": methods,
         "per_snapshot": dist["per_snapshot"], "random_k": dist["random_k"], "k_curves": dist["k_curves"],
         "compute": {"epoch_seconds": sum(epoch_seconds) / len(epoch_seconds), "train_seconds": sum(epoch_seconds),
@@ -397,14 +421,15 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
                     "selection_forward_backward": spec.sel_steps * spec.sel_samples} | dist["seconds"],
     }
     if spec.family == "bc":
-        record["measure_note"] = (f"test_metric is the D4RL-normalised return of {spec.episodes} rollouts (seeds "
-                                  f"{10_000 + seed}..{10_000 + seed + spec.episodes - 1}) in the main table only; per_snapshot, "
+        seeds = methods["last"].get("rollout_seeds")
+        record["measure_note"] = (f"test_metric is the D4RL-normalised return of {spec.episodes} rollouts (reset seeds "
+                                  f"{seeds}) in the main table only; per_snapshot, "
                                   "random_k and k_curves use the MSE test loss on held-out episodes (rollouts of hundreds "
                                   "of averages would be too slow)")
     c = record["compute"]
     if c["selection_seconds"] is not None:
         c["selection_over_epoch"] = c["selection_seconds"] / c["epoch_seconds"]
-    if spec.ablations if ablations is None else ablations:
+    if spec.ablations and regime == "constant" and seed < spec.ablation_seeds if ablations is None else ablations:
         record["ablations"] = _ablations(main, task.evaluator("val", "for the ablations"), score, traj, data, spec, seed)
     out = Path(out_dir) / name / regime / preset / f"seed{seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -42,13 +42,15 @@ class Spec:
         record_window: Snapshots recorded (>= window; the window ablation uses the tail).
         every: Optimizer steps between snapshots.
         train_subset: Use only this many training items (None: all).
+        ablations: Run the ablations by default (in the constant regime, seeds below ``ablation_seeds``:
+            they cost about 15 minutes per text seed).
         warmup: Linear learning-rate warmup, as a fraction of all updates (every regime).
         regimes: The regimes of :mod:`sewa.experiments.schedules` the full study runs for this
             task (``sewa experiment --regime`` accepts any).
         draws: Random-K draws per seed (the random-K distribution; K = 10).
         curve_draws: Random draws per K for the K-curves' random-K mean at K other than 10.
-        episodes: Rollouts behind a BC test score (seeds ``10000 + seed + i``, disjoint from the
-            data's collection seeds).
+        episodes: Rollouts behind a BC test score (:func:`sewa.experiments.bc_data.rollout_seeds`,
+            disjoint from the data's collection seeds and from validation rollouts).
         reference: ``reference(spec, data, seed)`` -> ``{"name", "test_metric", "val_metric"}``: a
             simple strong model on the same split, shown beside the table (None: the loader's
             ``data.info["reference"]`` when it sets one).
@@ -82,6 +84,7 @@ class Spec:
     episodes: int = 10
     seeds: int = 3
     ablations: bool = False
+    ablation_seeds: int = 5
     warmup: float = 0.0
     regimes: tuple[str, ...] = ("constant", "cosine")
     draws: int = 200
@@ -96,7 +99,7 @@ class Spec:
         if preset != "quick":
             raise ValueError(f"unknown preset {preset!r}: use 'quick' or 'full'")
         return replace(self, epochs=2, window=20, record_window=24, every=1, train_subset=min(self.train_subset or 2000, 2000),
-                       batch_size=min(self.batch_size, 64), eval_subset=500, sel_steps=30, sel_samples=2, bn_batches=5, episodes=2, seeds=1,
+                       batch_size=min(self.batch_size, 64), eval_subset=500, sel_subset=min(self.sel_subset or 256, 256), sel_steps=30, sel_samples=2, bn_batches=5, episodes=2, seeds=1,
                        draws=20, curve_draws=3,
                        options=self.options | {"quick": True, "transitions": 10_000})
 
@@ -144,7 +147,8 @@ def _load_text(loader: Callable[..., dict[str, Any]]) -> Callable[[dict[str, Any
         enc, vocab = D.encode_text_splits(d, max_size=opts.get("vocab", 10000), max_len=64)
         train = _subset(enc["train"], opts.get("train_subset"), 0)
         train = (train[0], _noisy(train[1], opts.get("label_noise", 0.0), len(d["classes"]), 1))
-        return TaskData(train, enc["val"], enc["test"], d["source"], {"classes": len(d["classes"]), "vocab": len(vocab)})
+        raw = {k: d[k] for k in ("train", "val", "test")}
+        return TaskData(train, enc["val"], enc["test"], d["source"], {"classes": len(d["classes"]), "vocab": len(vocab), "texts": raw})
 
     return load
 
@@ -197,25 +201,38 @@ def _episode_split(raw: dict[str, Any], fraction: float) -> tuple[Tensor, Tensor
     return tuple((of == r).nonzero().flatten() for r in (0, 1, 2))  # type: ignore[return-value]
 
 
+_TEXT_REFERENCES: dict[str, dict[str, Any]] = {}
+
+
+def text_reference(spec: Spec, data: TaskData, seed: int) -> dict[str, Any]:
+    """Naive Bayes or logistic regression (the better on validation) on the run's own text splits
+    (all training texts, also where the network trains on a subset)."""
+    from .references import text_reference as fit
+
+    if data.source not in _TEXT_REFERENCES:  # the same for every seed: fit once per process
+        _TEXT_REFERENCES[data.source] = fit(**data.info["texts"])
+    return dict(_TEXT_REFERENCES[data.source])
+
+
 def bc_reference(spec: Spec, data: TaskData, seed: int) -> dict[str, Any]:
     """The data's own medium behaviour policy, rolled out on the test seeds of :func:`bc_score`."""
+    from .references import behaviour_policy
+
+    return behaviour_policy(data.info["env"], "medium", test_episodes=spec.episodes, val_episodes=0, run_seed=seed)
+
+
+def bc_score(model: nn.Module, data: TaskData, episodes: int, seed: int) -> dict[str, Any]:
+    """Mean return over ``episodes`` test rollouts in MuJoCo (reset seeds of
+    :func:`sewa.experiments.bc_data.rollout_seeds`, disjoint from the data's and from validation's),
+    and its D4RL-normalised score."""
+    from . import bc_data
     from . import mujoco_bc as bc
 
-    env = data.info["env"]
-    policy = bc.LinearPolicy.load(bc.policy_path(env, "medium"))
-    mean, _ = bc.evaluate_policy(env, policy.act, episodes=spec.episodes, seed=10_000 + seed)
-    return {"name": "medium behaviour policy", "test_metric": bc.normalized_score(env, mean), "val_metric": None,
-            "return": mean}
-
-
-def bc_score(model: nn.Module, data: TaskData, episodes: int, seed: int) -> dict[str, float]:
-    """Mean return over ``episodes`` rollouts in MuJoCo, and its D4RL-normalised score."""
-    from . import mujoco_bc as bc
-
-    env = data.info["env"]
     act = bc.torch_act_fn(model.eval(), data.info["obs_mean"], data.info["obs_std"])
-    mean, std = bc.evaluate_policy(env, act, episodes=episodes, seed=10_000 + seed)
-    return {"return": mean, "return_std": std, "normalized_score": bc.normalized_score(env, mean)}
+    seeds = bc_data.rollout_seeds("test", episodes, seed)
+    out = bc_data.evaluate_seeds(data.info["env"], act, seeds)
+    return {"return": out["mean"], "return_std": out["std"], "normalized_score": out["normalized_score"],
+            "rollout_seeds": [seeds[0], seeds[-1]]}
 
 
 def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -225,7 +242,8 @@ def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
 # Settings shared by a family, then each task's own: change a family's training here in one place.
 # Seeds: >= 10 for text and BC, >= 5 for image (issue 14). Label noise is off in the main tables.
 TEXT: dict[str, Any] = {"epochs": 12, "lr": 0.5, "momentum": 0.9, "weight_decay": 0.0, "batch_size": 32, "window": 100,
-                        "every": 4, "seeds": 10, "sel_steps": 100, "regimes": ("constant", "cosine", "wsd", "unstable-shard")}
+                        "every": 4, "seeds": 10, "sel_steps": 100, "regimes": ("constant", "cosine", "wsd", "unstable-shard"),
+                        "reference": text_reference}
 IMAGE: dict[str, Any] = {"epochs": 6, "lr": 0.1, "batch_size": 128, "window": 100, "every": 2, "seeds": 5, "sel_steps": 100,
                          "sel_batch": 256, "sel_subset": 1024, "draws": 100, "regimes": ("constant", "cosine")}
 BC: dict[str, Any] = {"epochs": 4, "lr": 1e-3, "optimizer": "adam", "weight_decay": 0.0, "batch_size": 256, "window": 100,
