@@ -30,7 +30,8 @@ def test_quick_preset_runs_and_renders(tmp_path: Path, name: str, ablations: boo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # Fewer selection steps and random draws than even the quick preset, and no text reference (~30 s).
-        small = {"sel_steps": 10, "draws": 5, "curve_draws": 1} | ({"reference": None} if name == "ag_news" else {})
+        small = {"sel_steps": 10, "draws": 5, "curve_draws": 1, "window": 12, "record_window": 12} | (
+            {"reference": None} if name == "ag_news" else {})
         rec = runner.run(name, "quick", 0, tmp_path, ablations=ablations, progress=False, regime=regime, overrides=small)
     saved = json.loads((tmp_path / name / regime / "quick" / "seed0.json").read_text())
     assert saved["task"] == name and saved["seed"] == 0 and saved["data_source"] and saved["regime"] == regime
