@@ -160,3 +160,17 @@ def test_full_presets_meet_the_seed_and_draw_counts() -> None:
     assert any("unstable-shard" in s.regimes for s in SPECS.values())
     assert all(s.episodes >= 50 for s in SPECS.values() if s.family == "bc")
     assert all(s.reference is not None for s in SPECS.values() if s.family in ("text", "bc"))
+
+
+def test_experiment_command_takes_a_regime_and_refuses_a_dirty_tree(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from sewa.cli import build_parser
+    from sewa.experiments import command
+
+    args = build_parser().parse_args(["experiment", "ag_news", "--regime", "wsd", "--out", str(tmp_path)])
+    assert args.regime == "wsd" and args.device == "cpu"
+    assert build_parser().parse_args(["experiment", "ag_news"]).regime == "constant"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["experiment", "ag_news", "--regime", "linear"])
+    monkeypatch.setattr("sewa.provenance.git_state", lambda: ("0" * 40, True))
+    with pytest.raises(ValueError, match="uncommitted"):
+        command.run(args)

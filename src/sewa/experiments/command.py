@@ -31,7 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", type=Path, default=Path("results/experiments"), help="where raw run JSON goes")
     p.add_argument("--data", default=None, help="local path to the original data (CIFAR-100 folder, AG News CSVs, D4RL hdf5)")
     p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the ablations (default: on for the experiments that define them, in the constant regime)")
+                   help="run the ablations (default: on for the experiments that define them, in the constant regime, "
+                   "on the spec's first ablation_seeds seeds)")
     p.add_argument("--allow-dirty", action="store_true",
                    help="run even though src/ has uncommitted changes (the run records dirty: true; it is not evidence)")
     p.add_argument("--device", default="cpu", help="where to train and evaluate: cpu (default) or cuda (image family; BC stays on the CPU)")
