@@ -174,9 +174,22 @@ def test_rollout_seeds_are_disjoint_from_each_other_and_the_data() -> None:
     assert len(used) == len(bd.episode_bounds(data)) > 1 and not used & set().union(*every)
     with pytest.raises(ValueError, match="split must be"):
         bd.rollout_seeds("train", 3)
-    res = bd.evaluate_seeds("hopper", lambda o: np.zeros((len(o), 3)), [5, 6], max_steps=30)
-    again = mb.evaluate_policy("hopper", lambda o: np.zeros((len(o), 3)), 1, seed=6, max_steps=30)
-    assert len(res["returns"]) == 2 and res["returns"][1] == pytest.approx(again[0])
+    with pytest.raises(ValueError, match="at least one"):
+        bd.evaluate_seeds("hopper", lambda o: o[:, :3], [])
+
+
+def test_lockstep_rollouts_equal_one_episode_at_a_time() -> None:
+    from sewa.experiments import bc_data as bd
+
+    rng = np.random.default_rng(0)
+    pol = mb.LinearPolicy(rng.normal(size=(3, 11)), np.zeros(11), np.ones(11))
+    seeds = [5, 6, 7]
+    res = bd.evaluate_seeds("hopper", pol.act, seeds, max_steps=200)
+    env, _ = mb._make("hopper")
+    slow = [mb._rollout(env, 200, pol.act, s)[0] for s in seeds]  # the slow, obvious twin
+    np.testing.assert_allclose(res["returns"], slow, rtol=1e-12)
+    assert res["mean"] == pytest.approx(np.mean(slow))
+    assert res["normalized_score"] == pytest.approx(mb.normalized_score("hopper", np.mean(slow)))
 
 
 def test_train_bc_fits_and_expert_check_runs(tmp_path) -> None:

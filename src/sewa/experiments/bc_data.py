@@ -54,14 +54,31 @@ def evaluate_seeds(env: str, act_fn: bc.ActFn, seeds: list[int],
                    max_steps: int | None = None) -> dict[str, Any]:
     """Undiscounted return of ``act_fn`` (obs batch -> action batch) on one episode per seed.
 
+    The episodes run in lockstep, one simulator each, so ``act_fn`` is called once per time step
+    on the batch of episodes still running (a torch policy pays its call overhead once, not once
+    per episode). Each episode is the same as :func:`mujoco_bc.evaluate_policy` would run with its
+    seed: the policy is deterministic and the simulators are independent.
+
     Returns:
         ``{"mean", "std", "returns", "normalized_score"}`` (the score of the mean return).
     """
-    sim, limit = bc._make(env)
-    rets = [bc._rollout(sim, max_steps or limit, lambda o: act_fn(o[None])[0], s)[0]
-            for s in seeds]
-    mean = float(np.mean(rets)) if rets else float("nan")
-    return {"mean": mean, "std": float(np.std(rets)) if rets else float("nan"), "returns": rets,
+    if not seeds:
+        raise ValueError("seeds must hold at least one episode seed")
+    sims = [bc._make(env) for _ in seeds]
+    limit = max_steps or sims[0][1]
+    obs = np.stack([sim.reset(seed=int(s))[0] for (sim, _), s in zip(sims, seeds, strict=True)])
+    rets, live = np.zeros(len(seeds)), np.ones(len(seeds), bool)
+    for _ in range(limit):
+        idx = np.flatnonzero(live)
+        if not len(idx):
+            break
+        acts = np.asarray(act_fn(obs[idx]))
+        for j, i in enumerate(idx):
+            obs[i], r, term, _, _ = sims[i][0].step(acts[j])
+            rets[i] += r
+            live[i] = not term
+    mean = float(rets.mean())
+    return {"mean": mean, "std": float(rets.std()), "returns": rets.tolist(),
             "normalized_score": bc.normalized_score(env, mean)}
 
 
