@@ -56,8 +56,11 @@ def evaluate_seeds(env: str, act_fn: bc.ActFn, seeds: list[int],
 
     The episodes run in lockstep, one simulator each, so ``act_fn`` is called once per time step
     on the batch of episodes still running (a torch policy pays its call overhead once, not once
-    per episode). Each episode is the same as :func:`mujoco_bc.evaluate_policy` would run with its
-    seed: the policy is deterministic and the simulators are independent.
+    per episode; 50 hopper episodes of a 2x256 MLP took 15.5 s against 33 s one at a time).
+    The simulators are independent, so for a policy whose action for one row does not depend on
+    the other rows of the batch (a numpy :class:`mujoco_bc.LinearPolicy`) each return equals the
+    one-episode rollout with its seed. A float32 torch MLP rounds slightly differently at
+    different batch sizes; measured on hopper, returns then move by a few units out of ~3,150.
 
     Returns:
         ``{"mean", "std", "returns", "normalized_score"}`` (the score of the mean return).
