@@ -69,3 +69,20 @@ def test_a_format_1_run_still_renders(tmp_path) -> None:
     assert t["methods"]["sewa"]["test_metric"] == pytest.approx([79.0, 79.1])
     assert t["k_curves"] == {"Ks": [1, 10], "measure": "test_metric", "sewa": pytest.approx([78.05, 79.05])}
     assert t["methods"]["greedy_soup"]["selected_on"] == "val" and t["methods"]["greedy_soup"]["choice_by"] == "loss"
+
+
+def test_sewa_report_renders_a_folder_of_runs_as_the_results_document(tmp_path) -> None:
+    """One renderer: ``sewa report RUNS_DIR`` writes what ``python -m sewa.experiments.results`` writes."""
+    import json as _json
+
+    from sewa.cli import main
+
+    runs = tmp_path / "runs" / "ag_news" / "full"
+    runs.mkdir(parents=True)
+    for seed in range(2):
+        (runs / f"seed{seed}.json").write_text(_json.dumps(_v1_run(seed, "a" * 40)))
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "doc")]) == 0
+    text = (tmp_path / "doc" / "RESULTS.md").read_text()
+    assert text.startswith("# Results") and "ag_news" in text
+    assert _json.loads((tmp_path / "doc" / "summary.json").read_text())["schema"] == "sewa.summary/1"
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "doc")]) == 2  # exists, no --force
