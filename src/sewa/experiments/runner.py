@@ -63,6 +63,8 @@ QUICK_GRID: dict[str, tuple[Any, ...]] = {
 def _optimizer(spec: T.Spec, model: nn.Module) -> torch.optim.Optimizer:
     if spec.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
 
 
