@@ -24,18 +24,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as bench  # noqa: E402
 import torch  # noqa: E402
-from _common import (  # noqa: E402
-    emit,
-    interleaved,
-    load_averages,
-    machine,
-    mlp,
-    ratios,
-    set_threads,
-    summarize,
-    write_json,
-)
 from torch import nn  # noqa: E402
 
 import sewa  # noqa: E402
@@ -57,7 +47,7 @@ def build(params: int, seed: int = 0) -> tuple[nn.Module, sewa.Trajectory, tuple
     """The model, a 50-snapshot trajectory recorded every 5 SGD steps, and a pool of held-out data."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = mlp(params)
+    model = bench.mlp(params)
     w = torch.randn(64, 10, generator=g)
     x, y = _data(2048, g, w)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -92,10 +82,10 @@ def measure(model: nn.Module, traj: sewa.Trajectory, pool: tuple[torch.Tensor, t
     def run_auto() -> None:
         last["auto"] = auto_method.weights(traj, ev)
 
-    load_before = load_averages()
-    times = interleaved({"sewa": run_sewa, "auto": run_auto}, repeats, warmup=1)
-    stats = {name: summarize(t) for name, t in times.items()}
-    rel = ratios({name: s["median"] for name, s in stats.items()}, baseline="sewa")
+    load_before = bench.load_averages()
+    times = bench.interleaved({"sewa": run_sewa, "auto": run_auto}, repeats, warmup=1)
+    stats = {name: bench.summarize(t) for name, t in times.items()}
+    rel = bench.ratios({name: s["median"] for name, s in stats.items()}, baseline="sewa")
     info = last["auto"].info
     steps, samples = sewa_method.settings["steps"], sewa_method.settings["samples"]
     return {
@@ -105,7 +95,7 @@ def measure(model: nn.Module, traj: sewa.Trajectory, pool: tuple[torch.Tensor, t
                    "auto": {"forward": info["forward_passes"], "backward": info["backward_passes"]}},
         "auto_candidates": len(info["candidates"]), "auto_skipped": info["skipped"], "auto_scored_batches": info["scored_batches"],
         "auto_chosen": info["chosen"], "auto_fell_back": info["fell_back"],
-        "load_before": load_before, "load_after": load_averages(),
+        "load_before": load_before, "load_after": bench.load_averages(),
     }
 
 
@@ -168,7 +158,7 @@ def study(seeds: int) -> list[dict[str, Any]]:
                 rows.setdefault(name, []).append(_excess(traj, weights[name], star))
             sel = sewa.methods.sewa(top_k=k // 2).weights(traj, ev).weights.tolist()
             rows.setdefault("sewa(K=k/2)", []).append(_excess(traj, sel, star))
-        out.append(emit({"case": case, "seeds": seeds, "mean_excess_test_loss": {n: sum(v) / len(v) for n, v in rows.items()},
+        out.append(bench.emit({"case": case, "seeds": seeds, "mean_excess_test_loss": {n: sum(v) / len(v) for n, v in rows.items()},
                          "fallback_rate": {r: m / seeds for r, m in moved.items()}}))
     return out
 
@@ -182,16 +172,16 @@ def main() -> None:
     parser.add_argument("--study", type=int, default=0, metavar="SEEDS",
                         help="instead: choice quality on the synthetic cases over SEEDS seeds (writes auto_study.json)")
     args = parser.parse_args()
-    set_threads(1)
+    bench.set_threads(1)
     if args.study:
-        write_json(RESULTS.with_name("auto_study.json"), {"benchmark": "auto_study", "records": study(args.study),
+        bench.write_json(RESULTS.with_name("auto_study.json"), {"benchmark": "auto_study", "records": study(args.study),
                                                           "command": f"python benchmarks/auto_cost.py --study {args.study}"})
         return
     start = time.perf_counter()
     model, traj, pool = build(args.params)
-    records = [emit(measure(model, traj, pool, n, args.repeats)) for n in args.examples]
-    write_json(args.out, {"benchmark": "auto_cost", "command": "python benchmarks/auto_cost.py", "records": records,
-                          "machine": machine(), "seconds": time.perf_counter() - start})
+    records = [bench.emit(measure(model, traj, pool, n, args.repeats)) for n in args.examples]
+    bench.write_json(args.out, {"benchmark": "auto_cost", "command": "python benchmarks/auto_cost.py", "records": records,
+                          "machine": bench.machine(), "seconds": time.perf_counter() - start})
     for r in records:
         print(f"{'PASS' if r['pass'] else 'FAIL'} auto/SeWA = {r['ratio_auto_over_sewa']:.2f} (limit {LIMIT}) "
               f"on {r['examples']} selection examples")
