@@ -7,7 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["auto_entry", "auto_markdown", "plot_auto_weights"]
+__all__ = ["auto_entry", "auto_markdown", "plot_auto_weights", "steps_of"]
+
+
+def steps_of(run: dict[str, Any], n: int) -> list[Any]:
+    """The training steps of a run's ``n`` checkpoints, or their positions when not recorded."""
+    steps = run.get("checkpoint_steps") or []
+    return list(steps) if len(steps) == n else list(range(n))
 
 
 def auto_entry(run: dict[str, Any]) -> dict[str, Any] | None:
@@ -60,9 +66,7 @@ def plot_auto_weights(run: dict[str, Any], path: Path, figure: Any) -> bool:
     if entry is None or not entry.get("weights"):
         return False
     w = entry["weights"]
-    steps = run.get("checkpoint_steps") or list(range(len(w)))
-    if len(steps) != len(w):
-        steps = list(range(len(w)))
+    steps = steps_of(run, len(w))
     fig = figure()
     ax = fig.add_subplot()
     ax.bar(steps, w, width=max(1.0, (steps[-1] - steps[0]) / max(1, len(steps) - 1)) * 0.8, color="tab:purple")

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._report_auto import auto_markdown, plot_auto_weights
+from ._report_auto import auto_markdown, plot_auto_weights, steps_of
 
 __all__ = ["load_results", "runs_of", "is_selection", "summarise", "format_table", "markdown", "write_report", "PLOTS",
            "SELECTION_FORMAT"]
@@ -282,9 +282,7 @@ def plot_selection(run: dict[str, Any], path: Path) -> bool:
     if not sewa or "probabilities" not in sewa:
         return False
     probs = sewa["probabilities"]
-    steps = run.get("checkpoint_steps") or list(range(len(probs)))
-    if len(steps) != len(probs):
-        steps = list(range(len(probs)))
+    steps = steps_of(run, len(probs))
     fig = _figure()
     ax = fig.add_subplot()
     ax.plot(steps, probs, "o-", color="tab:blue", ms=3, lw=1, label="selection probability s")

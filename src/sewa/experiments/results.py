@@ -122,13 +122,18 @@ def verdict_table(entry: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _measure(section: dict[str, Any]) -> tuple[str, int, str]:
+    """How a section's measure reads, its decimals and its format spec."""
+    name, digits = _on(section["measure"])
+    return name, digits, f".{digits}f"
+
+
 def random_k_table(entry: dict[str, Any]) -> list[str]:
     """The random-K distribution per seed and each method's percentile in it."""
     rk = entry["random_k"]
     if not rk:
         return []
-    name, digits = _on(rk["measure"])
-    f = f".{digits}f"
+    name, digits, f = _measure(rk)
     lo, hi = mean_std(rk[f"{rk['measure']}_p05"])[0], mean_std(rk[f"{rk['measure']}_p95"])[0]
     lines = [f"Random-K (K={rk['k']}, {rk['draws']} draws per seed, scored by the {name}): mean "
              f"{_ms(rk[rk['measure'] + '_mean'], digits)}, 5th–95th percentile of the draws {lo:{f}}–{hi:{f}} (mean over "
@@ -144,8 +149,7 @@ def k_curve_table(entry: dict[str, Any]) -> list[str]:
     kc = entry["k_curves"]
     if not kc:
         return []
-    name, digits = _on(kc["measure"])
-    f = f".{digits}f"
+    name, digits, f = _measure(kc)
     series = [s for s in kc if s not in ("Ks", "measure")]
     lines = ["| K | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
     lines += [f"| {k} | " + " | ".join(_num(kc[s][i], f) for s in series) + " |" for i, k in enumerate(kc["Ks"])]
