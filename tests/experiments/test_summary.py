@@ -118,10 +118,18 @@ def test_behaviour_cloning_scores_random_k_and_k_curves_by_the_test_loss(tmp_pat
 
 def test_mixed_commits_are_refused_unless_allowed(tmp_path: Path) -> None:
     write_runs(tmp_path, [fake_run(0), fake_run(1, commit="b" * 40), fake_run(2)])
-    with pytest.raises(ValueError, match=f"mixes runs of 2 commits.*{'a' * 40}.*{'b' * 40}.*--allow-mixed"):
+    with pytest.raises(ValueError, match=f"mixes runs of 2 versions of src/.*{'a' * 40}.*{'b' * 40}.*--allow-mixed"):
         summary.write(tmp_path, tmp_path / "s.json")
     doc = json.loads(summary.write(tmp_path, tmp_path / "s.json", allow_mixed=True).read_text())
     assert doc["tasks"][0]["mixed_commits"] is True and doc["tasks"][0]["commit"] == COMMIT
+
+
+def test_commits_with_the_same_source_tree_are_one_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit that changes only results or docs between seeds does not mix code versions."""
+    write_runs(tmp_path, [fake_run(0), fake_run(1, commit="b" * 40), fake_run(2)])
+    monkeypatch.setattr(summary, "code_version", lambda commit: "the same src tree")
+    doc = json.loads(summary.write(tmp_path, tmp_path / "s.json").read_text())
+    assert doc["tasks"][0]["mixed_commits"] is False and doc["tasks"][0]["commits"] == ["a" * 40, "b" * 40]
 
 
 def test_one_entry_per_task_and_regime_preferring_the_full_preset(tmp_path: Path) -> None:

@@ -14,9 +14,11 @@ D4RL-normalised points (0-100), so both equivalence margins read as points (0.3 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+import subprocess
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -109,17 +111,33 @@ def load_runs(root: Path) -> dict[Key, list[dict[str, Any]]]:
     return out
 
 
+@functools.cache
+def code_version(commit: str) -> str:
+    """The git tree of ``src/`` at ``commit``: commits that change nothing under ``src/`` (results,
+    docs) ran the same code. The commit itself when git cannot tell (no checkout, unknown commit)."""
+    here = Path(__file__).resolve().parent
+    try:
+        return subprocess.run(["git", "rev-parse", f"{commit}:src"], cwd=here, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip() or commit
+    except (OSError, subprocess.SubprocessError):
+        return commit
+
+
 def check_commits(key: Key, recs: list[dict[str, Any]], allow_mixed: bool = False) -> list[str]:
     """The distinct commits of one task-regime's runs, in order of first appearance.
 
+    Runs of several commits count as one code version when those commits hold the same ``src/``
+    tree (:func:`code_version`).
+
     Raises:
-        ValueError: when format-2 runs of one task-regime come from several commits and
+        ValueError: when format-2 runs of one task-regime come from several code versions and
             ``allow_mixed`` is false (format-1 runs predate the rule: they are allowed and flagged).
     """
     commits = list(dict.fromkeys(str(r["git_commit"]) for r in recs))
-    if len(commits) > 1 and not allow_mixed and not all(r["legacy"] for r in recs):
-        raise ValueError(f"{'/'.join(key)} mixes runs of {len(commits)} commits ({', '.join(commits)}): rerun its "
-                         "seeds from one commit, or pass --allow-mixed to render it flagged")
+    versions = {code_version(c) for c in commits}
+    if len(versions) > 1 and not allow_mixed and not all(r["legacy"] for r in recs):
+        raise ValueError(f"{'/'.join(key)} mixes runs of {len(versions)} versions of src/ (commits {', '.join(commits)}): "
+                         "rerun its seeds from one commit, or pass --allow-mixed to render it flagged")
     return commits
 
 
@@ -193,7 +211,7 @@ def task_entry(key: Key, recs: list[dict[str, Any]], allow_mixed: bool = False) 
     return {"task": key[0], "family": r0["family"], "regime": key[1], "preset": key[2],
             "format": r0["format"], "metric": metric, "unit": unit,
             "commit": Counter(str(r["git_commit"]) for r in recs).most_common(1)[0][0], "commits": commits,
-            "mixed_commits": len(commits) > 1,
+            "mixed_commits": len({code_version(c) for c in commits}) > 1,
             "dirty": None if any(r.get("dirty") is None for r in recs) else any(r["dirty"] for r in recs),
             "seeds": seeds, "window": r0["window"], "window_note": r0.get("window_note"),
             "reference": reference, "methods": methods, "random_k": _random_k(recs, scale, scored),
