@@ -139,10 +139,6 @@ class Evaluator:
         """Mean selection loss of the average of ``trajectory`` with weights ``w``."""
         return self.per_batch(trajectory, w).mean("loss")
 
-    def score(self, trajectory: Trajectory, w: Tensor, by: str = "loss") -> float:
-        """A score to *maximise*: the metric when ``by="metric"``, else minus the loss."""
-        scores = self.per_batch(trajectory, w)
-        return scores.mean("metric") if by == "metric" else -scores.mean("loss")
 
 
 def make_evaluator(trajectory: Trajectory, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Iterable[Any],
