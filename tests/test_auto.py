@@ -128,14 +128,14 @@ def test_the_one_se_rule_moves_the_choice_on_a_plateau() -> None:
     assert any(moved)
 
 
-@pytest.mark.parametrize("rule", ["best", "paired"])
-def test_the_choice_follows_the_one_se_rule_from_the_record(rule: str) -> None:
-    """Within noise means a mean fold gap to the best of at most one SE (the best's, or the
-    gap's own); the choice is the simplest candidate within noise."""
-    info = create("auto", se_rule=rule, **FAST).weights(*_plateau(1)).info
+@pytest.mark.parametrize(("rule", "info_multiple"), [("best", 1.0), ("paired", 2.0), ("paired", 1.0)])
+def test_the_choice_follows_the_one_se_rule_from_the_record(rule: str, info_multiple: float) -> None:
+    """Within noise means a mean gap to the best of at most ``se_multiple`` SEs (the best's fold
+    SE, or the gap's own over batches); the choice is the simplest candidate within noise."""
+    info = create("auto", se_rule=rule, se_multiple=info_multiple, **FAST).weights(*_plateau(1)).info
     for c in info["candidates"]:
         se = info["best_se"] if rule == "best" else c["gap_to_best"]["se"]
-        assert c["within_one_se"] == (c["name"] == info["best"] or c["gap_to_best"]["mean"] <= se)
+        assert c["within_one_se"] == (c["name"] == info["best"] or c["gap_to_best"]["mean"] <= info_multiple * se)
     within = [c for c in info["candidates"] if c["within_one_se"]]
     assert info["chosen"] == min(within, key=lambda c: (c["complexity"], -c["score"]))["name"]
     assert info["fell_back"] == (info["chosen"] != info["best"])
@@ -174,14 +174,27 @@ def test_auto_is_deterministic_and_its_record_is_strict_json() -> None:
     assert set(info["gain_vs_uniform"]) == set(info["gain_vs_last"]) == {"mean", "se"}
 
 
-def test_auto_on_a_one_batch_split_scores_in_sample_without_standard_errors() -> None:
+def test_auto_on_a_one_batch_split_scores_in_sample_with_standard_errors_over_its_examples() -> None:
     traj, ev = _damaged(0)
     one = Evaluator(ev.model, ev.loss_fn, [list(ev.batches)[0]])
-    result = create("auto", **FAST).weights(traj, one)
-    info = result.info
-    assert not info["crossfit"] and info["folds_used"] == 1 and info["gain_vs_uniform"]["se"] is None
-    assert info["chosen"] == info["best"] and not info["fell_back"]  # no noise estimate: no fallback
+    info = create("auto", **FAST).weights(traj, one).info
+    assert not info["crossfit"] and info["folds_used"] == 1
+    assert info["se_units"] == 16 and info["gain_vs_uniform"]["se"] > 0  # the batch's 16 examples are the units
     json.dumps(info, allow_nan=False)
+
+
+def test_the_paired_standard_error_is_over_examples_however_the_split_is_batched() -> None:
+    """The same 160 examples in 10 batches or in 2 give the same units: one per example."""
+    traj, ev = _damaged(1)
+    pairs = list(ev.batches)
+    merged = [(torch.cat([x for x, _ in pairs[i:i + 5]]), torch.cat([y for _, y in pairs[i:i + 5]])) for i in (0, 5)]
+    w = sewa.weights.lawa(K, 5)
+    units = [auto_module._scored(Evaluator(ev.model, ev.loss_fn, b).per_batch(traj, w, groups=80)) for b in (pairs, merged)]
+    for part in (0, 2):  # each unit's loss and size
+        a, b = units[0][2][part], units[1][2][part]  # type: ignore[index]
+        assert a is not None and b is not None and a.numel() == 160 and torch.allclose(a, b, rtol=1e-5)
+    info = create("auto", sewa_steps=5, greedy=False, soup_steps=0).weights(traj, Evaluator(ev.model, ev.loss_fn, merged)).info
+    assert info["se_units"] == 2 * 64  # at most 64 slices per batch
 
 
 def test_auto_skips_candidates_whose_loss_is_not_finite() -> None:

@@ -37,11 +37,16 @@ class Scores:
         loss: Mean loss of each batch (B,), float64.
         metric: Mean metric of each batch (B,), or ``None`` without a metric.
         sizes: Examples per batch (B,), float64.
+        groups: With ``per_batch(..., groups=G)``: for each batch, ``(loss, metric, sizes)`` of up
+            to ``G`` consecutive groups of its examples (``None`` where a batch's outputs and
+            targets cannot be sliced along their first dimension). Scores at this grain give
+            standard errors that do not depend on how the split was batched.
     """
 
     loss: Tensor
     metric: Tensor | None
     sizes: Tensor
+    groups: list[tuple[Tensor, Tensor | None, Tensor] | None] | None = None
 
     def mean(self, which: str = "loss", batches: Tensor | None = None) -> float:
         """The size-weighted mean of ``"loss"`` or ``"metric"`` over all batches, or over the
@@ -53,6 +58,19 @@ class Scores:
         if batches is not None:
             values, sizes = values[batches], sizes[batches]
         return float((values * sizes).sum() / sizes.sum())
+
+
+def _grouped(loss_fn: Callable[[Any, Any], Tensor], metric: Callable[[Any, Any], float] | None, out: Any, y: Any,
+             groups: int) -> tuple[Tensor, Tensor | None, Tensor] | None:
+    """Loss and metric of up to ``groups`` consecutive slices of one batch's examples, or ``None``
+    when the outputs and targets are not tensors sharing their first dimension."""
+    if not (isinstance(out, Tensor) and isinstance(y, Tensor) and out.dim() > 0 and y.dim() > 0 and out.shape[0] == y.shape[0]):
+        return None
+    bounds = torch.linspace(0, y.shape[0], min(groups, y.shape[0]) + 1).round().long().tolist()
+    parts = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    loss = torch.tensor([float(loss_fn(out[a:b], y[a:b])) for a, b in parts], dtype=torch.float64)
+    met = None if metric is None else torch.tensor([float(metric(out[a:b], y[a:b])) for a, b in parts], dtype=torch.float64)
+    return loss, met, torch.tensor([float(b - a) for a, b in parts], dtype=torch.float64)
 
 
 @dataclass(eq=False)
@@ -109,8 +127,9 @@ class Evaluator:
         return len(self._engine(trajectory)[1])
 
     @torch.no_grad()
-    def per_batch(self, trajectory: Trajectory, w: Tensor) -> Scores:
-        """Loss (and metric) of the average of ``trajectory`` with weights ``w``, batch by batch.
+    def per_batch(self, trajectory: Trajectory, w: Tensor, groups: int = 0) -> Scores:
+        """Loss (and metric) of the average of ``trajectory`` with weights ``w``, batch by batch,
+        and with ``groups > 0`` also for up to ``groups`` slices of each batch (:attr:`Scores.groups`).
 
         Raises:
             EvaluationError: if a loss or metric is not finite.
@@ -118,15 +137,18 @@ class Evaluator:
         engine, pairs = self._engine(trajectory)
         flat = engine.mix_weights(rules.check_weights(w, len(trajectory)))
         losses, metrics, sizes = [], [], []
+        grouped: list[tuple[Tensor, Tensor | None, Tensor] | None] = []
         for x, y in pairs:
             out = engine.outputs_of(flat, x)
             losses.append(float(self.loss_fn(out, y)))
             if self.metric is not None:
                 metrics.append(float(self.metric(out, y)))
             sizes.append(batch_size(y))
+            if groups > 0:
+                grouped.append(_grouped(self.loss_fn, self.metric, out, y, groups))
         scores = Scores(torch.tensor(losses, dtype=torch.float64),
                         torch.tensor(metrics, dtype=torch.float64) if self.metric is not None else None,
-                        torch.tensor(sizes, dtype=torch.float64))
+                        torch.tensor(sizes, dtype=torch.float64), grouped if groups > 0 else None)
         bad = [name for name, v in (("loss", scores.loss), ("metric", scores.metric)) if v is not None and not bool(v.isfinite().all())]
         if bad:
             chosen = [i for i, v in enumerate(w.tolist()) if v > 0]

@@ -42,6 +42,7 @@ from ..average import apply
 from ..compare import environment, run_compare
 from ..evaluator import Evaluator
 from ..methods import Method
+from ..select import select_settings
 from ..task import Task
 from ..trajectory import Trajectory
 from . import tasks as T
@@ -140,8 +141,13 @@ def plan(n: int, spec: T.Spec, seed: int, ev: Evaluator, traj: Trajectory) -> tu
         "sewa": M.sewa(top_k=min(MAIN_K, n), steps=spec.sel_steps, samples=spec.sel_samples, seed=seed),
     }
     if "auto" in M.METHODS:
-        # auto's two cross-fitted SeWA runs together take the passes of the table's SeWA.
-        methods["auto"] = M.create("auto", seed=seed, sewa_steps=max(1, spec.sel_steps // 2), sewa_samples=spec.sel_samples)
+        # auto plans within the passes of the table's SeWA (pass_budget is in units of a default
+        # select): its two cross-fitted SeWA fits and learned soups take a quarter of the steps each.
+        defaults = select_settings()[1]
+        budget = spec.sel_steps * spec.sel_samples / (defaults["steps"] * defaults["samples"])
+        quarter = max(1, spec.sel_steps // 4)
+        methods["auto"] = M.create("auto", seed=seed, sewa_steps=quarter, sewa_samples=spec.sel_samples, soup_steps=quarter,
+                                   pass_budget=budget)
     return methods, choices
 
 
