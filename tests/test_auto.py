@@ -17,6 +17,7 @@ from _tiny_task import write_checkpoints, write_task
 from torch import Tensor, nn
 
 import sewa
+from sewa import _auto_scores
 from sewa import auto as auto_module
 from sewa.compare import run_compare
 from sewa.io import trajectory_from_files
@@ -189,7 +190,7 @@ def test_the_paired_standard_error_is_over_examples_however_the_split_is_batched
     pairs = list(ev.batches)
     merged = [(torch.cat([x for x, _ in pairs[i:i + 5]]), torch.cat([y for _, y in pairs[i:i + 5]])) for i in (0, 5)]
     w = sewa.weights.lawa(K, 5)
-    units = [auto_module._scored(Evaluator(ev.model, ev.loss_fn, b).per_batch(traj, w, groups=80)) for b in (pairs, merged)]
+    units = [_auto_scores.scored_of(Evaluator(ev.model, ev.loss_fn, b).per_batch(traj, w, groups=80)) for b in (pairs, merged)]
     for part in (0, 2):  # each unit's loss and size
         a, b = units[0][2][part], units[1][2][part]  # type: ignore[index]
         assert a is not None and b is not None and a.numel() == 160 and torch.allclose(a, b, rtol=1e-5)

@@ -48,16 +48,26 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import weights as rules
+from ._auto_scores import (
+    Candidate,
+    Scorer,
+    crossfitted,
+    fold_ids,
+    greedy_cost,
+    mean_se,
+    paired_gap,
+    scored_of,
+    statistics,
+)
 from ._batch import split_batch
-from .evaluator import EvaluationError, Evaluator, Scores
+from .evaluator import Evaluator
 from .methods import Method, MethodError, _frozen, _positive_int, register
 from .select import SelectionError, select, select_settings, trainable_average
 from .task import batch_size
@@ -67,123 +77,6 @@ __all__ = ["auto", "fold_ids"]
 
 # Model passes of one batch: a forward and backward costs about three forwards.
 _BACKWARD_COST = 2
-# Each batch's examples are also scored in up to this many slices: the paired standard error
-# then rests on hundreds of units however the split was batched.
-_GROUPS = 64
-
-Units = tuple[Tensor, Tensor | None, Tensor]  # loss, metric and examples of each slice of the split
-
-
-@dataclass
-class Candidate:
-    """One candidate weight vector and its per-batch scores (out-of-fold when it learns)."""
-
-    name: str
-    family: str
-    complexity: tuple[int, float]
-    weights: Tensor
-    params: dict[str, Any]
-    loss: Tensor
-    metric: Tensor | None
-    units: Units
-    fits: tuple[Tensor, Tensor] | None = None  # the fits on each half, when cross-fitted
-
-
-def fold_ids(num_batches: int, folds: int, seed: int) -> Tensor:
-    """Fold of each batch: position in a ``seed``-ed permutation, modulo ``min(folds, num_batches)``."""
-    perm = torch.randperm(num_batches, generator=torch.Generator().manual_seed(int(seed)))
-    out = torch.empty(num_batches, dtype=torch.long)
-    out[perm] = torch.arange(num_batches) % max(1, min(folds, num_batches))
-    return out
-
-
-class _Scorer:
-    """Scores weight vectors on the split once each (cached by weights), counting batch passes."""
-
-    def __init__(self, evaluator: Evaluator, trajectory: Trajectory) -> None:
-        self.evaluator, self.trajectory = evaluator, trajectory
-        self.cache: dict[tuple[float, ...], Scores | None] = {}
-        self.forward = 0
-
-    def __call__(self, w: Tensor) -> Scores | None:
-        key = tuple(round(v, 12) for v in w.tolist())
-        if key not in self.cache:
-            try:
-                self.cache[key] = self.evaluator.per_batch(self.trajectory, w, groups=_GROUPS)
-            except EvaluationError:  # a non-finite average is no candidate
-                self.cache[key] = None
-            self.forward += self.evaluator.num_batches(self.trajectory)
-        return self.cache[key]
-
-
-def _fold_means(values: Tensor, sizes: Tensor, ids: Tensor, folds: int) -> Tensor:
-    return torch.stack([(values[ids == f] * sizes[ids == f]).sum() / sizes[ids == f].sum() for f in range(folds)])
-
-
-def _mean_se(d: Tensor) -> dict[str, Any]:
-    se = float(d.std(unbiased=True) / math.sqrt(d.numel())) if d.numel() > 1 else None
-    return {"mean": float(d.mean()), "se": se}
-
-
-def _paired_gap(d: Tensor, sizes: Tensor) -> dict[str, Any]:
-    """Size-weighted mean of per-batch differences ``d`` and its standard error over the batches."""
-    p = sizes / sizes.sum()
-    mean = (p * d).sum()
-    b = d.numel()
-    se = float(((p * (d - mean)) ** 2).sum().mul(b / (b - 1)).sqrt()) if b > 1 else None
-    return {"mean": float(mean), "se": se}
-
-
-def _greedy_cost(scorer: _Scorer, objective: str) -> Callable[[Tensor], float]:
-    """Greedy soup's yardstick on the scorer's batches: minus the metric (loss breaks ties), or the loss."""
-
-    def cost(w: Tensor) -> float:
-        s = scorer(w)
-        if s is None:
-            return math.inf
-        if objective == "loss" or s.metric is None:
-            return s.mean("loss")
-        return -s.mean("metric") + 1e-9 * s.mean("loss")
-
-    return cost
-
-
-def _units(groups: list[Units | None], loss: Tensor, metric: Tensor | None, sizes: Tensor) -> Units:
-    """The slices of every batch, in batch order; the batches themselves when one cannot be sliced."""
-    if any(g is None for g in groups):
-        return loss, metric, sizes
-    parts = [g for g in groups if g is not None]
-    return (torch.cat([g[0] for g in parts]), None if metric is None else torch.cat([g[1] for g in parts if g[1] is not None]),
-            torch.cat([g[2] for g in parts]))
-
-
-def _scored(scores: Scores | None) -> tuple[Tensor, Tensor | None, Units] | None:
-    if scores is None:
-        return None
-    return scores.loss, scores.metric, _units(scores.groups or [None], scores.loss, scores.metric, scores.sizes)
-
-
-def _crossfitted(halves: tuple[_Scorer, _Scorer], where: tuple[Tensor, Tensor], fits: tuple[Tensor, Tensor],
-                 num: int) -> tuple[Tensor, Tensor | None, Units] | None:
-    """Per-batch loss and metric over the whole split (``num`` batches), and its slices, each half
-    scored by the fit on the other: ``fits[h]`` was fitted on ``halves[h]``, whose batches sit at ``where[h]``."""
-    scored = [halves[h](fits[1 - h]) for h in (0, 1)]
-    if scored[0] is None or scored[1] is None:
-        return None
-    loss = torch.empty(num, dtype=torch.float64)
-    sizes = torch.empty(num, dtype=torch.float64)
-    metric = None if scored[0].metric is None else torch.empty(num, dtype=torch.float64)
-    groups: list[Units | None] = [None] * num
-    for h, sc in enumerate(scored):
-        assert sc is not None
-        loss[where[h]], sizes[where[h]] = sc.loss, sc.sizes
-        if metric is not None and sc.metric is not None:
-            metric[where[h]] = sc.metric
-        for j, i in enumerate(where[h].tolist()):
-            groups[i] = sc.groups[j] if sc.groups else None
-    return loss, metric, _units(groups, loss, metric, sizes)
-
-
 def _fixed(n: int) -> list[tuple[str, str, tuple[int, float], Tensor, dict[str, Any]]]:
     """Uniform tails (widest first) and EMAs (longest half-life first): rules that learn nothing."""
     out = []
@@ -236,14 +129,14 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
         keep = sorted(torch.randperm(len(all_batches), generator=g)[:plan["scored_batches"]].tolist())
         all_batches = [all_batches[i] for i in keep]
         ev = _subset(ev, all_batches)
-    scorer = _Scorer(ev, trajectory)
+    scorer = Scorer(ev, trajectory)
     num = ev.num_batches(trajectory)
     ids = fold_ids(num, s["folds"], s["seed"])
     folds = int(ids.max()) + 1
     half = ids % 2
     crossfit = folds >= 2
     parts = [[b for b, h in zip(all_batches, half.tolist(), strict=True) if h == side] for side in (0, 1)] if crossfit else [all_batches]
-    halves = (_Scorer(_subset(ev, parts[0]), trajectory), _Scorer(_subset(ev, parts[-1]), trajectory)) if crossfit else (scorer, scorer)
+    halves = (Scorer(_subset(ev, parts[0]), trajectory), Scorer(_subset(ev, parts[-1]), trajectory)) if crossfit else (scorer, scorer)
     where = ((half == 0).nonzero().flatten(), (half == 1).nonzero().flatten())
     sizes = torch.tensor([float(batch_size(split_batch(b)[1])) for b in all_batches], dtype=torch.float64)
     backward = 0
@@ -255,9 +148,9 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
         if any(torch.equal(c.weights, w) and (c.family == family or fits is None) for c in candidates):
             return  # the same weights by a simpler name
         if fits is None or not crossfit:
-            scored = _scored(scorer(w))
+            scored = scored_of(scorer(w))
         else:
-            scored = _crossfitted(halves, where, fits, num)
+            scored = crossfitted(halves, where, fits, num)
         if scored is None:
             skipped.append(f"{name}: a loss or metric is not finite")
             return
@@ -286,13 +179,13 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
 
     if plan["greedy"]:
         # Greedy soup on each half; the weights returned are the mean of the two soups.
-        soups = (rules.greedy_soup(n, _greedy_cost(halves[0], objective)), rules.greedy_soup(n, _greedy_cost(halves[1], objective)))
+        soups = (rules.greedy_soup(n, greedy_cost(halves[0], objective)), rules.greedy_soup(n, greedy_cost(halves[1], objective)))
         w = (soups[0] + soups[1]) / 2
         add("greedy_soup", "greedy_soup", (5, 0), w, {"by": objective, "indices": w.nonzero().flatten().tolist()}, soups)
     elif s["greedy"]:
         skipped.append("greedy_soup: over the pass budget")
 
-    stats = _statistics(candidates, sizes, ids, folds, objective)
+    stats = statistics(candidates, sizes, ids, folds, objective)
     sets = [c for c in candidates if c.family == "sewa" and c.fits is not None]
     if s["soup_steps"] > 0 and sets and hasattr(trajectory, "subset"):
         # A learned convex soup on the best SeWA set's support, fitted on each half.
@@ -305,7 +198,7 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
             w = (soups[0] + soups[1]) / 2
             add(f"learned_soup({base.name})", "learned_soup", (6, 0), w, {"on": base.name, "indices": w.nonzero().flatten().tolist()},
                 soups)
-            stats = _statistics(candidates, sizes, ids, folds, objective)
+            stats = statistics(candidates, sizes, ids, folds, objective)
         except SelectionError as e:
             skipped.append(f"learned_soup: {e}")
     elif s["soup_steps"] > 0 and crossfit:
@@ -317,7 +210,7 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
         u = rules.uniform(n)
         fits = None if base.fits is None else (a * base.fits[0] + (1 - a) * u, a * base.fits[1] + (1 - a) * u)
         add(f"shrunk({base.name}, {a:g})", "shrunk", (7, a), a * base.weights + (1 - a) * u, {"of": base.name, "a": a}, fits)
-        stats = _statistics(candidates, sizes, ids, folds, objective)
+        stats = statistics(candidates, sizes, ids, folds, objective)
     forward = scorer.forward + (halves[0].forward + halves[1].forward if crossfit else 0)
     return _choose(candidates, stats, s, objective, folds, plan, skipped, forward, backward, crossfit)
 
@@ -337,43 +230,28 @@ def _subset(ev: Evaluator, batches: list[Any]) -> Evaluator:
     return dataclasses.replace(ev, batches=batches)
 
 
-def _statistics(candidates: list[Candidate], sizes: Tensor, ids: Tensor, folds: int,
-                objective: str) -> dict[str, dict[str, Any]]:
-    """Fold scores of every candidate (batch sizes ``sizes``): of the objective, and of the loss (for ties)."""
-    out = {}
-    for c in candidates:
-        u = c.metric if objective == "metric" and c.metric is not None else -c.loss
-        unit_u = c.units[1] if objective == "metric" and c.units[1] is not None else -c.units[0]
-        fold_u = _fold_means(u, sizes, ids, folds)
-        fold_loss = _fold_means(c.loss, sizes, ids, folds)
-        out[c.name] = {"fold": fold_u, "unit": unit_u, "key": (float(fold_u.mean()), -float(fold_loss.mean())),
-                       "loss": float(fold_loss.mean()),
-                       "metric": None if c.metric is None else float(_fold_means(c.metric, sizes, ids, folds).mean())}
-    return out
-
-
 def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Mapping[str, Any], objective: str,
             folds: int, plan: dict[str, Any], skipped: list[str], forward: int, backward: int,
             crossfit: bool) -> tuple[Tensor, dict[str, Any]]:
     if not candidates:
         raise MethodError("auto: no candidate average has a finite loss on the selection split; check the snapshots")
     best = max(candidates, key=lambda c: stats[c.name]["key"])
-    best_se = _mean_se(stats[best.name]["fold"])["se"]
+    best_se = mean_se(stats[best.name]["fold"])["se"]
     sizes = best.units[2]
     records, eligible = [], []
     for c in candidates:
         fold = stats[c.name]["fold"]
         if s["se_rule"] == "paired":
-            gap = _paired_gap(stats[best.name]["unit"] - stats[c.name]["unit"], sizes)
+            gap = paired_gap(stats[best.name]["unit"] - stats[c.name]["unit"], sizes)
             se = gap["se"]
         else:
-            gap, se = _mean_se(stats[best.name]["fold"] - fold), best_se
+            gap, se = mean_se(stats[best.name]["fold"] - fold), best_se
         within = c is best or (s["one_se"] and se is not None and gap["mean"] <= s["se_multiple"] * se)
         if within:
             eligible.append(c)
         records.append({"name": c.name, "family": c.family, "params": c.params, "weights": c.weights.tolist(),
                         "complexity": list(c.complexity),
-                        "score": stats[c.name]["key"][0], "fold_scores": fold.tolist(), "se": _mean_se(fold)["se"],
+                        "score": stats[c.name]["key"][0], "fold_scores": fold.tolist(), "se": mean_se(fold)["se"],
                         "loss": stats[c.name]["loss"], "metric": stats[c.name]["metric"], "gap_to_best": gap,
                         "within_one_se": within, "crossfit": c.fits is not None})
     chosen = min(eligible, key=lambda c: (c.complexity, -stats[c.name]["key"][0]))
@@ -382,8 +260,8 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
         if name not in stats:
             return None
         if s["se_rule"] == "paired":
-            return _paired_gap(stats[chosen.name]["unit"] - stats[name]["unit"], sizes)
-        return _mean_se(stats[chosen.name]["fold"] - stats[name]["fold"])
+            return paired_gap(stats[chosen.name]["unit"] - stats[name]["unit"], sizes)
+        return mean_se(stats[chosen.name]["fold"] - stats[name]["fold"])
 
     info: dict[str, Any] = {
         "objective": objective, "folds_used": folds, "crossfit": crossfit, "candidates": records,
