@@ -261,3 +261,33 @@ def test_select_settings_are_selects_defaults() -> None:
     assert settings["top_k"] == 3 and settings["steps"] == 200 and settings["progress"] is None
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['topk'\]"):
         select_settings(topk=3)
+
+
+def _one_step_gradient(noise: str, seed: int, samples: int = 4) -> Tensor:
+    """The gradient on φ of one SeWA step (SGD, lr 1, no budget) on a fixed quadratic in the mix."""
+    target = torch.linspace(1.0, 0.0, 6, dtype=torch.float64)
+    target = target / target.sum()
+
+    def engine(mix: Tensor, batch: object) -> tuple[float, Tensor]:
+        diff = mix - target
+        return float((diff ** 2).sum(1).mean()), 2 * diff / mix.shape[0]
+
+    sel = run_selection(engine, itertools.repeat(None), list(range(6)), top_k=3, samples=samples, steps=1, tau_start=1.0,
+                        tau_end=1.0, lr=1.0, optimizer="sgd", budget=False, seed=seed, progress=False, noise=noise)
+    start = torch.zeros(6, dtype=torch.float64)  # logit(3/6)
+    return start - torch.logit(sel.probabilities.double())
+
+
+def test_antithetic_noise_lowers_the_gradients_variance_for_the_same_samples() -> None:
+    grads = {noise: torch.stack([_one_step_gradient(noise, seed) for seed in range(1000)]) for noise in ("independent", "antithetic")}
+    var = {noise: float(g.var(0).sum()) for noise, g in grads.items()}
+    assert var["antithetic"] < 0.85 * var["independent"]  # measured 0.72 at 300 seeds
+    mean_gap = (grads["antithetic"].mean(0) - grads["independent"].mean(0)).abs().max()
+    assert float(mean_gap) < 4 * (var["independent"] / 1000) ** 0.5  # the same expected gradient
+
+
+def test_antithetic_noise_needs_an_even_number_of_samples() -> None:
+    with pytest.raises(ValueError, match="samples must be even"):
+        _one_step_gradient("antithetic", 0, samples=3)
+    with pytest.raises(ValueError, match="noise must be"):
+        _one_step_gradient("gaussian", 0)

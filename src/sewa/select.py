@@ -165,6 +165,7 @@ def select(
     optimizer: str = "adam",
     budget: bool = True,
     seed: int = 0,
+    noise: str = "independent",
     batch_stats: bool = True,
     vectorize: bool | None = None,
     device: torch.device | str | None = None,
@@ -191,6 +192,9 @@ def select(
         budget: Project ``s`` onto ``Σ s_i = K`` after every step (recommended). Without it,
             ``s`` saturates and the top-K is close to arbitrary.
         seed: Seeds the mask noise: the same seed gives the same selection.
+        noise: ``"independent"`` (the paper): ``M`` independent Gumbel pairs per step.
+            ``"antithetic"``: the masks come in pairs whose logistic noises are opposite
+            (``g`` and ``-g``), a lower-variance gradient for the same ``M`` (``M`` even).
         batch_stats: Evaluate BatchNorm layers with batch statistics (their running statistics
             do not match mixed weights). With ``False`` the newest snapshot's are used.
         vectorize: Run the ``M`` forward passes with ``torch.func.vmap`` (``True``) or a loop
@@ -212,7 +216,7 @@ def select(
         engine = MixedLoss(trajectory, model, loss_fn, batch_stats=batch_stats, vectorize=vectorize, device=device)
         selection = run_selection(engine, cycle_batches(batches), trajectory.steps, top_k=top_k, samples=samples,
                                   steps=steps, tau_start=tau_start, tau_end=tau_end, lr=lr, optimizer=optimizer,
-                                  budget=budget, seed=seed, progress=progress, config={"batch_stats": batch_stats})
+                                  budget=budget, seed=seed, noise=noise, progress=progress, config={"batch_stats": batch_stats})
         trajectory.check_unchanged()  # a read-only disk reader whose writer overwrote the rows read raises
     return selection
 
@@ -252,6 +256,7 @@ def run_selection(
     budget: bool,
     seed: int,
     progress: bool | None,
+    noise: str = "independent",
     config: dict[str, Any] | None = None,
 ) -> Selection:
     """The SeWA loop of :func:`select` over any :class:`Engine` and batch ``feed``.
@@ -267,10 +272,14 @@ def run_selection(
     """
     n = len(held_steps)
     check_settings(n, top_k, steps, samples)
+    if noise not in ("independent", "antithetic"):
+        raise ValueError(f"noise must be 'independent' or 'antithetic', got {noise!r}")
+    if noise == "antithetic" and samples % 2:
+        raise ValueError(f"noise='antithetic' pairs the masks: samples must be even, got {samples}")
     if budget and top_k == n:
         budget = False  # Σ s = k has no interior point; every snapshot is chosen anyway
     config = dict(top_k=top_k, samples=samples, steps=steps, tau_start=tau_start, tau_end=tau_end,
-                  lr=lr, optimizer=optimizer, budget=budget, seed=seed) | (config or {})
+                  lr=lr, optimizer=optimizer, budget=budget, seed=seed, noise=noise) | (config or {})
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(int(seed))
     logits = torch.full((n,), math.log(top_k / n) - math.log1p(-top_k / n) if top_k < n else 0.0,
@@ -280,9 +289,12 @@ def run_selection(
     for t in _progress(range(steps), progress, "selecting"):
         tau = tau_schedule(t, steps, tau_start, tau_end)
         # g_1 - g_0 of two Gumbel(0,1) draws is Logistic(0,1): log u - log(1-u).
-        u = torch.rand(samples, n, generator=gen, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
-        noise = u.log() - (-u).log1p()
-        log_m = nn.functional.logsigmoid((logits + noise) / tau)
+        half = samples // 2 if noise == "antithetic" else samples
+        u = torch.rand(half, n, generator=gen, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+        g = u.log() - (-u).log1p()
+        if noise == "antithetic":
+            g = torch.cat([g, -g])
+        log_m = nn.functional.logsigmoid((logits + g) / tau)
         mix = torch.softmax(log_m, dim=1)  # a_j = m_j / Σ_i m_ij, computed in log space
         loss, grad_mix = engine(mix.detach(), next(feed))
         _refuse_nonfinite(loss, grad_mix, t, steps, "selection")
