@@ -249,8 +249,13 @@ TEXT: dict[str, Any] = {"epochs": 6, "lr": 1e-2, "optimizer": "adamw", "weight_d
                         "reference": text_reference}
 IMAGE: dict[str, Any] = {"epochs": 6, "lr": 0.1, "batch_size": 128, "window": 100, "every": 2, "seeds": 5, "sel_steps": 100,
                          "sel_batch": 256, "sel_subset": 1024, "draws": 100, "regimes": ("constant", "cosine")}
-BC: dict[str, Any] = {"epochs": 4, "lr": 1e-3, "optimizer": "adam", "weight_decay": 0.0, "batch_size": 256, "window": 100,
-                      "record_window": 100, "every": 10, "seeds": 10, "sel_batch": 1024, "episodes": 50,
+# BC: about 20k Adam steps (58 epochs of ~348 batches of 256 on the ~89k training transitions of
+# 100k), a snapshot every 50 steps, window 100 = the last 5,000 steps (issue 14; it had 1,400 steps).
+# LR 3e-3: on hopper under cosine (seeds 0 and 1) it beat 1e-3 in validation MSE by ~10% and in
+# test return (last iterate 40.2/40.3 against 38.8/39.9 normalised) at the same cost.
+# Window: constant = a tail at the full LR 3e-3; cosine = the last quarter of the decay, LR 14% -> 0.
+BC: dict[str, Any] = {"epochs": 58, "lr": 3e-3, "optimizer": "adam", "weight_decay": 0.0, "batch_size": 256, "window": 100,
+                      "record_window": 100, "every": 50, "seeds": 10, "sel_batch": 1024, "episodes": 50,
                       "regimes": ("constant", "cosine"), "reference": bc_reference}
 
 
@@ -272,7 +277,11 @@ SPECS: dict[str, Spec] = {
     "bbc_news": Spec("bbc_news", "text", _load_text(D.bbc_news), _text_model, F.cross_entropy, "accuracy",
                      **TEXT | {"epochs": 30, "lr": 3e-2, "record_window": 100, "every": 2}),
 }
-for _env in ("hopper", "halfcheetah", "walker2d"):
+# halfcheetah is not in the study: its linear ARS expert (92 iterations, 18 minutes of training here;
+# experts/README.md) scores only 25 normalised, under the 40 issue 14 asks, and a stronger one was not
+# trained here. Its data, policies and expert_bc_check stay in mujoco_bc / bc_data: add it back here
+# once it has a stronger expert.
+for _env in ("hopper", "walker2d"):
     SPECS[_env] = Spec(_env, "bc", _load_bc(_env), _bc_model, _mse, "normalized_score", **BC)
 
 
