@@ -32,6 +32,8 @@ import sewa  # noqa: E402
 from sewa.methods import Evaluator  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "auto_cost.json"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "AUTO.md"
+BEGIN, END = "<!-- auto_study: begin (python benchmarks/auto_cost.py --study N) -->", "<!-- auto_study: end -->"
 LIMIT = 1.5  # issue 15: auto may cost at most this many default SeWA selections
 WINDOW = 50
 BATCH = 64
@@ -105,14 +107,26 @@ def _excess(traj: sewa.Trajectory, w: list[float], star: torch.Tensor) -> float:
     return float(((torch.tensor(w, dtype=torch.float64) @ rows - star.double()) ** 2).sum())
 
 
-def _rule(info: dict[str, Any], rule: str) -> str:
-    """The candidate ``rule`` picks from the record: "best" (no one-SE rule), "classic" or "paired"."""
+RULES = {"classic 1-SE": ("classic", 1.0), "paired 1 SE": ("paired", 1.0), "paired 1.5 SE (default)": ("paired", 1.5),
+         "paired 2 SE": ("paired", 2.0), "no 1-SE": ("best", 0.0)}
+
+
+def _rule(info: dict[str, Any], rule: str, multiple: float) -> str:
+    """The candidate a rule picks from the record: "best" (no one-SE rule); "classic" (gap of
+    the fold scores against the best's fold SE); "paired" (the per-example gap and its SE, as
+    recorded under the default ``se_rule``), within ``multiple`` SEs."""
     cands = info["candidates"]
     best = next(c for c in cands if c["name"] == info["best"])
     if rule == "best" or not info["crossfit"]:
         return best["name"]
-    se = {"classic": lambda c: best["se"], "paired": lambda c: c["gap_to_best"]["se"]}[rule]
-    ok = [c for c in cands if c is best or c["gap_to_best"]["mean"] <= se(c)]
+
+    def gap(c: dict[str, Any]) -> tuple[float, float]:
+        if rule == "paired":
+            return c["gap_to_best"]["mean"], c["gap_to_best"]["se"]
+        d = torch.tensor(best["fold_scores"]) - torch.tensor(c["fold_scores"])
+        return float(d.mean()), best["se"]
+
+    ok = [c for c in cands if c is best or gap(c)[0] <= multiple * gap(c)[1]]
     return min(ok, key=lambda c: (c["complexity"], -c["score"]))["name"]
 
 
@@ -123,7 +137,7 @@ def study(seeds: int) -> list[dict[str, Any]]:
     out = []
     for case in ("damaged", "past_optimum", "plateau"):
         rows: dict[str, list[float]] = {}
-        moved = {"classic": 0, "paired": 0}
+        moved = {label: 0 for label in RULES if label != "no 1-SE"}
         for seed in range(seeds):
             g = torch.Generator().manual_seed(100 + seed)
             if case == "damaged":
@@ -149,10 +163,10 @@ def study(seeds: int) -> list[dict[str, Any]]:
             info = sewa.methods.create("auto").weights(traj, ev).info
             weights = {c["name"]: c["weights"] for c in info["candidates"]}
             star = torch.zeros(d)
-            for rule in ("classic", "paired", "best"):
-                rows.setdefault(f"auto ({rule})", []).append(_excess(traj, weights[_rule(info, rule)], star))
+            for label, (rule, multiple) in RULES.items():
+                rows.setdefault(f"auto ({label})", []).append(_excess(traj, weights[_rule(info, rule, multiple)], star))
                 if rule != "best":
-                    moved[rule] += _rule(info, rule) != _rule(info, "best")
+                    moved[label] += _rule(info, rule, multiple) != info["best"]
             rows.setdefault("oracle candidate", []).append(min(_excess(traj, w, star) for w in weights.values()))
             for name in ("uniform", "last"):
                 rows.setdefault(name, []).append(_excess(traj, weights[name], star))
@@ -161,6 +175,20 @@ def study(seeds: int) -> list[dict[str, Any]]:
         out.append(bench.emit({"case": case, "seeds": seeds, "mean_excess_test_loss": {n: sum(v) / len(v) for n, v in rows.items()},
                          "fallback_rate": {r: m / seeds for r, m in moved.items()}}))
     return out
+
+
+def render(data: dict[str, Any]) -> str:
+    """The study as Markdown: mean excess test loss of each choice rule and reference, per case."""
+    records = data["records"]
+    names = list(records[0]["mean_excess_test_loss"])
+    lines = [BEGIN, "", f"`{data['command']}`: mean excess test loss over {records[0]['seeds']} seeds (lower is better), "
+             "and how often each one-SE rule moved the choice away from the best-scoring candidate.", "",
+             "| rule or reference | " + " | ".join(r["case"] for r in records) + " |", "|---" * (len(records) + 1) + "|"]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(f"{r['mean_excess_test_loss'][n]:.4g}" for r in records) + " |")
+    for label in records[0]["fallback_rate"]:
+        lines.append(f"| fallback rate, {label} | " + " | ".join(f"{r['fallback_rate'][label]:.0%}" for r in records) + " |")
+    return "\n".join(lines + ["", END])
 
 
 def main() -> None:
@@ -174,8 +202,10 @@ def main() -> None:
     args = parser.parse_args()
     bench.set_threads(1)
     if args.study:
-        bench.write_json(RESULTS.with_name("auto_study.json"), {"benchmark": "auto_study", "records": study(args.study),
-                                                          "command": f"python benchmarks/auto_cost.py --study {args.study}"})
+        data = {"benchmark": "auto_study", "records": study(args.study), "command": f"python benchmarks/auto_cost.py --study {args.study}",
+                "machine": bench.machine()}
+        bench.write_json(RESULTS.with_name("auto_study.json"), data)
+        bench.write_generated(DOC, render(data), BEGIN, END)
         return
     start = time.perf_counter()
     model, traj, pool = build(args.params)

@@ -132,15 +132,17 @@ def crossfitted(halves: tuple[Scorer, Scorer], where: tuple[Tensor, Tensor], fit
 
 
 def statistics(candidates: list[Candidate], sizes: Tensor, ids: Tensor, folds: int,
-                objective: str) -> dict[str, dict[str, Any]]:
-    """Fold scores of every candidate (batch sizes ``sizes``): of the objective, and of the loss (for ties)."""
+               objective: str) -> dict[str, dict[str, Any]]:
+    """Scores of every candidate (batch sizes ``sizes``): the size-weighted mean of the objective
+    (and of the loss, for ties) over the split, its fold means, and its values per slice."""
     out = {}
+
+    def mean(v: Tensor) -> float:
+        return float((v * sizes).sum() / sizes.sum())
+
     for c in candidates:
         u = c.metric if objective == "metric" and c.metric is not None else -c.loss
         unit_u = c.units[1] if objective == "metric" and c.units[1] is not None else -c.units[0]
-        fold_u = fold_means(u, sizes, ids, folds)
-        fold_loss = fold_means(c.loss, sizes, ids, folds)
-        out[c.name] = {"fold": fold_u, "unit": unit_u, "key": (float(fold_u.mean()), -float(fold_loss.mean())),
-                       "loss": float(fold_loss.mean()),
-                       "metric": None if c.metric is None else float(fold_means(c.metric, sizes, ids, folds).mean())}
+        out[c.name] = {"fold": fold_means(u, sizes, ids, folds), "unit": unit_u, "key": (mean(u), -mean(c.loss)),
+                       "loss": mean(c.loss), "metric": None if c.metric is None else mean(c.metric)}
     return out
