@@ -33,6 +33,7 @@ from sewa.methods import Evaluator  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "auto_cost.json"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "AUTO.md"
+COST_BEGIN, COST_END = "<!-- auto_cost: begin (python benchmarks/auto_cost.py) -->", "<!-- auto_cost: end -->"
 BEGIN, END = "<!-- auto_study: begin (python benchmarks/auto_cost.py --study N) -->", "<!-- auto_study: end -->"
 LIMIT = 1.5  # issue 15: auto may cost at most this many default SeWA selections
 WINDOW = 50
@@ -177,6 +178,19 @@ def study(seeds: int) -> list[dict[str, Any]]:
     return out
 
 
+def render_cost(data: dict[str, Any]) -> str:
+    """The cost benchmark as Markdown: auto/SeWA time and passes per split size."""
+    lines = [COST_BEGIN, "", "| selection split | auto / SeWA time | passes, SeWA (fwd / bwd) | passes, auto (fwd / bwd) | candidates | "
+             "1-min load before |", "|---|---|---|---|---|---|"]
+    for r in data["records"]:
+        p = r["passes"]
+        greedy = "greedy soup over budget" if any(x.startswith("greedy_soup") for x in r["auto_skipped"]) else "with greedy soup"
+        lines.append(f"| {r['examples']} examples ({r['batches']} batches) | {r['ratio_auto_over_sewa']:.2f} | "
+                     f"{p['sewa']['forward']} / {p['sewa']['backward']} | {p['auto']['forward']} / {p['auto']['backward']} | "
+                     f"{r['auto_candidates']} ({greedy}) | {r['load_before'][0]:.1f} |")
+    return "\n".join(lines + ["", COST_END])
+
+
 def render(data: dict[str, Any]) -> str:
     """The study as Markdown: mean excess test loss of each choice rule and reference, per case."""
     records = data["records"]
@@ -212,6 +226,7 @@ def main() -> None:
     records = [bench.emit(measure(model, traj, pool, n, args.repeats)) for n in args.examples]
     bench.write_json(args.out, {"benchmark": "auto_cost", "command": "python benchmarks/auto_cost.py", "records": records,
                           "machine": bench.machine(), "seconds": time.perf_counter() - start})
+    bench.write_generated(DOC, render_cost({"records": records}), COST_BEGIN, COST_END)
     for r in records:
         print(f"{'PASS' if r['pass'] else 'FAIL'} auto/SeWA = {r['ratio_auto_over_sewa']:.2f} (limit {LIMIT}) "
               f"on {r['examples']} selection examples")

@@ -49,14 +49,16 @@ class Scorer:
 
     def __init__(self, evaluator: Evaluator, trajectory: Trajectory) -> None:
         self.evaluator, self.trajectory = evaluator, trajectory
-        self.cache: dict[tuple[float, ...], Scores | None] = {}
+        self.cache: dict[tuple[bool, tuple[float, ...]], Scores | None] = {}
         self.forward = 0
 
-    def __call__(self, w: Tensor) -> Scores | None:
-        key = tuple(round(v, 12) for v in w.tolist())
+    def __call__(self, w: Tensor, sliced: bool = True) -> Scores | None:
+        """Scores of weights ``w``; with ``sliced`` also per slice of each batch (for standard
+        errors; greedy soup's many trial soups need only the batch means)."""
+        key = (sliced, tuple(round(v, 12) for v in w.tolist()))
         if key not in self.cache:
             try:
-                self.cache[key] = self.evaluator.per_batch(self.trajectory, w, groups=GROUPS)
+                self.cache[key] = self.evaluator.per_batch(self.trajectory, w, groups=GROUPS if sliced else 0)
             except EvaluationError:  # a non-finite average is no candidate
                 self.cache[key] = None
             self.forward += self.evaluator.num_batches(self.trajectory)
@@ -85,7 +87,7 @@ def greedy_cost(scorer: Scorer, objective: str) -> Callable[[Tensor], float]:
     """Greedy soup's yardstick on the scorer's batches: minus the metric (loss breaks ties), or the loss."""
 
     def cost(w: Tensor) -> float:
-        s = scorer(w)
+        s = scorer(w, sliced=False)
         if s is None:
             return math.inf
         if objective == "loss" or s.metric is None:
