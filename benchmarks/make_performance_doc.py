@@ -591,21 +591,25 @@ def build(main: list[dict[str, Any]], others: dict[str, list[dict[str, Any]]], p
 
 
 def experiment_cost_rows() -> list[dict[str, Any]]:
-    """Selection cost of the experiment runs (``results/experiments/*/*/seed*.json``), one row per
-    task and preset, averaged over seeds."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for path in sorted((ROOT / "results" / "experiments").glob("*/*/seed*.json")):
+    """Selection cost of the experiment runs (``results/experiments/TASK[/REGIME]/PRESET/seed*.json``),
+    one row per task, regime and preset, averaged over seeds."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    folders: dict[tuple[str, str, str], str] = {}
+    for path in sorted((ROOT / "results" / "experiments").rglob("seed*.json")):
         rec = json.loads(path.read_text())
-        groups.setdefault((rec["task"], rec["preset"]), []).append(rec)
+        key = (rec["task"], rec.get("regime") or "", rec["preset"])
+        groups.setdefault(key, []).append(rec)
+        folders[key] = path.parent.relative_to(ROOT).as_posix() + "/"
     rows = []
-    for (task, preset), recs in sorted(groups.items()):
+    for key, recs in sorted(groups.items()):
+        task, regime, preset = key
         c = [r["compute"] for r in recs]
         cfg = recs[0]["config"]
-        rows.append({"task": f"experiment {task} ({preset}, {len(recs)} seeds)", "window": recs[0]["window"],
-                     "samples": cfg["sel_samples"], "steps": cfg["sel_steps"],
+        rows.append({"task": f"experiment {task}{' ' + regime if regime else ''} ({preset}, {len(recs)} seeds)",
+                     "window": recs[0]["window"], "samples": cfg["sel_samples"], "steps": cfg["sel_steps"],
                      "epoch_seconds": sum(x["epoch_seconds"] for x in c) / len(c),
                      "selection_seconds": sum(x["selection_seconds"] for x in c) / len(c),
-                     "file": f"results/experiments/{task}/{preset}/"})
+                     "file": folders[key]})
     return rows
 
 
