@@ -353,8 +353,27 @@ def _train_experts(env: str, args: argparse.Namespace) -> None:
     write_readme(args.out_dir)
 
 
+def _expert_check(args: argparse.Namespace) -> None:
+    """Runs :func:`sewa.experiments.bc_data.expert_bc_check` per env and writes one JSON file."""
+    import json
+
+    from ..provenance import environment
+    from . import bc_data
+
+    rows = []
+    for env in args.env:
+        row = bc_data.expert_bc_check(env, steps=args.steps, lr=args.lr, episodes=args.episodes)
+        print(f"{env}: BC on expert data {row['bc_score']:.1f}, expert {row['expert_score']:.1f} (normalised)")
+        rows.append(row)
+    command = (f"python -m sewa.experiments.mujoco_bc expert-check --env {' '.join(args.env)} --steps {args.steps} "
+               f"--lr {args.lr:g} --episodes {args.episodes}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"format": "sewa.bc_expert_check/1", "command": command, "machine": environment(),
+                                    "rows": rows}, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: ``train-experts`` and ``dataset`` sub-commands."""
+    """Command-line entry: ``train-experts``, ``dataset`` and ``expert-check`` sub-commands."""
     ap = argparse.ArgumentParser(prog="python -m sewa.experiments.mujoco_bc")
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train-experts", help="train ARS expert/medium policies")
@@ -369,8 +388,16 @@ def main(argv: list[str] | None = None) -> None:
     ds.add_argument("--n", type=int, default=1_000_000)
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--cache-dir", type=Path, default=None)
+    ec = sub.add_parser("expert-check", help="BC on expert-only data against the expert (issue 14's sanity check)")
+    ec.add_argument("--env", choices=list(ENVS), nargs="+", required=True)
+    ec.add_argument("--steps", type=int, default=20_000, help="BC Adam steps (default: the experiments' ~20k)")
+    ec.add_argument("--lr", type=float, default=3e-3, help="BC learning rate (default: the experiments')")
+    ec.add_argument("--episodes", type=int, default=50)
+    ec.add_argument("--out", type=Path, default=Path("results/bc_expert_check.json"))
     args = ap.parse_args(argv)
-    if args.cmd == "train-experts":
+    if args.cmd == "expert-check":
+        _expert_check(args)
+    elif args.cmd == "train-experts":
         args.out_dir.mkdir(parents=True, exist_ok=True)
         for env in ENVS if args.env == "all" else [args.env]:
             _train_experts(env, args)
