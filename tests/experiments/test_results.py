@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from sewa.experiments.results import data_source
+from sewa.experiments.results import data_source, expert_check
 
 
 @pytest.mark.parametrize(
@@ -86,3 +89,13 @@ def test_sewa_report_renders_a_folder_of_runs_as_the_results_document(tmp_path) 
     assert text.startswith("# Results") and "ag_news" in text
     assert _json.loads((tmp_path / "doc" / "summary.json").read_text())["schema"] == "sewa.summary/1"
     assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "doc")]) == 2  # exists, no --force
+
+
+def test_the_expert_only_check_is_rendered_from_its_file(tmp_path: Path) -> None:
+    assert "not run yet" in expert_check(tmp_path / "bc_expert_check.json")[0]
+    path = tmp_path / "bc_expert_check.json"
+    path.write_text(json.dumps({"command": "python -m sewa.experiments.mujoco_bc expert-check --env hopper",
+                                "machine": {"git_commit": "a" * 40, "dirty": False},
+                                "rows": [{"env": "hopper", "bc_score": 61.23, "expert_score": 70.5, "steps": 20000, "episodes": 50}]}))
+    text = "\n".join(expert_check(path))
+    assert "| hopper | 61.2 | 70.5 | 20000 | 50 |" in text and "commit aaaaaaaaaa" in text

@@ -11,6 +11,7 @@ Nothing here is typed by hand: every figure, verdict and count comes from the ru
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections import Counter
 from pathlib import Path, PurePosixPath
@@ -247,6 +248,21 @@ def auto_table(entries: dict[Key, dict[str, Any]]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def expert_check(path: Path) -> list[str]:
+    """The BC pipeline's sanity check (``python -m sewa.experiments.mujoco_bc expert-check``):
+    BC on expert-only data should come close to the expert."""
+    if not path.exists():
+        return ["Expert-only sanity check: not run yet (`python -m sewa.experiments.mujoco_bc expert-check --env ...`).", ""]
+    data = json.loads(path.read_text())
+    commit = data["machine"].get("git_commit") or "unknown"
+    lines = [f"**Expert-only sanity check** (`{data['command']}`, commit {commit[:10]}"
+             f"{', dirty' if data['machine'].get('dirty') else ''}): BC trained on expert-only data against the expert "
+             "itself, D4RL-normalised, on the same test episodes.", "",
+             "| env | BC on expert data | expert | BC steps | test episodes |", "|---|---|---|---|---|"]
+    lines += [f"| {r['env']} | {r['bc_score']:.1f} | {r['expert_score']:.1f} | {r['steps']} | {r['episodes']} |" for r in data["rows"]]
+    return lines + [""]
+
+
 def discussion(doc: dict[str, Any]) -> list[str]:
     """The paper's claims (and auto's) one by one, each with the counts of the verdicts on it."""
     tasks = doc["tasks"]
@@ -297,6 +313,8 @@ def render(root: Path, out: Path, summary_path: Path | None = None, allow_mixed:
           f"2/2^n ({2 / 2**fewest:.3f} at the fewest seeds here, n={fewest}).", ""]
     for family in sorted({e["family"] for e in entries.values()}):
         md += [f"## {family}", ""]
+        if family == "bc":
+            md += expert_check(root.parent / "bc_expert_check.json")
         for key in sorted(k for k, e in entries.items() if e["family"] == family):
             recs, e = groups[key], entries[key]
             md += [f"### {_title(key)}", "", describe(recs, e), ""] + method_table(recs, e) + [""]
