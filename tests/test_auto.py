@@ -245,3 +245,12 @@ def test_auto_runs_through_run_compare(tmp_path) -> None:  # type: ignore[no-unt
     assert entry["objective"] == "metric" and entry["chosen"] and len(entry["weights"]) == 6
     assert entry["test_loss"] is not None and entry["forward_passes"] > 0
     json.dumps(res, allow_nan=False)
+
+
+def test_greedy_soup_must_fit_the_mix_budget_too() -> None:
+    """A split of two batches leaves room in the pass budget, but greedy soup's ~2k trial soups
+    would each mix the whole window: over half a default selection's mixes, it is left out."""
+    s = auto_module.auto(sewa_steps=25, soup_steps=25, pass_budget=0.5).settings
+    plan = auto_module._plan(100, 2, s)
+    assert not plan["greedy"] and plan["planned_mixes"] <= 0.5 * plan["sewa_default_mixes"]
+    assert auto_module._plan(12, 2, s)["greedy"]  # a small window's greedy soup fits

@@ -41,8 +41,10 @@ keeps the simplest one that is not worse than the best beyond noise:
    shrunk selection (a blend of two choices).
 5. **Cost.** The two SeWA fits run ``sewa_steps`` steps of ``sewa_samples`` masks each; with the
    defaults that is half the model passes of one default :func:`sewa.select`. Candidates are
-   added while the planned passes fit ``pass_budget`` default selections; a split too large for
-   that is scored on a seeded subset of its batches (recorded as ``scored_batches``).
+   added while the planned batch passes, and the planned weight mixes (a weighted sum over the
+   window, which dominates on a split of a batch or two), fit ``pass_budget`` default
+   selections; a split too large for that is scored on a seeded subset of its batches
+   (recorded as ``scored_batches``).
 """
 
 from __future__ import annotations
@@ -102,19 +104,28 @@ def _top(probabilities: Tensor, k: int) -> Tensor:
 
 
 def _plan(n: int, batches: int, s: Mapping[str, Any]) -> dict[str, Any]:
-    """Batch passes of the parts of ``auto``, against one default SeWA selection's."""
+    """Batch passes and weight mixes of the parts of ``auto``, against one default SeWA selection's.
+
+    Two costs are budgeted: batch passes (a forward and backward counts ``1 + _BACKWARD_COST``
+    forwards) and mixes (one ``k``-snapshot weighted sum of the parameters, or its transpose for
+    a gradient), which dominate when the split is a batch or two and the model is large.
+    """
     defaults = select_settings()[1]
     unit = 1 + _BACKWARD_COST
     sewa_default = defaults["steps"] * defaults["samples"] * unit
     sewa_own = 2 * (s["sewa_steps"] * s["sewa_samples"] + s["soup_steps"]) * unit
-    # Cross-fitted candidates score each half once: one pass over the split each.
+    mixes_default = 2 * defaults["steps"] * defaults["samples"]  # a mix and a gradient mix per sample
+    mixes_own = 2 * 2 * (s["sewa_steps"] * s["sewa_samples"] + s["soup_steps"])
+    # Cross-fitted candidates score each half once: one pass over the split each, and two mixes.
     core = len(_fixed(n)) + len(_top_ks(n)) + (1 if s["shrink"] > 0 else 0) + (1 if s["soup_steps"] > 0 else 0)
     greedy = n + (n - 1) + 1  # singles and additions on each half, then each half's soup on the other
     budget = s["pass_budget"] * sewa_default - sewa_own
+    mix_budget = s["pass_budget"] * mixes_default - mixes_own - 2 * core
     scored = batches if core * batches <= budget else min(batches, max(2, int(budget // max(core, 1))))
-    with_greedy = s["greedy"] and (core + greedy) * scored <= budget
+    with_greedy = s["greedy"] and (core + greedy) * scored <= budget and 2 * greedy <= mix_budget
     return {"sewa_default_passes": sewa_default, "scored_batches": scored, "greedy": with_greedy,
-            "planned_passes": sewa_own + (core + (greedy if with_greedy else 0)) * scored}
+            "planned_passes": sewa_own + (core + (greedy if with_greedy else 0)) * scored,
+            "planned_mixes": mixes_own + 2 * core + (2 * greedy if with_greedy else 0), "sewa_default_mixes": mixes_default}
 
 
 def _top_ks(n: int) -> list[int]:
@@ -274,7 +285,8 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
         "forward_passes": forward + backward, "backward_passes": backward,
         "sewa_default_passes": {"forward": plan["sewa_default_passes"] // (1 + _BACKWARD_COST),
                                 "backward": plan["sewa_default_passes"] // (1 + _BACKWARD_COST)},
-        "scored_batches": plan["scored_batches"], "planned_passes": plan["planned_passes"], "se_units": int(sizes.numel()),
+        "scored_batches": plan["scored_batches"], "planned_passes": plan["planned_passes"],
+        "planned_mixes": plan["planned_mixes"], "sewa_default_mixes": plan["sewa_default_mixes"], "se_units": int(sizes.numel()),
     }
     if chosen.family == "tail":
         info["chosen_window"] = chosen.params
@@ -298,9 +310,9 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 5
         sewa_samples: Mask samples per step of auto's SeWA runs (paper's M).
         sewa_fraction: SeWA's budget K as a fraction of the window in auto's runs; their ranking gives every top-K.
         shrink: Shrinkage a of the best selected set towards uniform, a*selected + (1-a)*uniform (0: none).
-        greedy: Include greedy soup (by the metric when the task has one) when it fits the pass budget.
-        pass_budget: Model passes auto may plan, in units of one default SeWA selection's passes.
-        se_rule: The standard error of the one-SE rule: "paired" (of each candidate's per-batch
+        greedy: Include greedy soup (by the metric when the task has one) when it fits the pass and mix budgets.
+        pass_budget: Model passes and weight mixes auto may plan, in units of one default SeWA selection's.
+        se_rule: The standard error of the one-SE rule: "paired" (of each candidate's per-example
             differences to the best) or "best" (of the best candidate's fold scores, the classic rule).
         se_multiple: How many standard errors below the best still count as within noise (1: the
             classic one-SE rule; 2 allows for the best of many candidates being lucky).
