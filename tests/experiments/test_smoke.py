@@ -44,6 +44,8 @@ def test_quick_preset_runs_and_renders(tmp_path: Path, name: str, ablations: boo
             assert abs(sum(m["weights"]) - 1) < 1e-6, key
     assert sorted(methods["sewa"]["indices"]) == methods["sewa"]["indices"] and len(methods["sewa"]["indices"]) == 10
     assert methods["last"]["weights"][-1] == 1.0
+    for c in methods["auto"]["candidates"]:  # every candidate scored on test after the choice, for offline study
+        assert c["test"]["test_loss"] is not None and (c["test"]["test_metric"] is None) == (saved["family"] == "bc")
     bc = saved["family"] == "bc"
     assert saved["k_curves"]["measure"] == ("test_loss" if bc else "test_metric")
     assert (saved["reference"] is not None) == bc and ("measure_note" in saved) == bc  # BC: the medium policy

@@ -170,6 +170,11 @@ def _method_table(traj: Trajectory, task: Task, spec: T.Spec, seed: int, score: 
         if label in choices:
             entry |= choices[label]
             entry["seconds"] = (entry.get("seconds") or 0.0) + choices[label]["choice_seconds"]
+        if label == "auto" and entry.get("candidates"):
+            # Every candidate's test scores, after the choice (they never reach it): any choice rule
+            # can then be studied on the testbed from the raw runs, without training again.
+            for c in entry["candidates"]:
+                c["test"] = score.average(traj, torch.tensor(c["weights"], dtype=torch.float64))
         out[label] = entry
     return out
 
