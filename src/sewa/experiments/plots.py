@@ -130,4 +130,6 @@ def ablation_plots(groups: dict[Key, list[dict[str, Any]]], out: Path) -> list[s
         fig.savefig(out / png, dpi=90)
         plt.close(fig)
         lines += ["", f"![ablations {key[0]}]({png})", ""]
-    return lines
+    return lines or ["No run in these tables carries ablations yet: `sewa experiment NAME --regime constant --ablations` "
+                     "adds them (window size, where the window sits, tau, M, steps, objective, budget, split size, noise, "
+                     "choice by metric or loss).", ""]
