@@ -27,14 +27,15 @@ keeps the simplest one that is not worse than the best beyond noise:
    (``se_rule="paired"``) ``d`` is taken on slices of each batch (up to 64 per batch: single
    examples for batches of at most 64) and SE is the standard error of its size-weighted mean
    over the slices. Every candidate is scored on the same examples, so the difficulty noise they
-   share cancels, and a window with bad snapshots does not send the choice back to the damaged
-   uniform average. The best of some twenty candidates scores high partly by luck (the winner's
+   share cancels, so the choice goes back to a damaged uniform average less often (it still did
+   on 3 of 10 AG News unstable-shard seeds, whose 1000-example split barely sees the damage). The best of some twenty candidates scores high partly by luck (the winner's
    curse), so the paired rule allows ``se_multiple=1.5`` SEs: a trade between a plateau, where
    a narrower set is chosen by luck more often at 1 SE, and a damaged window, where the damaged
    uniform average falls within 2 SEs on a split of a few hundred examples (measured in
    docs/AUTO.md). ``se_rule="best", se_multiple=1`` is
-   the classic rule, the SE of the best candidate's ``F`` fold scores, ``std/sqrt(F)``: it falls
-   back far more often (on the AG News unstable shard, to the damaged uniform on 10 of 10 seeds).
+   the classic rule, the SE of the best candidate's ``F`` fold scores, ``std/sqrt(F)``: with a split of
+   2-4 batches it rests on 2-4 numbers (on the AG News unstable shard it fell back on 10 of 10
+   seeds, twice to the damaged uniform).
    Slicing needs outputs and targets that are tensors sharing their first dimension; otherwise
    the batches are the units. The simplest candidate within noise is chosen: uniform over the
    window, then narrower tails, EMA, SeWA sets, greedy soup, the learned soup, and last the

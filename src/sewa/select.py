@@ -255,8 +255,8 @@ def run_selection(
     optimizer: str,
     budget: bool,
     seed: int,
+    noise: str,
     progress: bool | None,
-    noise: str = "independent",
     config: dict[str, Any] | None = None,
 ) -> Selection:
     """The SeWA loop of :func:`select` over any :class:`Engine` and batch ``feed``.
