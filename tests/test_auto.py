@@ -170,9 +170,39 @@ def test_auto_is_deterministic_and_its_record_is_strict_json() -> None:
         assert len(c["fold_scores"]) == info["folds_used"] == 5 and c["se"] > 0
         assert c["score"] == pytest.approx(sum(c["fold_scores"]) / 5)
     assert [c["crossfit"] for c in info["candidates"] if c["family"] not in ("tail", "ema")] == [True] * 7
-    assert info["backward_passes"] == 2 * (20 * 4 + 50)  # two SeWA fits (steps x samples), two learned soups
+    # Two SeWA fits (steps x samples) and two learned soups, then the chosen family once more
+    # on the whole split with both halves' steps.
+    refit = {"tail": 0, "ema": 0, "greedy_soup": 0, "sewa": 2 * 20 * 4, "learned_soup": 2 * (20 * 4 + 40)}
+    family = info["chosen_family"] if info["chosen_family"] != "shrunk" else _candidate(info, info["chosen_params"]["of"])["family"]
+    assert info["backward_passes"] == 2 * (20 * 4 + 40) + refit[family]
     assert (info["forward_passes"] - info["backward_passes"]) % 10 == 0  # whole passes over 10 batches
     assert set(info["gain_vs_uniform"]) == set(info["gain_vs_last"]) == {"mean", "se"}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_chosen_family_is_fitted_again_on_the_whole_split(seed: int) -> None:
+    """Cross-fitting chooses; the weights returned are the chosen family refitted on all batches
+    (with ``refit=False``, the mean of the halves' fits that were scored)."""
+    traj, ev = _damaged(seed)
+    result = create("auto", **FAST).weights(traj, ev)
+    info = result.info
+    assert info["chosen_family"] in ("sewa", "greedy_soup", "learned_soup", "shrunk")
+    assert info["refitted"]["of"] == info["chosen"] and result.weights.tolist() == info["refitted"]["weights"]
+    assert float(result.weights[7:10].sum()) < 0.05 and info["indices"] == result.weights.nonzero().flatten().tolist()
+    halves = create("auto", refit=False, **FAST).weights(traj, ev)
+    assert "refitted" not in halves.info and halves.info["chosen"] == info["chosen"]
+    assert halves.weights.tolist() == _candidate(info, info["chosen"])["weights"]
+    assert halves.info["forward_passes"] < info["forward_passes"]  # the refit's passes (greedy soup: forward only)
+
+
+def test_the_halves_hold_equal_examples_as_far_as_whole_batches_allow() -> None:
+    sizes = torch.tensor([256.0, 59.0, 64.0, 64.0, 128.0])
+    half = _auto_scores.balanced_halves(sizes, seed=0)
+    held = [float(sizes[half == h].sum()) for h in (0, 1)]
+    assert sorted(held) == [256.0, 315.0]  # 256 alone, the rest together
+    even = _auto_scores.balanced_halves(torch.full((10,), 16.0), seed=3)
+    assert torch.bincount(even).tolist() == [5, 5]
+    assert torch.equal(even, _auto_scores.balanced_halves(torch.full((10,), 16.0), seed=3))
 
 
 def test_auto_on_a_one_batch_split_scores_in_sample_with_standard_errors_over_its_examples() -> None:
@@ -215,12 +245,12 @@ def test_auto_skips_candidates_whose_loss_is_not_finite() -> None:
 
 def test_a_small_pass_budget_skips_greedy_soup_and_scores_a_subset_of_batches() -> None:
     traj, ev = _damaged(0)
-    info = create("auto", pass_budget=0.37, **FAST).weights(traj, ev).info
+    info = create("auto", pass_budget=0.62, **FAST).weights(traj, ev).info
     assert "greedy_soup: over the pass budget" in info["skipped"] and info["scored_batches"] < 10
     assert "greedy_soup" not in {c["name"] for c in info["candidates"]}
     # Batch passes spent (a forward and backward counts three) within the budget.
     spent = info["forward_passes"] + 2 * info["backward_passes"]
-    assert spent <= info["planned_passes"] <= 0.37 * 3 * info["sewa_default_passes"]["backward"]
+    assert spent <= info["planned_passes"] <= 0.62 * 3 * info["sewa_default_passes"]["backward"]
     full = create("auto", **FAST).weights(traj, ev).info
     assert full["scored_batches"] == 10 and "greedy_soup" in {c["name"] for c in full["candidates"]}
 
@@ -250,7 +280,7 @@ def test_auto_runs_through_run_compare(tmp_path) -> None:  # type: ignore[no-unt
 def test_greedy_soup_must_fit_the_mix_budget_too() -> None:
     """A split of two batches leaves room in the pass budget, but greedy soup's ~2k trial soups
     would each mix the whole window: over half a default selection's mixes, it is left out."""
-    s = auto_module.auto(sewa_steps=25, soup_steps=25, pass_budget=0.5).settings
+    s = auto_module.auto(sewa_steps=25, soup_steps=25, pass_budget=0.5, refit=False).settings
     plan = auto_module._plan(100, 2, s)
     assert not plan["greedy"] and plan["planned_mixes"] <= 0.5 * plan["sewa_default_mixes"]
     assert auto_module._plan(12, 2, s)["greedy"]  # a small window's greedy soup fits

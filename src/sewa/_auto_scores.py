@@ -44,6 +44,20 @@ def fold_ids(num_batches: int, folds: int, seed: int) -> Tensor:
     return out
 
 
+def balanced_halves(sizes: Tensor, seed: int) -> Tensor:
+    """Half (0 or 1) of each batch, the two halves as equal in examples as whole batches allow:
+    in a ``seed``-ed order, largest batch first, each batch joins the half with fewer examples."""
+    order = torch.randperm(sizes.numel(), generator=torch.Generator().manual_seed(int(seed) + 1))
+    order = order[torch.argsort(sizes[order], descending=True, stable=True)]
+    half = torch.zeros(sizes.numel(), dtype=torch.long)
+    held = [0.0, 0.0]
+    for i in order.tolist():
+        side = 0 if held[0] <= held[1] else 1
+        half[i] = side
+        held[side] += float(sizes[i])
+    return half
+
+
 class Scorer:
     """Scores weight vectors on the split once each (cached by weights), counting batch passes."""
 

@@ -142,13 +142,14 @@ def plan(n: int, spec: T.Spec, seed: int, ev: Evaluator, traj: Trajectory) -> tu
         "sewa": M.sewa(top_k=min(MAIN_K, n), steps=spec.sel_steps, samples=spec.sel_samples, seed=seed),
     }
     if "auto" in M.METHODS:
-        # auto plans within the passes of the table's SeWA (pass_budget is in units of a default
-        # select): its two cross-fitted SeWA fits and learned soups take a quarter of the steps each.
+        # auto plans within 1.25x the passes of the table's SeWA (pass_budget is in units of a
+        # default select): its two cross-fitted SeWA fits and learned soups take a fifth of the
+        # table's steps each, and the refit of the chosen family on the whole split two fifths.
         defaults = select_settings()[1]
         budget = spec.sel_steps * spec.sel_samples / (defaults["steps"] * defaults["samples"])
-        quarter = max(1, spec.sel_steps // 4)
-        methods["auto"] = M.create("auto", seed=seed, sewa_steps=quarter, sewa_samples=spec.sel_samples, soup_steps=quarter,
-                                   pass_budget=budget)
+        fifth = max(1, spec.sel_steps // 5)
+        methods["auto"] = M.create("auto", seed=seed, sewa_steps=fifth, sewa_samples=spec.sel_samples, soup_steps=fifth,
+                                   pass_budget=1.25 * budget)
     return methods, choices
 
 
