@@ -336,9 +336,9 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
     return chosen, info
 
 
-def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 40, sewa_samples: int = 4,
+def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 30, sewa_samples: int = 4,
          sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, pass_budget: float = 1.25,
-         se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 40, refit: bool = True) -> Method:
+         se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True) -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
