@@ -129,16 +129,28 @@ def test_the_one_se_rule_moves_the_choice_on_a_plateau() -> None:
     assert any(moved)
 
 
-@pytest.mark.parametrize(("rule", "info_multiple"), [("best", 1.0), ("paired", 2.0), ("paired", 1.0)])
-def test_the_choice_follows_the_one_se_rule_from_the_record(rule: str, info_multiple: float) -> None:
+def _expected_choice(info: dict[str, Any], prefer: str) -> str:
+    within = [c for c in info["candidates"] if c["within_one_se"]]
+    if prefer == "fitted":
+        fitted = [c for c in within if c["family"] in ("sewa", "greedy_soup", "learned_soup", "shrunk")]
+        if not any(c["name"] == "uniform" for c in within) and fitted:
+            return max(fitted, key=lambda c: c["score"])["name"]
+    return min(within, key=lambda c: (c["complexity"], -c["score"]))["name"]
+
+
+@pytest.mark.parametrize(("rule", "info_multiple", "prefer", "case"),
+                         [("best", 1.0, "fitted", _plateau), ("paired", 2.0, "fitted", _plateau), ("paired", 1.0, "fitted", _plateau),
+                          ("paired", 1.5, "fitted", _damaged), ("paired", 1.5, "simple", _damaged)])
+def test_the_choice_follows_the_one_se_rule_from_the_record(rule: str, info_multiple: float, prefer: str,
+                                                            case: Callable[[int], Any]) -> None:
     """Within noise means a mean gap to the best of at most ``se_multiple`` SEs (the best's fold
-    SE, or the gap's own over batches); the choice is the simplest candidate within noise."""
-    info = create("auto", se_rule=rule, se_multiple=info_multiple, **FAST).weights(*_plateau(1)).info
+    SE, or the gap's own over batches). ``prefer="simple"`` chooses the simplest candidate within
+    noise; ``"fitted"`` uniform if it is within noise, else the best fitted candidate within noise."""
+    info = create("auto", se_rule=rule, se_multiple=info_multiple, prefer=prefer, **FAST).weights(*case(1)).info
     for c in info["candidates"]:
         se = info["best_se"] if rule == "best" else c["gap_to_best"]["se"]
         assert c["within_one_se"] == (c["name"] == info["best"] or c["gap_to_best"]["mean"] <= info_multiple * se)
-    within = [c for c in info["candidates"] if c["within_one_se"]]
-    assert info["chosen"] == min(within, key=lambda c: (c["complexity"], -c["score"]))["name"]
+    assert info["chosen"] == _expected_choice(info, prefer)
     assert info["fell_back"] == (info["chosen"] != info["best"])
 
 
@@ -260,7 +272,7 @@ def test_auto_is_registered_with_documented_plain_settings() -> None:
     settings = settings_of(auto_module.auto)
     assert all(s.help and type(s.default) in (int, float, str, bool) for s in settings.values())
     assert "top_k" not in settings  # auto chooses K itself
-    for bad in ({"folds": 0}, {"shrink": 1.0}, {"sewa_fraction": 0.0}, {"se_rule": "nope"}, {"pass_budget": 0.0}):
+    for bad in ({"folds": 0}, {"shrink": 1.0}, {"sewa_fraction": 0.0}, {"se_rule": "nope"}, {"pass_budget": 0.0}, {"prefer": "x"}):
         with pytest.raises(ValueError, match="auto"):
             auto_module.auto(**bad)
 

@@ -310,7 +310,7 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
                         "score": stats[c.name]["key"][0], "fold_scores": fold.tolist(), "se": mean_se(fold)["se"],
                         "loss": stats[c.name]["loss"], "metric": stats[c.name]["metric"], "gap_to_best": gap,
                         "within_one_se": within, "crossfit": c.fits is not None})
-    chosen = min(eligible, key=lambda c: (c.complexity, -stats[c.name]["key"][0]))
+    chosen = min(eligible, key=lambda c: _preference(c, s["prefer"], stats[c.name]["key"][0]))
 
     def gain(name: str) -> dict[str, Any] | None:
         if name not in stats:
@@ -336,9 +336,27 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
     return chosen, info
 
 
+_FITTED = ("sewa", "greedy_soup", "learned_soup", "shrunk")
+
+
+def _preference(c: Candidate, prefer: str, score: float) -> tuple[float, float, float]:
+    """Order of preference among the candidates within noise (the first is chosen).
+
+    ``"simple"``: by complexity (uniform, narrower tails, EMA, SeWA sets, greedy soup, the
+    learned soup, the shrunk set), the higher score first among equals. ``"fitted"``: uniform
+    first; then the best-scoring fitted candidate, whose score is out of fold, so it needs no
+    simplicity penalty (and comes from a fit on half the split, so it understates the refit);
+    then the other fixed rules by complexity.
+    """
+    if prefer == "fitted" and c.family in _FITTED:
+        return (0.5, -score, 0.0)
+    return (float(c.complexity[0]), float(c.complexity[1]), -score)
+
+
 def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 30, sewa_samples: int = 4,
          sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, pass_budget: float = 1.25,
-         se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True) -> Method:
+         se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True,
+         prefer: str = "fitted") -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
@@ -361,6 +379,9 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         refit: Fit the chosen family (a SeWA set, greedy soup, the learned soup or the shrunk
             selection) once more on the whole split, with both halves' steps, and return that fit;
             cross-fitting then serves only the choice. Else the two halves' fits are averaged.
+        prefer: Which candidate within noise of the best is chosen: "fitted" (uniform when it is
+            within noise, else the best-scoring fitted candidate, else the simplest fixed rule)
+            or "simple" (the simplest by complexity: uniform, tails, EMA, SeWA sets, soups).
     """
     for name, value in (("folds", folds), ("sewa_steps", sewa_steps), ("sewa_samples", sewa_samples)):
         _positive_int(name, "auto", value)
@@ -376,12 +397,14 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         raise MethodError(f"auto: pass_budget must be positive, got {pass_budget!r}")
     if isinstance(soup_steps, bool) or not isinstance(soup_steps, int) or soup_steps < 0:
         raise MethodError(f"auto: soup_steps must be a non-negative integer, got {soup_steps!r}")
+    if prefer not in ("fitted", "simple"):
+        raise MethodError(f"auto: prefer must be 'fitted' or 'simple', got {prefer!r}")
     if se_rule not in ("best", "paired"):
         raise MethodError(f"auto: se_rule must be 'best' or 'paired', got {se_rule!r}")
     settings = {"folds": folds, "seed": seed, "one_se": bool(one_se), "sewa_steps": sewa_steps, "sewa_samples": sewa_samples,
                 "sewa_fraction": float(sewa_fraction), "shrink": float(shrink), "greedy": bool(greedy),
                 "pass_budget": float(pass_budget), "se_rule": se_rule, "se_multiple": float(se_multiple),
-                "soup_steps": soup_steps, "refit": bool(refit)}
+                "soup_steps": soup_steps, "refit": bool(refit), "prefer": prefer}
     return Method("auto", _frozen(settings), _rule, evaluates=True)
 
 
