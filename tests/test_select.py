@@ -273,7 +273,7 @@ def _one_step_gradient(noise: str, seed: int, samples: int = 4) -> Tensor:
         return float((diff ** 2).sum(1).mean()), 2 * diff / mix.shape[0]
 
     sel = run_selection(engine, itertools.repeat(None), list(range(6)), top_k=3, samples=samples, steps=1, tau_start=1.0,
-                        tau_end=1.0, lr=1.0, optimizer="sgd", budget=False, seed=seed, progress=False, noise=noise)
+                        tau_end=1.0, lr=1.0, optimizer="sgd", budget=False, seed=seed, progress=False, noise=noise, patience=0)
     start = torch.zeros(6, dtype=torch.float64)  # logit(3/6)
     return start - torch.logit(sel.probabilities.double())
 
@@ -291,3 +291,25 @@ def test_antithetic_noise_needs_an_even_number_of_samples() -> None:
         _one_step_gradient("antithetic", 0, samples=3)
     with pytest.raises(ValueError, match="noise must be"):
         _one_step_gradient("gaussian", 0)
+
+
+def _quadratic_selection(patience: int, steps: int = 300) -> sewa.Selection:
+    """SeWA (budget K=3 of 6) on a fixed quadratic whose best mix favours the three oldest snapshots."""
+    target = torch.tensor([0.4, 0.35, 0.25, 0.0, 0.0, 0.0], dtype=torch.float64)
+
+    def engine(mix: Tensor, batch: object) -> tuple[float, Tensor]:
+        diff = mix - target
+        return float((diff ** 2).sum(1).mean()), 2 * diff / mix.shape[0]
+
+    return run_selection(engine, itertools.repeat(None), list(range(6)), top_k=3, samples=4, steps=steps, tau_start=1.0,
+                         tau_end=0.1, lr=0.05, optimizer="adam", budget=True, seed=0, progress=False, noise="independent",
+                         patience=patience)
+
+
+def test_patience_stops_once_the_top_k_set_is_stable_and_keeps_the_choice() -> None:
+    full, early = _quadratic_selection(0), _quadratic_selection(20)
+    assert full.config["steps_run"] == 300 == len(full.history["loss"])
+    assert 20 < early.config["steps_run"] < 300 and len(early.history["loss"]) == early.config["steps_run"]
+    assert early.indices == full.indices == [0, 1, 2]
+    with pytest.raises(ValueError, match="patience must be a non-negative integer"):
+        _quadratic_selection(-1)

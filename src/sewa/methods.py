@@ -336,7 +336,7 @@ spirit of TWA). Its settings and defaults are those of :func:`sewa.trainable_ave
 
 sewa = _learner("sewa", select, lambda sel: (sel.weights, {
     "probabilities": sel.probabilities.tolist(), "indices": sel.indices, "chosen_steps": sel.steps,
-    "history": sel.history, "config": sel.config}))
+    "history": sel.history, "config": sel.config, "steps_run": sel.config["steps_run"]}))
 sewa.__doc__ = """SeWA (Wang et al. 2025): learned selection probabilities, then the top-K averaged uniformly.
 Its settings and defaults are those of :func:`sewa.select` (``top_k``, ``samples``, ``steps``,
 ``tau_start``, ``tau_end``, ``lr``, ``optimizer``, ``budget``, ``seed``)."""

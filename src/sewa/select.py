@@ -166,6 +166,7 @@ def select(
     budget: bool = True,
     seed: int = 0,
     noise: str = "independent",
+    patience: int = 0,
     batch_stats: bool = True,
     vectorize: bool | None = None,
     device: torch.device | str | None = None,
@@ -195,6 +196,10 @@ def select(
         noise: ``"independent"`` (the paper): ``M`` independent Gumbel pairs per step.
             ``"antithetic"``: the masks come in pairs whose logistic noises are opposite
             (``g`` and ``-g``), a lower-variance gradient for the same ``M`` (``M`` even).
+        patience: Early stopping: end once the top-``K`` set has stayed the same for this many
+            consecutive steps (``0``: run every step, as the paper). τ follows the schedule
+            planned for ``steps``, so a stopped run ends at a higher τ;
+            ``Selection.config["steps_run"]`` records where it stopped.
         batch_stats: Evaluate BatchNorm layers with batch statistics (their running statistics
             do not match mixed weights). With ``False`` the newest snapshot's are used.
         vectorize: Run the ``M`` forward passes with ``torch.func.vmap`` (``True``) or a loop
@@ -216,7 +221,8 @@ def select(
         engine = MixedLoss(trajectory, model, loss_fn, batch_stats=batch_stats, vectorize=vectorize, device=device)
         selection = run_selection(engine, cycle_batches(batches), trajectory.steps, top_k=top_k, samples=samples,
                                   steps=steps, tau_start=tau_start, tau_end=tau_end, lr=lr, optimizer=optimizer,
-                                  budget=budget, seed=seed, noise=noise, progress=progress, config={"batch_stats": batch_stats})
+                                  budget=budget, seed=seed, noise=noise, patience=patience, progress=progress,
+                                  config={"batch_stats": batch_stats})
         trajectory.check_unchanged()  # a read-only disk reader whose writer overwrote the rows read raises
     return selection
 
@@ -256,6 +262,7 @@ def run_selection(
     budget: bool,
     seed: int,
     noise: str,
+    patience: int,
     progress: bool | None,
     config: dict[str, Any] | None = None,
 ) -> Selection:
@@ -274,18 +281,23 @@ def run_selection(
     check_settings(n, top_k, steps, samples)
     if noise not in ("independent", "antithetic"):
         raise ValueError(f"noise must be 'independent' or 'antithetic', got {noise!r}")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        raise ValueError(f"patience must be a non-negative integer (0: no early stopping), got {patience!r}")
     if noise == "antithetic" and samples % 2:
         raise ValueError(f"noise='antithetic' pairs the masks: samples must be even, got {samples}")
     if budget and top_k == n:
         budget = False  # Σ s = k has no interior point; every snapshot is chosen anyway
     config = dict(top_k=top_k, samples=samples, steps=steps, tau_start=tau_start, tau_end=tau_end,
-                  lr=lr, optimizer=optimizer, budget=budget, seed=seed, noise=noise) | (config or {})
+                  lr=lr, optimizer=optimizer, budget=budget, seed=seed, noise=noise, patience=patience) | (config or {})
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(int(seed))
     logits = torch.full((n,), math.log(top_k / n) - math.log1p(-top_k / n) if top_k < n else 0.0,
                         dtype=torch.float64, requires_grad=True)
     opt = _optimizer(optimizer, logits, lr)
     history: dict[str, list[float]] = {"loss": [], "tau": [], "entropy": []}
+    order = torch.arange(n, dtype=torch.float64) * 1e-12  # ties: newer snapshots first
+    top: list[int] = []
+    same = 0
     for t in _progress(range(steps), progress, "selecting"):
         tau = tau_schedule(t, steps, tau_start, tau_end)
         # g_1 - g_0 of two Gumbel(0,1) draws is Logistic(0,1): log u - log(1-u).
@@ -307,6 +319,13 @@ def run_selection(
         history["loss"].append(loss)
         history["tau"].append(tau)
         history["entropy"].append(_entropy(s))
+        if patience:
+            now = sorted(torch.topk(s.double() + order, top_k).indices.tolist())
+            same = same + 1 if now == top else 0
+            top = now
+            if same >= patience:
+                break
+    config["steps_run"] = len(history["loss"])
     probs = torch.sigmoid(logits.detach()).float()
     # Ties (e.g. steps too few to move s) break towards newer snapshots.
     key = probs.double() + torch.arange(n, dtype=torch.float64) * 1e-12
