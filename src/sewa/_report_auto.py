@@ -10,6 +10,9 @@ from typing import Any
 __all__ = ["auto_entry", "auto_markdown", "plot_auto_weights", "steps_of"]
 
 
+_PREFER = {"simple": "the simplest", "fitted": "uniform if within noise, else the best fitted candidate, else the simplest"}
+
+
 def steps_of(run: dict[str, Any], n: int) -> list[Any]:
     """The training steps of a run's ``n`` checkpoints, or their positions when not recorded."""
     steps = run.get("checkpoint_steps") or []
@@ -41,8 +44,9 @@ def auto_markdown(run: dict[str, Any]) -> list[str]:
            f"(higher is better), over {entry.get('folds_used', '?')} folds"
            + (", cross-fitted (what learns on one half is scored on the other)" if entry.get("crossfit") else "") + ". "
            f"The best was `{entry.get('best')}`; it chose `{entry.get('chosen')}`"
-           + (" by the one-standard-error rule, which prefers the simplest candidate within noise of the best"
-              if entry.get("fell_back") else "") + ".", "",
+           + (" among the candidates within noise of the best (" + _PREFER.get(entry.get("prefer", "simple"), "") + ")"
+              if entry.get("fell_back") else "") + "."
+           + (f" It then fitted `{entry['refitted']['of']}` again on the whole split." if entry.get("refitted") else ""), "",
            f"- estimated gain over uniform: {_pm(entry.get('gain_vs_uniform'))}; over the last iterate: "
            f"{_pm(entry.get('gain_vs_last'))} (selection-split {score}, mean ± standard error over folds)",
            f"- chosen: {entry.get('chosen_params') or entry.get('chosen_window') or {}}",

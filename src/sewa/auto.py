@@ -3,7 +3,7 @@
 No fixed rule wins everywhere: uniform (SWA) loses when some snapshots are bad, SeWA and greedy
 soup can over-fit a small selection split, the newest tail loses when the window sits past the
 optimum. ``auto`` scores a bounded family of candidate weight vectors on the selection split and
-keeps the simplest one that is not worse than the best beyond noise:
+keeps one that is not worse than the best beyond noise (uniform first, then a fitted selection):
 
 1. **Candidates** (oldest snapshot first): uniform tails of length ``k, k/2, k/4, ..., 1``
    (LAWA-K / suffix averaging: this chooses the window, from uniform to the last iterate); EMA
@@ -40,9 +40,12 @@ keeps the simplest one that is not worse than the best beyond noise:
    2-4 batches it rests on 2-4 numbers (on the AG News unstable shard it fell back on 10 of 10
    seeds, twice to the damaged uniform).
    Slicing needs outputs and targets that are tensors sharing their first dimension; otherwise
-   the batches are the units. The simplest candidate within noise is chosen: uniform over the
-   window, then narrower tails, EMA, SeWA sets, greedy soup, the learned soup, and last the
-   shrunk selection (a blend of two choices).
+   the batches are the units. Among the candidates within noise, ``prefer="fitted"`` (the
+   default) takes uniform over the window if it is among them; else the best-scoring fitted
+   candidate (its score is out of fold, so over-fitting needs no simplicity penalty, and it
+   comes from a half fit, so it understates the refit); else the simplest fixed rule.
+   ``prefer="simple"`` takes the simplest: uniform over the window, then narrower tails, EMA,
+   SeWA sets, greedy soup, the learned soup, and last the shrunk selection.
 5. **Cost.** The two SeWA fits run ``sewa_steps`` steps of ``sewa_samples`` masks each, and the
    refit twice that; with the learned soups, the defaults plan one default :func:`sewa.select`'s
    model passes for the fits. Candidates are

@@ -88,7 +88,7 @@ def test_summary_schema_on_three_synthetic_runs(tmp_path: Path) -> None:
     md = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "reference: multinomial naive Bayes | 87.40 ± 0.00" in md
     assert "| sewa vs uniform | +5.00 |" in md and "**better**" in md
-    assert "| tiny — unstable-spikes (quick) | uniform, uniform, uniform | 3 of 3 | 3 of 3 | +0 (metric) | +5.00 | 0.50 |" in md
+    assert "| tiny — unstable-spikes (quick) | simple | uniform, uniform, uniform | 3 of 3 | 3 of 3 | +0 (metric) | +5.00 | 0.50 |" in md
     assert "auto is never worse than the best baseline" in md and "1 equivalent" in md
     assert (tmp_path / "docs" / "ranks.png").is_file() and (tmp_path / "docs" / "k_curves.png").is_file()
 

@@ -232,8 +232,8 @@ def selection_table(entries: dict[Key, dict[str, Any]]) -> list[str]:
 def auto_table(entries: dict[Key, dict[str, Any]]) -> list[str]:
     """Per task-regime: what auto chose on each seed, how often it fell back, its estimated gain over
     uniform on the selection split against its realised gain on test, and its cost."""
-    lines = ["| task — regime (preset) | chosen per seed | fell back | cross-fitted | est. gain vs uniform (val, objective) | "
-             "test gain vs uniform | forward passes / SeWA's |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task — regime (preset) | auto's order | chosen per seed | fell back | cross-fitted | est. gain vs uniform (val, objective) | "
+             "test gain vs uniform | forward passes / SeWA's |", "|---|---|---|---|---|---|---|---|"]
     for key, e in sorted(entries.items()):
         a, ms = e["auto"], e["methods"]
         if not a:
@@ -241,7 +241,10 @@ def auto_table(entries: dict[Key, dict[str, Any]]) -> list[str]:
         test = _avg([x - y for x, y in zip(ms["auto"]["test_metric"], ms["uniform"]["test_metric"], strict=True)]
                     if "uniform" in ms and None not in ms["auto"]["test_metric"] + ms["uniform"]["test_metric"] else [None])
         objective = ", ".join(sorted({str(o) for o in a["objective"]}))
-        lines.append(f"| {_title(key)} | {', '.join(str(c) for c in a['chosen'])} | {sum(bool(f) for f in a['fell_back'])} of "
+        order = ", ".join(sorted({f"{p}{' + refit' if r else ''}" for p, r in zip(a.get("prefer") or ["simple"] * len(a["chosen"]),
+                                                                                   a.get("refit") or [False] * len(a["chosen"]),
+                                                                                   strict=True)}))
+        lines.append(f"| {_title(key)} | {order} | {', '.join(str(c) for c in a['chosen'])} | {sum(bool(f) for f in a['fell_back'])} of "
                      f"{len(a['chosen'])} | {sum(bool(f) for f in a['crossfit'])} of {len(a['chosen'])} | "
                      f"{_num(_avg(a['gain_vs_uniform']), '+.4g')} ({objective}) | {_num(test, '+.2f')} | "
                      f"{_num(_avg(a['forward_passes_over_sewa']), '.2f')} |")
@@ -321,8 +324,10 @@ def render(root: Path, out: Path, summary_path: Path | None = None, allow_mixed:
             md += verdict_table(e) + [""] + random_k_table(e) + k_curve_table(e)
     md += ["## Ranks", ""] + rank_plot(entries, out) + k_curve_plot(entries, out)
     auto = auto_table(entries)
-    md += ["## Choosing automatically", "", "What `auto` chose on each seed: a fallback is its simplest candidate chosen "
-           "under the one-standard-error rule; the estimated gain is on the selection split in its objective's raw units "
+    md += ["## Choosing automatically", "", "What `auto` chose on each seed: a fallback is a candidate other than the best-"
+           "scoring one, chosen within noise of it by the one-standard-error rule and auto's `prefer` order (see each "
+           "run's settings: \"simple\", or from commit c065994 on \"fitted\", whose fitted choice is then refitted on the "
+           "whole split); the estimated gain is on the selection split in its objective's raw units "
            "(for a loss, a decrease), next to the gain realised on test in the table's units.", ""] + auto + [""] if auto else []
     md += ["## Compute", "", "Wall-clock on the machines named above; passes count SeWA's forward and backward passes "
            "(steps × samples).", ""] + compute_table(groups, entries) + [""]
