@@ -153,6 +153,25 @@ def test_greedy_soup_keeps_the_best_alone_when_nothing_helps() -> None:
     assert_weights(w, [0, 1, 0])
 
 
+def test_greedy_soup_breaks_ties_in_its_first_cost_by_the_second() -> None:
+    """A (minus accuracy, loss) cost: snapshots 0 and 1 tie on accuracy; the lower loss ranks first
+    and the soup keeps the other only if it ties or helps on accuracy, then loss."""
+    acc = {(0,): 0.9, (1,): 0.9, (2,): 0.5, (0, 1): 0.9, (0, 1, 2): 0.8}
+    loss = {(0,): 0.4, (1,): 0.3, (2,): 0.9, (0, 1): 0.35, (0, 1, 2): 0.5}
+
+    def cost(w: torch.Tensor) -> tuple[float, float]:
+        key = tuple(w.nonzero().flatten().tolist())
+        return -acc[key], loss[key]
+
+    # Ranked 1, 0, 2 (1 ties 0 on accuracy, with the lower loss). {1}: (-0.9, 0.3);
+    # {0,1}: (-0.9, 0.35), worse on the loss: dropped; {1,2}: (-0.85, 0.2), worse on accuracy
+    # though lower in loss: dropped.
+    acc[(1, 2)], loss[(1, 2)] = 0.85, 0.2
+    assert_weights(weights.greedy_soup(3, cost), [0, 1, 0])
+    loss[(0, 1)] = 0.25  # adding 0 now ties on accuracy and lowers the loss: kept; {0,1,2} is worse
+    assert_weights(weights.greedy_soup(3, cost), [0.5, 0.5, 0])
+
+
 def test_check_weights_accepts_and_converts() -> None:
     assert_weights(weights.check_weights([0.5, 0.5], 2), [0.5, 0.5])
 

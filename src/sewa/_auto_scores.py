@@ -97,16 +97,17 @@ def paired_gap(d: Tensor, sizes: Tensor) -> dict[str, Any]:
     return {"mean": float(mean), "se": se}
 
 
-def greedy_cost(scorer: Scorer, objective: str) -> Callable[[Tensor], float]:
-    """Greedy soup's yardstick on the scorer's batches: minus the metric (loss breaks ties), or the loss."""
+def greedy_cost(scorer: Scorer, objective: str) -> Callable[[Tensor], tuple[float, float]]:
+    """Greedy soup's yardstick on the scorer's batches: minus the metric, then the loss (for
+    ties); or the loss."""
 
-    def cost(w: Tensor) -> float:
+    def cost(w: Tensor) -> tuple[float, float]:
         s = scorer(w, sliced=False)
         if s is None:
-            return math.inf
+            return math.inf, math.inf
         if objective == "loss" or s.metric is None:
-            return s.mean("loss")
-        return -s.mean("metric") + 1e-9 * s.mean("loss")
+            return s.mean("loss"), 0.0
+        return -s.mean("metric"), s.mean("loss")
 
     return cost
 

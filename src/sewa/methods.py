@@ -289,12 +289,12 @@ def greedy_soup(by: str = "loss") -> Method:
             if e.metric is None:
                 raise MethodError("greedy_soup(by='metric') needs a metric: the task defines none")
 
-            def cost(v: Tensor) -> float:
+            def cost(v: Tensor) -> tuple[float, float]:
                 scores = e.per_batch(t, v)  # higher metric first, then lower loss
-                return -scores.mean("metric") + 1e-9 * scores.mean("loss")
+                return -scores.mean("metric"), scores.mean("loss")
         else:
-            def cost(v: Tensor) -> float:
-                return e.loss(t, v)
+            def cost(v: Tensor) -> tuple[float, float]:
+                return e.loss(t, v), 0.0
 
         w = rules.greedy_soup(len(t), cost)
         return w, {"indices": w.nonzero().flatten().tolist()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -132,7 +133,7 @@ def random_k(n: int, top_k: int, seed: int = 0) -> Tensor:
     return from_indices(n, torch.randperm(n, generator=g)[:top_k])
 
 
-def greedy_soup(n: int, evaluate: Callable[[Tensor], float]) -> Tensor:
+def greedy_soup(n: int, evaluate: Callable[[Tensor], Any]) -> Tensor:
     """Greedy soup (Wortsman et al. 2022) over the snapshots.
 
     Ingredients are ranked by their own score, best first; each is kept if the uniform
@@ -140,15 +141,16 @@ def greedy_soup(n: int, evaluate: Callable[[Tensor], float]) -> Tensor:
 
     Args:
         n: Number of snapshots.
-        evaluate: Maps a weight vector to a loss on the selection split (lower is better).
+        evaluate: Maps a weight vector to a cost on the selection split (lower is better): a
+            number, or a tuple compared in order (e.g. minus the accuracy, then the loss).
     """
     _check_n(n)
-    scores = [float(evaluate(from_indices(n, [i]))) for i in range(n)]
+    scores = [evaluate(from_indices(n, [i])) for i in range(n)]
     ranked = sorted(range(n), key=lambda i: (scores[i], -i))
     soup = [ranked[0]]
     best = scores[ranked[0]]
     for i in ranked[1:]:
-        score = float(evaluate(from_indices(n, soup + [i])))
+        score = evaluate(from_indices(n, soup + [i]))
         if score <= best:
             soup.append(i)
             best = score
