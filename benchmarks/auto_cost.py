@@ -27,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as bench  # noqa: E402
+import auto_rules  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -115,27 +116,14 @@ def _excess(traj: sewa.Trajectory, w: list[float], star: torch.Tensor) -> float:
     return float(((torch.tensor(w, dtype=torch.float64) @ rows - star.double()) ** 2).sum())
 
 
-RULES = {"classic 1-SE": ("classic", 1.0), "paired 1 SE": ("paired", 1.0), "paired 1.5 SE (default)": ("paired", 1.5),
-         "paired 2 SE": ("paired", 2.0), "no 1-SE": ("best", 0.0)}
+RULES = {"classic 1-SE": ("classic", 1.0, "simple"), "paired 1 SE": ("paired", 1.0, "simple"),
+         "paired 1.5 SE, simple order": ("paired", 1.5, "simple"), "paired 2 SE": ("paired", 2.0, "simple"),
+         "paired 1.5 SE, prefer fitted (default), half fits": ("paired", 1.5, "fitted"), "no 1-SE": ("best", 0.0, "simple")}
 
 
-def _rule(info: dict[str, Any], rule: str, multiple: float) -> str:
-    """The candidate a rule picks from the record: "best" (no one-SE rule); "classic" (gap of
-    the fold scores against the best's fold SE); "paired" (the per-example gap and its SE, as
-    recorded under the default ``se_rule``), within ``multiple`` SEs."""
-    cands = info["candidates"]
-    best = next(c for c in cands if c["name"] == info["best"])
-    if rule == "best" or not info["crossfit"]:
-        return best["name"]
-
-    def gap(c: dict[str, Any]) -> tuple[float, float]:
-        if rule == "paired":
-            return c["gap_to_best"]["mean"], c["gap_to_best"]["se"]
-        d = torch.tensor(best["fold_scores"]) - torch.tensor(c["fold_scores"])
-        return float(d.mean()), best["se"]
-
-    ok = [c for c in cands if c is best or gap(c)[0] <= multiple * gap(c)[1]]
-    return min(ok, key=lambda c: (c["complexity"], -c["score"]))["name"]
+def _rule(info: dict[str, Any], rule: str, multiple: float, prefer: str) -> str:
+    """The candidate a rule picks from the record (:func:`auto_rules.pick`)."""
+    return str(auto_rules.pick(info, rule, multiple, prefer)["name"])
 
 
 def study(seeds: int) -> list[dict[str, Any]]:
@@ -172,10 +160,11 @@ def study(seeds: int) -> list[dict[str, Any]]:
             info = result.info
             weights = {c["name"]: c["weights"] for c in info["candidates"]}
             star = torch.zeros(d)
-            for label, (rule, multiple) in RULES.items():
-                rows.setdefault(f"auto ({label})", []).append(_excess(traj, weights[_rule(info, rule, multiple)], star))
+            for label, (rule, multiple, prefer) in RULES.items():
+                name = _rule(info, rule, multiple, prefer)
+                rows.setdefault(f"auto ({label})", []).append(_excess(traj, weights[name], star))
                 if rule != "best":
-                    moved[label] += _rule(info, rule, multiple) != info["best"]
+                    moved[label] += name != info["best"]
             rows.setdefault("auto as returned (refitted when fitted)", []).append(_excess(traj, result.weights.tolist(), star))
             rows.setdefault("oracle candidate", []).append(min(_excess(traj, w, star) for w in weights.values()))
             for name in ("uniform", "last"):
