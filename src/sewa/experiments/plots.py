@@ -121,7 +121,10 @@ def ablation_plots(groups: dict[Key, list[dict[str, Any]]], out: Path) -> list[s
                 ax.errorbar(range(len(rows)), [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3)
                 ax.set_xticks(range(len(rows)), labels)
                 ax.set_xlabel(name)
-                lines.append(f"- **{name}**: " + ", ".join(f"{lab} → {m:.2f} ± {s:.2f}" for lab, (m, s) in zip(labels, ms, strict=True)))
+                ran = [[r["ablations"][name][i].get("steps_run") for r in recs] for i in range(len(rows))]
+                runs = [f" ({sum(x) / len(x):.0f} steps run)" if name == "patience" and None not in x else "" for x in ran]
+                lines.append(f"- **{name}**: " + ", ".join(f"{lab} → {m:.2f} ± {s:.2f}{run}"
+                                                           for lab, (m, s), run in zip(labels, ms, runs, strict=True)))
             ax.set_title(name)
             ax.set_ylabel(recs[0]["metric"])
         fig.suptitle(f"{_title(key)}: SeWA ablations, mean ± std over {len(recs)} seeds")
