@@ -47,8 +47,8 @@ keeps one that is not worse than the best beyond noise (uniform first, then a fi
    ``prefer="simple"`` takes the simplest: uniform over the window, then narrower tails, EMA,
    SeWA sets, greedy soup, the learned soup, and last the shrunk selection.
 5. **Cost.** The two SeWA fits run ``sewa_steps`` steps of ``sewa_samples`` masks each, and the
-   refit twice that; with the learned soups, the defaults plan one default :func:`sewa.select`'s
-   model passes for the fits. Candidates are
+   refit twice that; with the learned soups, the defaults plan three quarters of one default
+   :func:`sewa.select`'s model passes for the fits. Candidates are
    added while the planned batch passes, and the planned weight mixes (a weighted sum over the
    window, which dominates on a split of a batch or two), fit ``pass_budget`` default
    selections; a split too large for that is scored on a seeded subset of its batches

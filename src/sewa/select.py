@@ -328,7 +328,7 @@ def run_selection(
     config["steps_run"] = len(history["loss"])
     probs = torch.sigmoid(logits.detach()).float()
     # Ties (e.g. steps too few to move s) break towards newer snapshots.
-    key = probs.double() + torch.arange(n, dtype=torch.float64) * 1e-12
+    key = probs.double() + order
     indices = sorted(torch.topk(key, top_k).indices.tolist())
     seconds = time.perf_counter() - start
     chosen = [held_steps[i] for i in indices]
