@@ -34,6 +34,17 @@ def test_resnet8_trains_one_step():
     assert losses[-1] < losses[0]
 
 
+def test_small_cnn_shapes_parameter_count_and_no_batchnorm():
+    model = M.small_cnn(10, 1)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    expected = (9 * 16 + 16) + (9 * 16 * 32 + 32) + (32 * 7 * 7 * 128 + 128) + (128 * 10 + 10)
+    assert M.count_parameters(model) == expected == 206922
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert M.small_cnn(3, 3, size=32)(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        M.small_cnn(10, 1, size=30)
+
+
 def test_text_classifier_padded_equals_bag_and_ignores_padding():
     torch.manual_seed(0)
     model = M.TextClassifier(vocab_size=20, num_classes=4, embed_dim=8, hidden=8)

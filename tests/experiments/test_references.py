@@ -40,6 +40,20 @@ def test_text_reference_keeps_the_better_on_val():
     assert {ref["name"], ref["other"]["name"]} == {"multinomial naive Bayes", "logistic regression"}
 
 
+def test_pixel_logistic_regression_separates_bright_from_dark_images():
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n):
+        y = torch.arange(n) % 2
+        return torch.rand(n, 1, 4, 4, generator=gen) + 2.0 * y.view(n, 1, 1, 1).float(), y
+
+    ref = R.pixel_logistic_regression(split(40), split(10), split(10), c=1.0)
+    assert ref["name"] == "logistic regression on pixels"
+    assert ref["val_metric"] == 1.0 and ref["test_metric"] == 1.0
+    x, y = split(10)
+    assert R.pixel_logistic_regression(split(40), split(10), (x, 1 - y), c=1.0)["test_metric"] == 0.0
+
+
 def test_behaviour_policy_scores_on_the_test_and_val_seeds(tmp_path):
     pytest.importorskip("mujoco")
     from sewa.experiments import bc_data

@@ -1,4 +1,4 @@
-"""Small models for the experiments: a CIFAR-style ResNet-8, text classifiers and the BC policy.
+"""Small models for the experiments: a small CNN, a CIFAR-style ResNet-8, text classifiers and the BC policy.
 
 All are plain ``nn.Module``s; seed with ``torch.manual_seed`` before building them.
 """
@@ -68,6 +68,29 @@ class ResNet(nn.Module):
 def resnet8(num_classes: int, in_channels: int = 3) -> ResNet:
     """ResNet-8: 3 stages of one BasicBlock each, widths 16/32/64, BatchNorm (~78k parameters)."""
     return ResNet(num_classes, in_channels, (16, 32, 64), blocks_per_stage=1)
+
+
+def small_cnn(num_classes: int, in_channels: int = 1, widths: tuple[int, int] = (16, 32),
+              hidden: int = 128, size: int = 28) -> nn.Sequential:
+    """Two 3×3 conv-ReLU-maxpool stages and a one-hidden-layer head, no BatchNorm.
+
+    For 28×28 Fashion-MNIST with the defaults: 16 and 32 channels, a 128-unit hidden layer, about
+    207k parameters; 10 epochs of SGD with cosine decay reach about 92% test accuracy. Without
+    BatchNorm an average of its weights needs no refreshed statistics.
+
+    Args:
+        num_classes: Output logits.
+        in_channels: Input image channels.
+        widths: Channels of the two conv stages.
+        hidden: Units of the hidden layer.
+        size: Input height and width (divisible by 4).
+    """
+    if size % 4:
+        raise ValueError(f"small_cnn pools twice by 2: the input size must be divisible by 4, got {size}")
+    return nn.Sequential(
+        nn.Conv2d(in_channels, widths[0], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(widths[0], widths[1], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(widths[1] * (size // 4) ** 2, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
 
 class TextClassifier(nn.Module):

@@ -33,7 +33,8 @@ substitutes were used, as listed in the project's data notes:
   halfcheetah is left out: its linear ARS expert scores only 25 normalised (issue 14 asks for at
   least 40), and a stronger expert was not trained here.
 - **Image classification** (paper: CIFAR-100): Fashion-MNIST (Debian `dataset-fashion-mnist`) with a
-  CIFAR-style ResNet with BatchNorm. A CIFAR-100 code path (`sewa experiment cifar100 --data DIR`,
+  small CNN (two conv layers, 207k parameters, no BatchNorm): a ResNet would not fit the compute
+  budget of this 2-core machine. A CIFAR-100 code path (`sewa experiment cifar100 --data DIR`,
   torchvision folder format) exists but was not run: CIFAR is not obtainable here.
 - **Text classification** (paper: AG News, 120k train rows): the 7,600 real rows of the AG News test
   split, re-split (stratified, fixed seed); BBC News (headline + first sentence, de-duplicated).
