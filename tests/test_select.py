@@ -14,7 +14,7 @@ import sewa
 from sewa import TrajectoryError
 from sewa._batch import cycle_batches
 from sewa._engine import MixedLoss
-from sewa.select import project_budget, run_selection, select_settings, tau_schedule
+from sewa.select import knot_basis, project_budget, run_selection, select_settings, tau_schedule
 
 KINDS = ["mlp", "cnn_bn", "tied"]
 
@@ -273,7 +273,8 @@ def _one_step_gradient(noise: str, seed: int, samples: int = 4) -> Tensor:
         return float((diff ** 2).sum(1).mean()), 2 * diff / mix.shape[0]
 
     sel = run_selection(engine, itertools.repeat(None), list(range(6)), top_k=3, samples=samples, steps=1, tau_start=1.0,
-                        tau_end=1.0, lr=1.0, optimizer="sgd", budget=False, seed=seed, progress=False, noise=noise, patience=0)
+                        tau_end=1.0, lr=1.0, optimizer="sgd", budget=False, seed=seed, progress=False, noise=noise, patience=0,
+                        knots=0)
     start = torch.zeros(6, dtype=torch.float64)  # logit(3/6)
     return start - torch.logit(sel.probabilities.double())
 
@@ -293,7 +294,7 @@ def test_antithetic_noise_needs_an_even_number_of_samples() -> None:
         _one_step_gradient("gaussian", 0)
 
 
-def _quadratic_selection(patience: int, steps: int = 300) -> sewa.Selection:
+def _quadratic_selection(patience: int, steps: int = 300, knots: int = 0) -> sewa.Selection:
     """SeWA (budget K=3 of 6) on a fixed quadratic whose best mix favours the three oldest snapshots."""
     target = torch.tensor([0.4, 0.35, 0.25, 0.0, 0.0, 0.0], dtype=torch.float64)
 
@@ -303,7 +304,7 @@ def _quadratic_selection(patience: int, steps: int = 300) -> sewa.Selection:
 
     return run_selection(engine, itertools.repeat(None), list(range(6)), top_k=3, samples=4, steps=steps, tau_start=1.0,
                          tau_end=0.1, lr=0.05, optimizer="adam", budget=True, seed=0, progress=False, noise="independent",
-                         patience=patience)
+                         patience=patience, knots=knots)
 
 
 def test_patience_stops_once_the_top_k_set_is_stable_and_keeps_the_choice() -> None:
@@ -313,3 +314,37 @@ def test_patience_stops_once_the_top_k_set_is_stable_and_keeps_the_choice() -> N
     assert early.indices == full.indices == [0, 1, 2]
     with pytest.raises(ValueError, match="patience must be a non-negative integer"):
         _quadratic_selection(-1)
+
+
+def test_knots_make_the_logits_piecewise_linear_and_keep_the_budget() -> None:
+    """12 snapshots whose best mix is the newest third: 4 knots learn a logit that is linear
+    between knots, sums to the budget and still picks the newest snapshots."""
+    n, k = 12, 4
+    target = torch.cat([torch.zeros(8), torch.full((4,), 0.25)]).double()
+
+    def engine(mix: Tensor, batch: object) -> tuple[float, Tensor]:
+        diff = mix - target
+        return float((diff ** 2).sum(1).mean()), 2 * diff / mix.shape[0]
+
+    def run(knots: int) -> sewa.Selection:
+        return run_selection(engine, itertools.repeat(None), list(range(n)), top_k=k, samples=4, steps=150, tau_start=1.0,
+                             tau_end=0.1, lr=0.05, optimizer="adam", budget=True, seed=0, progress=False,
+                             noise="independent", patience=0, knots=knots)
+
+    sel = run(4)
+    assert sel.indices == [8, 9, 10, 11] and sel.config["knots"] == 4
+    phi = torch.logit(sel.probabilities.double())
+    assert float(torch.sigmoid(phi).sum()) == pytest.approx(k, abs=1e-4)
+    # Knots at positions 0, 11/3, 22/3, 11: within each segment the logit is linear in position.
+    basis = knot_basis(n, 4)
+    assert basis is not None and basis.shape == (n, 4)
+    torch.testing.assert_close(basis.sum(1), torch.ones(n, dtype=torch.float64))
+    knots_phi = torch.linalg.lstsq(basis, phi[:, None]).solution
+    torch.testing.assert_close(basis @ knots_phi, phi[:, None], rtol=0, atol=1e-4)
+    assert float(phi[-1] - phi[0]) > 1.0  # it learned something
+    # 0 and at least n knots are the paper's free logits, bit for bit.
+    assert knot_basis(n, 0) is None and knot_basis(n, n) is None
+    torch.testing.assert_close(run(n).probabilities, run(0).probabilities, rtol=0, atol=0)
+    for bad in (1, -2, 2.5, True):
+        with pytest.raises(ValueError, match="knots must be 0"):
+            run(bad)  # type: ignore[arg-type]

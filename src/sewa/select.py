@@ -105,6 +105,12 @@ def project_budget(logits: Tensor, budget: float, iters: int = 60) -> Tensor:
     The sum is increasing in the shift ``c``, so ``c`` is found by bisection; one shift keeps
     the order of ``s`` and every ``0 < s_i < 1``.
     """
+    return logits.add_(budget_shift(logits, budget, iters))
+
+
+@torch.no_grad()
+def budget_shift(logits: Tensor, budget: float, iters: int = 60) -> float:
+    """The shift ``c`` with ``Σ sigmoid(logits + c) = budget`` (bisection; see :func:`project_budget`)."""
     k = logits.numel()
     if not 0 < budget < k:
         raise ValueError(f"budget must lie in (0, {k}), got {budget}")
@@ -117,8 +123,17 @@ def project_budget(logits: Tensor, budget: float, iters: int = 60) -> Tensor:
             lo = mid
         else:
             hi = mid
-    logits.add_(0.5 * (lo + hi))
-    return logits
+    return 0.5 * (lo + hi)
+
+
+def knot_basis(n: int, knots: int) -> Tensor | None:
+    """``n × B`` hat functions of linear interpolation between ``B = knots`` evenly spaced knots
+    over ``n`` positions (each row sums to 1); None (one free logit per position) for ``knots``
+    0 or ``>= n``."""
+    if knots == 0 or knots >= n:
+        return None
+    x = torch.arange(n, dtype=torch.float64) * (knots - 1) / max(n - 1, 1)
+    return (1 - (x[:, None] - torch.arange(knots, dtype=torch.float64)).abs()).clamp(min=0)
 
 
 def _entropy(s: Tensor) -> float:
@@ -167,6 +182,7 @@ def select(
     seed: int = 0,
     noise: str = "independent",
     patience: int = 0,
+    knots: int = 0,
     batch_stats: bool = True,
     vectorize: bool | None = None,
     device: torch.device | str | None = None,
@@ -200,6 +216,10 @@ def select(
             consecutive steps (``0``: run every step, as the paper). τ follows the schedule
             planned for ``steps``, so a stopped run ends at a higher τ;
             ``Selection.config["steps_run"]`` records where it stopped.
+        knots: Masks structured over time: ``φ`` is piecewise linear in the snapshot's position,
+            learned at this many evenly spaced knots instead of one free logit per snapshot
+            (``0``: ``k`` free logits, the paper). Neighbouring snapshots are nearly identical,
+            so a few knots share their evidence; each mask still draws its own noise.
         batch_stats: Evaluate BatchNorm layers with batch statistics (their running statistics
             do not match mixed weights). With ``False`` the newest snapshot's are used.
         vectorize: Run the ``M`` forward passes with ``torch.func.vmap`` (``True``) or a loop
@@ -221,7 +241,7 @@ def select(
         engine = MixedLoss(trajectory, model, loss_fn, batch_stats=batch_stats, vectorize=vectorize, device=device)
         selection = run_selection(engine, cycle_batches(batches), trajectory.steps, top_k=top_k, samples=samples,
                                   steps=steps, tau_start=tau_start, tau_end=tau_end, lr=lr, optimizer=optimizer,
-                                  budget=budget, seed=seed, noise=noise, patience=patience, progress=progress,
+                                  budget=budget, seed=seed, noise=noise, patience=patience, knots=knots, progress=progress,
                                   config={"batch_stats": batch_stats})
         trajectory.check_unchanged()  # a read-only disk reader whose writer overwrote the rows read raises
     return selection
@@ -263,6 +283,7 @@ def run_selection(
     seed: int,
     noise: str,
     patience: int,
+    knots: int,
     progress: bool | None,
     config: dict[str, Any] | None = None,
 ) -> Selection:
@@ -283,17 +304,21 @@ def run_selection(
         raise ValueError(f"noise must be 'independent' or 'antithetic', got {noise!r}")
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
         raise ValueError(f"patience must be a non-negative integer (0: no early stopping), got {patience!r}")
+    if isinstance(knots, bool) or not isinstance(knots, int) or knots < 0 or knots == 1:
+        raise ValueError(f"knots must be 0 (one logit per snapshot) or an integer >= 2, got {knots!r}")
     if noise == "antithetic" and samples % 2:
         raise ValueError(f"noise='antithetic' pairs the masks: samples must be even, got {samples}")
     if budget and top_k == n:
         budget = False  # Σ s = k has no interior point; every snapshot is chosen anyway
     config = dict(top_k=top_k, samples=samples, steps=steps, tau_start=tau_start, tau_end=tau_end,
-                  lr=lr, optimizer=optimizer, budget=budget, seed=seed, noise=noise, patience=patience) | (config or {})
+                  lr=lr, optimizer=optimizer, budget=budget, seed=seed, noise=noise, patience=patience,
+                  knots=knots) | (config or {})
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(int(seed))
-    logits = torch.full((n,), math.log(top_k / n) - math.log1p(-top_k / n) if top_k < n else 0.0,
-                        dtype=torch.float64, requires_grad=True)
-    opt = _optimizer(optimizer, logits, lr)
+    basis = knot_basis(n, knots)
+    phi = torch.full((n if basis is None else basis.shape[1],), math.log(top_k / n) - math.log1p(-top_k / n) if top_k < n else 0.0,
+                     dtype=torch.float64, requires_grad=True)
+    opt = _optimizer(optimizer, phi, lr)
     history: dict[str, list[float]] = {"loss": [], "tau": [], "entropy": []}
     order = torch.arange(n, dtype=torch.float64) * 1e-12  # ties: newer snapshots first
     top: list[int] = []
@@ -306,6 +331,7 @@ def run_selection(
         g = u.log() - (-u).log1p()
         if noise == "antithetic":
             g = torch.cat([g, -g])
+        logits = phi if basis is None else basis @ phi
         log_m = nn.functional.logsigmoid((logits + g) / tau)
         mix = torch.softmax(log_m, dim=1)  # a_j = m_j / Σ_i m_ij, computed in log space
         loss, grad_mix = engine(mix.detach(), next(feed))
@@ -313,9 +339,10 @@ def run_selection(
         opt.zero_grad()
         mix.backward(grad_mix.to(mix.dtype))
         opt.step()
-        if budget:
-            project_budget(logits.data, float(top_k))
-        s = torch.sigmoid(logits.detach())
+        with torch.no_grad():
+            if budget:  # every row of the basis sums to 1: a shift of the knots shifts every logit
+                phi.add_(budget_shift(phi if basis is None else basis @ phi, float(top_k)))
+            s = torch.sigmoid(phi if basis is None else basis @ phi)
         history["loss"].append(loss)
         history["tau"].append(tau)
         history["entropy"].append(_entropy(s))
@@ -326,7 +353,8 @@ def run_selection(
             if same >= patience:
                 break
     config["steps_run"] = len(history["loss"])
-    probs = torch.sigmoid(logits.detach()).float()
+    with torch.no_grad():
+        probs = torch.sigmoid(phi if basis is None else basis @ phi).float()
     # Ties (e.g. steps too few to move s) break towards newer snapshots.
     key = probs.double() + order
     indices = sorted(torch.topk(key, top_k).indices.tolist())

@@ -134,5 +134,5 @@ def ablation_plots(groups: dict[Key, list[dict[str, Any]]], out: Path) -> list[s
         plt.close(fig)
         lines += ["", f"![ablations {key[0]}]({png})", ""]
     return lines or ["No run in these tables carries ablations yet: `sewa experiment NAME --regime constant --ablations` "
-                     "adds them (window size, where the window sits, tau, M, steps, objective, budget, split size, noise, "
+                     "adds them (window size, where the window sits, tau, M, steps, objective, budget, split size, noise, patience, knots, "
                      "choice by metric or loss).", ""]

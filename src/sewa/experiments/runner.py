@@ -54,11 +54,11 @@ FORMAT = "sewa.experiment/2"
 GRID: dict[str, tuple[Any, ...]] = {
     "window": (10, 50, 100, 200), "tau": (0.1, 0.5, 1.0, 2.0, "annealed"), "samples": (1, 5, 10, 20),
     "steps": (25, 50, 100, 200, 400), "split": (0.1, 0.3, 1.0), "convergence": (0.25, 0.5, 0.75, 1.0),
-    "noise": ("independent", "antithetic"), "patience": (0, 10, 25),
+    "noise": ("independent", "antithetic"), "patience": (0, 10, 25), "knots": (0, 5, 10, 20),
 }
 QUICK_GRID: dict[str, tuple[Any, ...]] = {
     "window": (10, 20), "tau": (0.5, "annealed"), "samples": (1, 2), "steps": (10, 30), "split": (0.3, 1.0),
-    "convergence": (0.5, 1.0), "noise": ("independent", "antithetic"), "patience": (0, 5),
+    "convergence": (0.5, 1.0), "noise": ("independent", "antithetic"), "patience": (0, 5), "knots": (0, 4),
 }
 
 
@@ -198,7 +198,8 @@ def _ablations(traj: Trajectory, evaluator: Evaluator, score: _Scorer, full: Tra
         return list(T.loader((x[:m], y[:m]), spec.sel_batch, False, 0))
 
     ab: dict[str, list[dict[str, Any]]] = {k: [] for k in ("window", "tau", "samples", "steps", "objective", "budget", "split",
-                                                         "convergence", "choice_by", "noise", "patience")}
+                                                         "convergence", "choice_by", "noise", "patience",
+                                                         "knots")}
     grid = QUICK_GRID if spec.options.get("quick") else GRID
     n_val = len(data.val[1])
     k_all = len(full)
@@ -216,6 +217,8 @@ def _ablations(traj: Trajectory, evaluator: Evaluator, score: _Scorer, full: Tra
         ab["noise"].append({"value": noise} | run(traj, noise=noise))
     for patience in grid["patience"]:
         ab["patience"].append({"value": patience} | run(traj, patience=patience))
+    for knots in grid["knots"]:
+        ab["knots"].append({"value": knots} | run(traj, knots=knots))
     ab["objective"].append({"value": "val"} | run(traj))
     ab["objective"].append({"value": "train"} | run(traj, batches=split(n_val / max(1, len(data.train[1])), data.train)))
     for b in (True, False):
