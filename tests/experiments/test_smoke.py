@@ -55,7 +55,8 @@ def test_quick_preset_runs_and_renders(tmp_path: Path, name: str, ablations: boo
     assert len(saved["per_snapshot"]["test_loss"]) == saved["window"]
     assert rec["compute"]["selection_seconds"] > 0 and rec["compute"]["epoch_seconds"] > 0
     if ablations:
-        assert {"window", "tau", "samples", "steps", "objective", "budget", "split", "convergence", "choice_by", "noise", "patience", "knots"} <= set(saved["ablations"])
+        assert {"window", "tau", "samples", "steps", "objective", "budget", "split", "convergence", "choice_by", "noise", "patience", "knots",
+                "per_step"} <= set(saved["ablations"])
         assert [r["value"].split(" by ")[1] for r in saved["ablations"]["choice_by"]] == ["metric"] * 3 + ["loss"] * 3
     doc = results.render(tmp_path, tmp_path / "docs")
     text = doc.read_text()

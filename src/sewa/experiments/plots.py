@@ -135,4 +135,5 @@ def ablation_plots(groups: dict[Key, list[dict[str, Any]]], out: Path) -> list[s
         lines += ["", f"![ablations {key[0]}]({png})", ""]
     return lines or ["No run in these tables carries ablations yet: `sewa experiment NAME --regime constant --ablations` "
                      "adds them (window size, where the window sits, tau, M, steps, objective, budget, split size, noise, patience, knots, "
+                     "one batch or the whole split per step, "
                      "choice by metric or loss).", ""]

@@ -55,10 +55,12 @@ GRID: dict[str, tuple[Any, ...]] = {
     "window": (10, 50, 100, 200), "tau": (0.1, 0.5, 1.0, 2.0, "annealed"), "samples": (1, 5, 10, 20),
     "steps": (25, 50, 100, 200, 400), "split": (0.1, 0.3, 1.0), "convergence": (0.25, 0.5, 0.75, 1.0),
     "noise": ("independent", "antithetic"), "patience": (0, 10, 25), "knots": (0, 5, 10, 20),
+    "per_step": ("one batch", "whole split"),
 }
 QUICK_GRID: dict[str, tuple[Any, ...]] = {
     "window": (10, 20), "tau": (0.5, "annealed"), "samples": (1, 2), "steps": (10, 30), "split": (0.3, 1.0),
     "convergence": (0.5, 1.0), "noise": ("independent", "antithetic"), "patience": (0, 5), "knots": (0, 4),
+    "per_step": ("one batch", "whole split"),
 }
 
 
@@ -199,7 +201,7 @@ def _ablations(traj: Trajectory, evaluator: Evaluator, score: _Scorer, full: Tra
 
     ab: dict[str, list[dict[str, Any]]] = {k: [] for k in ("window", "tau", "samples", "steps", "objective", "budget", "split",
                                                          "convergence", "choice_by", "noise", "patience",
-                                                         "knots")}
+                                                         "knots", "per_step")}
     grid = QUICK_GRID if spec.options.get("quick") else GRID
     n_val = len(data.val[1])
     k_all = len(full)
@@ -219,6 +221,12 @@ def _ablations(traj: Trajectory, evaluator: Evaluator, score: _Scorer, full: Tra
         ab["patience"].append({"value": patience} | run(traj, patience=patience))
     for knots in grid["knots"]:
         ab["knots"].append({"value": knots} | run(traj, knots=knots))
+    # Each step on one batch of the selection split (the default, cycling), or on all of it at once.
+    x_sel, y_sel = T._subset(data.val, spec.sel_subset, 0) if spec.sel_subset else data.val
+    for per_step in grid["per_step"]:
+        whole = per_step == "whole split"
+        ab["per_step"].append({"value": per_step} | run(traj, batches=list(T.loader((x_sel, y_sel), len(y_sel), False, 0))
+                                                         if whole else None))
     ab["objective"].append({"value": "val"} | run(traj))
     ab["objective"].append({"value": "train"} | run(traj, batches=split(n_val / max(1, len(data.train[1])), data.train)))
     for b in (True, False):
