@@ -37,7 +37,8 @@ FITTED = ("sewa", "greedy_soup", "learned_soup", "shrunk")
 def pick(info: dict[str, Any], rule: str, multiple: float = 1.0, prefer: str = "simple") -> dict[str, Any]:
     """The candidate a rule picks: "best" (highest score), "paired"/"classic" one-SE rules within
     ``multiple`` SEs, "fixed"/"learned" (the best of the fixed rules, or of the fitted ones).
-    ``prefer`` orders the candidates within noise as ``sewa.auto``'s setting of that name."""
+    ``prefer`` orders the candidates within noise as ``sewa.auto``'s setting of that name, or
+    ``"fitted first"``: the best-scoring fitted candidate within noise even when uniform is too."""
     cands = info["candidates"]
     best = max(cands, key=lambda c: c["score"])
     if rule == "best":
@@ -59,6 +60,8 @@ def pick(info: dict[str, Any], rule: str, multiple: float = 1.0, prefer: str = "
     fitted = [c for c in ok if c["family"] in FITTED]
     if prefer == "fitted" and fitted and not any(c["name"] == "uniform" for c in ok):
         return max(fitted, key=lambda c: c["score"])
+    if prefer == "fitted first" and fitted:  # not in sewa.auto: uniform gets no precedence
+        return max(fitted, key=lambda c: c["score"])
     return min(ok, key=lambda c: (c["complexity"], -c["score"]))
 
 
@@ -79,7 +82,8 @@ def study(folder: Path) -> dict[str, Any]:
         raise SystemExit(f"no runs with scored auto candidates under {folder} (they come from commit 4ee04d6 on)")
     rules = {"classic 1 SE": ("classic", 1.0, "simple"), "paired 1 SE": ("paired", 1.0, "simple"),
              "paired 1.5 SE": ("paired", 1.5, "simple"), "paired 2 SE": ("paired", 2.0, "simple"),
-             "paired 1.5 SE, prefer fitted (default)": ("paired", 1.5, "fitted"), "best score": ("best", 0.0, "simple"),
+             "paired 1.5 SE, prefer fitted (default)": ("paired", 1.5, "fitted"),
+             "paired 1.5 SE, fitted first (uniform not preferred)": ("paired", 1.5, "fitted first"), "best score": ("best", 0.0, "simple"),
              "best fixed rule": ("fixed", 0.0, "simple"), "best fitted candidate": ("learned", 0.0, "simple")}
     scale = 100.0 if runs[0]["family"] != "bc" else 1.0
     rows = {}
