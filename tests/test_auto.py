@@ -131,8 +131,10 @@ def test_the_one_se_rule_moves_the_choice_on_a_plateau() -> None:
 
 def _expected_choice(info: dict[str, Any], prefer: str) -> str:
     within = [c for c in info["candidates"] if c["within_one_se"]]
+    fitted = [c for c in within if c["family"] in ("sewa", "greedy_soup", "learned_soup", "shrunk")]
+    if prefer == "fitted_first" and fitted:
+        return max(fitted, key=lambda c: c["score"])["name"]
     if prefer == "fitted":
-        fitted = [c for c in within if c["family"] in ("sewa", "greedy_soup", "learned_soup", "shrunk")]
         if not any(c["name"] == "uniform" for c in within) and fitted:
             return max(fitted, key=lambda c: c["score"])["name"]
     return min(within, key=lambda c: (c["complexity"], -c["score"]))["name"]
@@ -140,7 +142,8 @@ def _expected_choice(info: dict[str, Any], prefer: str) -> str:
 
 @pytest.mark.parametrize(("rule", "info_multiple", "prefer", "case"),
                          [("best", 1.0, "fitted", _plateau), ("paired", 2.0, "fitted", _plateau), ("paired", 1.0, "fitted", _plateau),
-                          ("paired", 1.5, "fitted", _damaged), ("paired", 1.5, "simple", _damaged)])
+                          ("paired", 1.5, "fitted", _damaged), ("paired", 1.5, "simple", _damaged),
+                          ("paired", 1.5, "fitted_first", _plateau)])
 def test_the_choice_follows_the_one_se_rule_from_the_record(rule: str, info_multiple: float, prefer: str,
                                                             case: Callable[[int], Any]) -> None:
     """Within noise means a mean gap to the best of at most ``se_multiple`` SEs (the best's fold

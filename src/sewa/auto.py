@@ -44,7 +44,9 @@ keeps one that is not worse than the best beyond noise (uniform first, then a fi
    default) takes uniform over the window if it is among them; else the best-scoring fitted
    candidate (its score is out of fold, so over-fitting needs no simplicity penalty, and it
    comes from a half fit, so it understates the refit); else the simplest fixed rule.
-   ``prefer="simple"`` takes the simplest: uniform over the window, then narrower tails, EMA,
+   ``prefer="fitted_first"`` takes the best-scoring fitted candidate within noise even when
+   uniform is within noise too (on the AG News unstable shard's development seeds, 86.61 against
+   86.22 for the default's choices). ``prefer="simple"`` takes the simplest: uniform over the window, then narrower tails, EMA,
    SeWA sets, greedy soup, the learned soup, and last the shrunk selection.
 5. **Cost.** The two SeWA fits run ``sewa_steps`` steps of ``sewa_samples`` masks each, and the
    refit twice that; with the learned soups, the defaults plan three quarters of one default
@@ -349,10 +351,11 @@ def _preference(c: Candidate, prefer: str, score: float) -> tuple[float, float, 
     learned soup, the shrunk set), the higher score first among equals. ``"fitted"``: uniform
     first; then the best-scoring fitted candidate, whose score is out of fold, so it needs no
     simplicity penalty (and comes from a fit on half the split, so it understates the refit);
-    then the other fixed rules by complexity.
+    then the other fixed rules by complexity. ``"fitted_first"``: as ``"fitted"``, but the fitted
+    candidates come before uniform too.
     """
-    if prefer == "fitted" and c.family in _FITTED:
-        return (0.5, -score, 0.0)
+    if prefer in ("fitted", "fitted_first") and c.family in _FITTED:
+        return (0.5 if prefer == "fitted" else -1.0, -score, 0.0)
     return (float(c.complexity[0]), float(c.complexity[1]), -score)
 
 
@@ -384,7 +387,9 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
             cross-fitting then serves only the choice. Else the two halves' fits are averaged.
         prefer: Which candidate within noise of the best is chosen: "fitted" (uniform when it is
             within noise, else the best-scoring fitted candidate, else the simplest fixed rule)
-            or "simple" (the simplest by complexity: uniform, tails, EMA, SeWA sets, soups).
+            "fitted_first" (the best-scoring fitted candidate within noise even when uniform
+            is within noise too), or "simple" (the simplest by complexity: uniform, tails, EMA,
+            SeWA sets, soups).
     """
     for name, value in (("folds", folds), ("sewa_steps", sewa_steps), ("sewa_samples", sewa_samples)):
         _positive_int(name, "auto", value)
@@ -400,8 +405,8 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         raise MethodError(f"auto: pass_budget must be positive, got {pass_budget!r}")
     if isinstance(soup_steps, bool) or not isinstance(soup_steps, int) or soup_steps < 0:
         raise MethodError(f"auto: soup_steps must be a non-negative integer, got {soup_steps!r}")
-    if prefer not in ("fitted", "simple"):
-        raise MethodError(f"auto: prefer must be 'fitted' or 'simple', got {prefer!r}")
+    if prefer not in ("fitted", "fitted_first", "simple"):
+        raise MethodError(f"auto: prefer must be 'fitted', 'fitted_first' or 'simple', got {prefer!r}")
     if se_rule not in ("best", "paired"):
         raise MethodError(f"auto: se_rule must be 'best' or 'paired', got {se_rule!r}")
     settings = {"folds": folds, "seed": seed, "one_se": bool(one_se), "sewa_steps": sewa_steps, "sewa_samples": sewa_samples,
