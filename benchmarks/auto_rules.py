@@ -60,7 +60,7 @@ def pick(info: dict[str, Any], rule: str, multiple: float = 1.0, prefer: str = "
     fitted = [c for c in ok if c["family"] in FITTED]
     if prefer == "fitted" and fitted and not any(c["name"] == "uniform" for c in ok):
         return max(fitted, key=lambda c: c["score"])
-    if prefer == "fitted first" and fitted:  # not in sewa.auto: uniform gets no precedence
+    if prefer == "fitted first" and fitted:  # sewa.auto's prefer="fitted_first": uniform gets no precedence
         return max(fitted, key=lambda c: c["score"])
     return min(ok, key=lambda c: (c["complexity"], -c["score"]))
 

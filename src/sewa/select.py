@@ -319,6 +319,10 @@ def run_selection(
     phi = torch.full((n if basis is None else basis.shape[1],), math.log(top_k / n) - math.log1p(-top_k / n) if top_k < n else 0.0,
                      dtype=torch.float64, requires_grad=True)
     opt = _optimizer(optimizer, phi, lr)
+
+    def logits_of() -> Tensor:  # φ itself, or interpolated between the knots
+        return phi if basis is None else basis @ phi
+
     history: dict[str, list[float]] = {"loss": [], "tau": [], "entropy": []}
     order = torch.arange(n, dtype=torch.float64) * 1e-12  # ties: newer snapshots first
     top: list[int] = []
@@ -331,8 +335,7 @@ def run_selection(
         g = u.log() - (-u).log1p()
         if noise == "antithetic":
             g = torch.cat([g, -g])
-        logits = phi if basis is None else basis @ phi
-        log_m = nn.functional.logsigmoid((logits + g) / tau)
+        log_m = nn.functional.logsigmoid((logits_of() + g) / tau)
         mix = torch.softmax(log_m, dim=1)  # a_j = m_j / Σ_i m_ij, computed in log space
         loss, grad_mix = engine(mix.detach(), next(feed))
         _refuse_nonfinite(loss, grad_mix, t, steps, "selection")
@@ -341,8 +344,8 @@ def run_selection(
         opt.step()
         with torch.no_grad():
             if budget:  # every row of the basis sums to 1: a shift of the knots shifts every logit
-                phi.add_(budget_shift(phi if basis is None else basis @ phi, float(top_k)))
-            s = torch.sigmoid(phi if basis is None else basis @ phi)
+                phi.add_(budget_shift(logits_of(), float(top_k)))
+            s = torch.sigmoid(logits_of())
         history["loss"].append(loss)
         history["tau"].append(tau)
         history["entropy"].append(_entropy(s))
@@ -354,7 +357,7 @@ def run_selection(
                 break
     config["steps_run"] = len(history["loss"])
     with torch.no_grad():
-        probs = torch.sigmoid(phi if basis is None else basis @ phi).float()
+        probs = torch.sigmoid(logits_of()).float()
     # Ties (e.g. steps too few to move s) break towards newer snapshots.
     key = probs.double() + order
     indices = sorted(torch.topk(key, top_k).indices.tolist())

@@ -182,17 +182,30 @@ def _method_table(traj: Trajectory, task: Task, spec: T.Spec, seed: int, score: 
     return out
 
 
+def _selection_split(spec: T.Spec, data: T.TaskData) -> T.Split:
+    """The split every method selects on: the validation set, or its ``sel_subset`` items (seed 0)."""
+    return T._subset(data.val, spec.sel_subset, 0) if spec.sel_subset else data.val
+
+
 def _ablations(traj: Trajectory, evaluator: Evaluator, score: _Scorer, full: Trajectory, data: T.TaskData, spec: T.Spec,
                seed: int) -> dict[str, list[dict[str, Any]]]:
     """SeWA(K=10) under one changed setting at a time (the reviewers' questions), and the choices on
     the selection split made by the metric or by the loss (``choice_by``)."""
     base = M.sewa(top_k=10, seed=seed, steps=spec.sel_steps, samples=spec.sel_samples)
 
+    done: dict[str, dict[str, Any]] = {}  # the default setting recurs in many rows: select it once
+
     def run(t: Trajectory, batches: Any = None, **over: Any) -> dict[str, Any]:
         method = base.replace(**over, top_k=min(over.get("top_k", 10), len(t)))
+        key = repr(sorted(method.settings.items())) if t is traj and batches is None else None
+        if key in done:
+            return dict(done[key])
         ev = evaluator if batches is None else Evaluator(evaluator.model, evaluator.loss_fn, batches)
         res = method.weights(t, ev)
-        return {"seconds": res.seconds, "indices": res.info["indices"], "steps_run": res.info.get("steps_run")} | score(t, res.weights)
+        row = {"seconds": res.seconds, "indices": res.info["indices"], "steps_run": res.info.get("steps_run")} | score(t, res.weights)
+        if key is not None:
+            done[key] = row
+        return dict(row)
 
     def split(fraction: float, source: T.Split) -> list[T.Split]:
         x, y = source
@@ -222,11 +235,10 @@ def _ablations(traj: Trajectory, evaluator: Evaluator, score: _Scorer, full: Tra
     for knots in grid["knots"]:
         ab["knots"].append({"value": knots} | run(traj, knots=knots))
     # Each step on one batch of the selection split (the default, cycling), or on all of it at once.
-    x_sel, y_sel = T._subset(data.val, spec.sel_subset, 0) if spec.sel_subset else data.val
+    x_sel, y_sel = _selection_split(spec, data)
     for per_step in grid["per_step"]:
-        whole = per_step == "whole split"
-        ab["per_step"].append({"value": per_step} | run(traj, batches=list(T.loader((x_sel, y_sel), len(y_sel), False, 0))
-                                                         if whole else None))
+        whole = list(T.loader((x_sel, y_sel), len(y_sel), False, 0)) if per_step == "whole split" else None
+        ab["per_step"].append({"value": per_step} | run(traj, batches=whole))
     ab["objective"].append({"value": "val"} | run(traj))
     ab["objective"].append({"value": "train"} | run(traj, batches=split(n_val / max(1, len(data.train[1])), data.train)))
     for b in (True, False):
@@ -352,7 +364,7 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
     main = traj.subset(range(len(traj) - min(spec.window, len(traj)), len(traj)))
     # The selection split (every method that chooses): the validation set, or its first
     # ``sel_subset`` items where evaluating the whole of it hundreds of times would be too slow.
-    x_val, y_val = T._subset(data.val, spec.sel_subset, 0) if spec.sel_subset else data.val
+    x_val, y_val = _selection_split(spec, data)
     sel_batches = list(T.loader((x_val, y_val), spec.sel_batch, False, 0))
     task = _task(spec, model, score.bn, sel_batches)
     methods = _method_table(main, task, spec, seed, score)

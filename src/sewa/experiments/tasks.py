@@ -205,24 +205,27 @@ def _episode_split(raw: dict[str, Any], fraction: float) -> tuple[Tensor, Tensor
 _REFERENCES: dict[str, dict[str, Any]] = {}
 
 
+def _fit_once(key: str, fit: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A reference is the same for every seed of a split: fitted once per process, copied out."""
+    if key not in _REFERENCES:
+        _REFERENCES[key] = fit()
+    return dict(_REFERENCES[key])
+
+
 def text_reference(spec: Spec, data: TaskData, seed: int) -> dict[str, Any]:
     """Naive Bayes or logistic regression (the better on validation) on the run's own text splits
     (all training texts, also where the network trains on a subset)."""
     from .references import text_reference as fit
 
-    if data.source not in _REFERENCES:  # the same for every seed: fit once per process
-        _REFERENCES[data.source] = fit(**data.info["texts"])
-    return dict(_REFERENCES[data.source])
+    return _fit_once(data.source, lambda: fit(**data.info["texts"]))
 
 
 def image_reference(spec: Spec, data: TaskData, seed: int) -> dict[str, Any]:
     """Logistic regression on the pixels of the run's own image splits (fitted once per process)."""
     from .references import pixel_logistic_regression
 
-    key = f"{data.source} ({len(data.train[1])} training images)"
-    if key not in _REFERENCES:
-        _REFERENCES[key] = pixel_logistic_regression(data.train, data.val, data.test)
-    return dict(_REFERENCES[key])
+    return _fit_once(f"{data.source} ({len(data.train[1])} training images)",
+                     lambda: pixel_logistic_regression(data.train, data.val, data.test))
 
 
 def bc_reference(spec: Spec, data: TaskData, seed: int) -> dict[str, Any]:
