@@ -7,6 +7,7 @@ The model is a linear regression ``y = x·θ`` whose snapshots are set by hand a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -132,29 +133,46 @@ def test_the_one_se_rule_moves_the_choice_on_a_plateau() -> None:
 def _expected_choice(info: dict[str, Any], prefer: str) -> str:
     within = [c for c in info["candidates"] if c["within_one_se"]]
     fitted = [c for c in within if c["family"] in ("sewa", "greedy_soup", "learned_soup", "shrunk")]
-    if prefer == "fitted_first" and fitted:
-        return max(fitted, key=lambda c: c["score"])["name"]
     if prefer == "fitted":
-        if not any(c["name"] == "uniform" for c in within) and fitted:
+        if info["uniform_kept"]:
+            return "uniform"
+        if fitted:
             return max(fitted, key=lambda c: c["score"])["name"]
     return min(within, key=lambda c: (c["complexity"], -c["score"]))["name"]
 
 
 @pytest.mark.parametrize(("rule", "info_multiple", "prefer", "case"),
                          [("best", 1.0, "fitted", _plateau), ("paired", 2.0, "fitted", _plateau), ("paired", 1.0, "fitted", _plateau),
-                          ("paired", 1.5, "fitted", _damaged), ("paired", 1.5, "simple", _damaged),
-                          ("paired", 1.5, "fitted_first", _plateau)])
+                          ("paired", 1.5, "fitted", _damaged), ("paired", 1.5, "simple", _damaged)])
 def test_the_choice_follows_the_one_se_rule_from_the_record(rule: str, info_multiple: float, prefer: str,
                                                             case: Callable[[int], Any]) -> None:
     """Within noise means a mean gap to the best of at most ``se_multiple`` SEs (the best's fold
     SE, or the gap's own over batches). ``prefer="simple"`` chooses the simplest candidate within
-    noise; ``"fitted"`` uniform if it is within noise, else the best fitted candidate within noise."""
+    noise; ``"fitted"`` uniform if it is kept (within noise, on a loss objective), else the best
+    fitted candidate within noise, else the simplest."""
     info = create("auto", se_rule=rule, se_multiple=info_multiple, prefer=prefer, **FAST).weights(*case(1)).info
     for c in info["candidates"]:
         se = info["best_se"] if rule == "best" else c["gap_to_best"]["se"]
         assert c["within_one_se"] == (c["name"] == info["best"] or c["gap_to_best"]["mean"] <= info_multiple * se)
+    assert info["uniform_kept"] == _candidate(info, "uniform")["within_one_se"]  # the objective is the loss
     assert info["chosen"] == _expected_choice(info, prefer)
     assert info["fell_back"] == (info["chosen"] != info["best"])
+
+
+@pytest.mark.parametrize("tie_break", [True, False])
+def test_the_loss_breaks_a_tie_on_the_metric_against_uniform(tie_break: bool) -> None:
+    """A metric that cannot tell the snapshots apart puts every candidate within noise; uniform
+    keeps its precedence unless a fitted candidate within noise beats its loss beyond noise."""
+    traj, ev = _damaged(0)
+    ev = dataclasses.replace(ev, metric=lambda out, y: 0.5)
+    info = create("auto", loss_tie_break=tie_break, **FAST).weights(traj, ev).info
+    assert info["objective"] == "metric" and all(c["within_one_se"] for c in info["candidates"])
+    beats = [c["name"] for c in info["candidates"] if c["family"] in ("sewa", "greedy_soup", "learned_soup", "shrunk")
+             and c["loss_gap_to_uniform"]["mean"] > 1.5 * c["loss_gap_to_uniform"]["se"]]
+    assert beats  # the damaged stretch costs uniform loss, not (this) metric
+    assert info["uniform_kept"] is not tie_break
+    assert info["chosen"] == (_expected_choice(info, "fitted") if tie_break else "uniform")
+    assert (info["chosen"] != "uniform") is tie_break
 
 
 def test_auto_chooses_on_the_metric_when_the_task_has_one() -> None:

@@ -160,6 +160,7 @@ def statistics(candidates: list[Candidate], sizes: Tensor, ids: Tensor, folds: i
     for c in candidates:
         u = c.metric if objective == "metric" and c.metric is not None else -c.loss
         unit_u = c.units[1] if objective == "metric" and c.units[1] is not None else -c.units[0]
-        out[c.name] = {"fold": fold_means(u, sizes, ids, folds), "unit": unit_u, "key": (mean(u), -mean(c.loss)),
+        out[c.name] = {"fold": fold_means(u, sizes, ids, folds), "unit": unit_u, "unit_loss": c.units[0],
+                       "key": (mean(u), -mean(c.loss)),
                        "loss": mean(c.loss), "metric": None if c.metric is None else mean(c.metric)}
     return out

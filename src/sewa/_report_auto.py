@@ -10,7 +10,7 @@ from typing import Any
 __all__ = ["auto_entry", "auto_markdown", "plot_auto_weights", "steps_of"]
 
 
-_PREFER = {"simple": "the simplest", "fitted": "uniform if within noise, else the best fitted candidate, else the simplest"}
+_PREFER = {"simple": "the simplest", "fitted": "uniform if kept, else the best fitted candidate, else the simplest"}
 
 
 def steps_of(run: dict[str, Any], n: int) -> list[Any]:
@@ -46,6 +46,9 @@ def auto_markdown(run: dict[str, Any]) -> list[str]:
            f"The best was `{entry.get('best')}`; it chose `{entry.get('chosen')}`"
            + (" among the candidates within noise of the best (" + _PREFER.get(entry.get("prefer", "simple"), "") + ")"
               if entry.get("fell_back") else "") + "."
+           + (" Uniform was within noise, but a fitted candidate within noise had a lower loss beyond noise, so "
+              "the loss broke the tie." if entry.get("uniform_kept") is False and any(
+                  c["name"] == "uniform" and c.get("within_one_se") for c in entry["candidates"]) else "")
            + (f" It then fitted `{entry['refitted']['of']}` again on the whole split." if entry.get("refitted") else ""), "",
            f"- estimated gain over uniform: {_pm(entry.get('gain_vs_uniform'))}; over the last iterate: "
            f"{_pm(entry.get('gain_vs_last'))} (selection-split {score}, mean ± standard error over folds)",

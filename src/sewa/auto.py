@@ -41,12 +41,15 @@ keeps one that is not worse than the best beyond noise (uniform first, then a fi
    seeds, twice to the damaged uniform).
    Slicing needs outputs and targets that are tensors sharing their first dimension; otherwise
    the batches are the units. Among the candidates within noise, ``prefer="fitted"`` (the
-   default) takes uniform over the window if it is among them; else the best-scoring fitted
-   candidate (its score is out of fold, so over-fitting needs no simplicity penalty, and it
-   comes from a half fit, so it understates the refit); else the simplest fixed rule.
-   ``prefer="fitted_first"`` takes the best-scoring fitted candidate within noise even when
-   uniform is within noise too (on the AG News unstable shard's development seeds, 86.61 against
-   86.22 for the default's choices). ``prefer="simple"`` takes the simplest: uniform over the window, then narrower tails, EMA,
+   default) takes uniform over the window if it is *kept*; else the best-scoring fitted candidate
+   within noise (its score is out of fold, so over-fitting needs no simplicity penalty, and it
+   comes from a half fit, so it understates the refit); else the simplest fixed rule. Uniform is
+   kept when it is within noise, unless the objective is a metric and a fitted candidate within
+   noise has a lower loss beyond noise (``se_multiple`` paired SEs): the loss breaks the metric's
+   tie (``loss_tie_break``). A damaged stretch costs loss before it costs accuracy, and the
+   damaged uniform average is within noise on the accuracy of a split of a thousand examples (3
+   of 10 AG News unstable-shard development seeds).
+   ``prefer="simple"`` takes the simplest: uniform over the window, then narrower tails, EMA,
    SeWA sets, greedy soup, the learned soup, and last the shrunk selection.
 5. **Cost.** The two SeWA fits run ``sewa_steps`` steps of ``sewa_samples`` masks each, and the
    refit twice that; with the learned soups, the defaults plan three quarters of one default
@@ -315,7 +318,17 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
                         "score": stats[c.name]["key"][0], "fold_scores": fold.tolist(), "se": mean_se(fold)["se"],
                         "loss": stats[c.name]["loss"], "metric": stats[c.name]["metric"], "gap_to_best": gap,
                         "within_one_se": within, "crossfit": c.fits is not None})
-    chosen = min(eligible, key=lambda c: _preference(c, s["prefer"], stats[c.name]["key"][0]))
+    uniform_kept = any(c.name == "uniform" for c in eligible)
+    if objective == "metric" and uniform_kept:
+        # The loss breaks the metric's tie: uniform loses its precedence to a fitted candidate
+        # within noise whose loss is lower beyond noise (a damaged stretch costs loss before accuracy).
+        for c, r in zip(candidates, records, strict=True):
+            r["loss_gap_to_uniform"] = paired_gap(stats["uniform"]["unit_loss"] - stats[c.name]["unit_loss"], sizes)
+            g = r["loss_gap_to_uniform"]
+            if (s["loss_tie_break"] and c in eligible and c.family in _FITTED and g["se"] is not None
+                    and g["mean"] > s["se_multiple"] * g["se"]):
+                uniform_kept = False
+    chosen = min(eligible, key=lambda c: _preference(c, s["prefer"], stats[c.name]["key"][0], uniform_kept))
 
     def gain(name: str) -> dict[str, Any] | None:
         if name not in stats:
@@ -326,7 +339,7 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
 
     info: dict[str, Any] = {
         "objective": objective, "folds_used": folds, "crossfit": crossfit, "candidates": records,
-        "best": best.name, "best_se": best_se, "chosen": chosen.name, "chosen_family": chosen.family, "chosen_params": chosen.params,
+        "best": best.name, "best_se": best_se, "uniform_kept": uniform_kept, "chosen": chosen.name, "chosen_family": chosen.family, "chosen_params": chosen.params,
         "indices": chosen.weights.nonzero().flatten().tolist(), "fell_back": chosen is not best,
         "gain_vs_uniform": gain("uniform"), "gain_vs_last": gain("last"), "skipped": skipped,
         "sewa_default_passes": {"forward": plan["sewa_default_passes"] // (1 + _BACKWARD_COST),
@@ -344,25 +357,28 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
 _FITTED = ("sewa", "greedy_soup", "learned_soup", "shrunk")
 
 
-def _preference(c: Candidate, prefer: str, score: float) -> tuple[float, float, float]:
+def _preference(c: Candidate, prefer: str, score: float, uniform_kept: bool) -> tuple[float, float, float]:
     """Order of preference among the candidates within noise (the first is chosen).
 
     ``"simple"``: by complexity (uniform, narrower tails, EMA, SeWA sets, greedy soup, the
     learned soup, the shrunk set), the higher score first among equals. ``"fitted"``: uniform
-    first; then the best-scoring fitted candidate, whose score is out of fold, so it needs no
-    simplicity penalty (and comes from a fit on half the split, so it understates the refit);
-    then the other fixed rules by complexity. ``"fitted_first"``: as ``"fitted"``, but the fitted
-    candidates come before uniform too.
+    first if it is kept (within noise, and no fitted candidate within noise beats its loss beyond
+    noise when the objective is a metric); then the best-scoring fitted
+    candidate, whose score is out of fold, so it needs no simplicity penalty (and comes from a
+    fit on half the split, so it understates the refit); then the fixed rules by complexity.
     """
-    if prefer in ("fitted", "fitted_first") and c.family in _FITTED:
-        return (0.5 if prefer == "fitted" else -1.0, -score, 0.0)
+    if prefer == "fitted":
+        if c.name == "uniform":  # first if kept, else the widest of the tails after the fitted candidates
+            return (-1.0, 0.0, 0.0) if uniform_kept else (1.0, 0.0, -score)
+        if c.family in _FITTED:
+            return (0.5, -score, 0.0)
     return (float(c.complexity[0]), float(c.complexity[1]), -score)
 
 
 def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 30, sewa_samples: int = 4,
          sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, pass_budget: float = 1.25,
          se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True,
-         prefer: str = "fitted") -> Method:
+         prefer: str = "fitted", loss_tie_break: bool = True) -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
@@ -385,11 +401,12 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         refit: Fit the chosen family (a SeWA set, greedy soup, the learned soup or the shrunk
             selection) once more on the whole split, with both halves' steps, and return that fit;
             cross-fitting then serves only the choice. Else the two halves' fits are averaged.
-        prefer: Which candidate within noise of the best is chosen: "fitted" (uniform when it is
-            within noise, else the best-scoring fitted candidate, else the simplest fixed rule)
-            "fitted_first" (the best-scoring fitted candidate within noise even when uniform
-            is within noise too), or "simple" (the simplest by complexity: uniform, tails, EMA,
-            SeWA sets, soups).
+        prefer: Which candidate within noise of the best is chosen: "fitted" (uniform if it is
+            kept, else the best-scoring fitted candidate, else the simplest fixed rule) or "simple"
+            (the simplest by complexity: uniform, tails, EMA, SeWA sets, soups).
+        loss_tie_break: With ``prefer="fitted"`` and a metric objective, uniform loses its
+            precedence to a fitted candidate within noise on the metric whose loss is lower than
+            uniform's by more than ``se_multiple`` paired SEs (False: the order before this setting).
     """
     for name, value in (("folds", folds), ("sewa_steps", sewa_steps), ("sewa_samples", sewa_samples)):
         _positive_int(name, "auto", value)
@@ -405,14 +422,15 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         raise MethodError(f"auto: pass_budget must be positive, got {pass_budget!r}")
     if isinstance(soup_steps, bool) or not isinstance(soup_steps, int) or soup_steps < 0:
         raise MethodError(f"auto: soup_steps must be a non-negative integer, got {soup_steps!r}")
-    if prefer not in ("fitted", "fitted_first", "simple"):
-        raise MethodError(f"auto: prefer must be 'fitted', 'fitted_first' or 'simple', got {prefer!r}")
+    if prefer not in ("fitted", "simple"):
+        raise MethodError(f"auto: prefer must be 'fitted' or 'simple', got {prefer!r}")
     if se_rule not in ("best", "paired"):
         raise MethodError(f"auto: se_rule must be 'best' or 'paired', got {se_rule!r}")
     settings = {"folds": folds, "seed": seed, "one_se": bool(one_se), "sewa_steps": sewa_steps, "sewa_samples": sewa_samples,
                 "sewa_fraction": float(sewa_fraction), "shrink": float(shrink), "greedy": bool(greedy),
                 "pass_budget": float(pass_budget), "se_rule": se_rule, "se_multiple": float(se_multiple),
-                "soup_steps": soup_steps, "refit": bool(refit), "prefer": prefer}
+                "soup_steps": soup_steps, "refit": bool(refit), "prefer": prefer,
+                "loss_tie_break": bool(loss_tie_break)}
     return Method("auto", _frozen(settings), _rule, evaluates=True)
 
 

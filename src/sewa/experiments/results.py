@@ -242,9 +242,10 @@ def auto_table(entries: dict[Key, dict[str, Any]]) -> list[str]:
         test = _avg([x - y for x, y in zip(ms["auto"]["test_metric"], ms["uniform"]["test_metric"], strict=True)]
                     if "uniform" in ms and None not in ms["auto"]["test_metric"] + ms["uniform"]["test_metric"] else [None])
         objective = ", ".join(sorted({str(o) for o in a["objective"]}))
-        order = ", ".join(sorted({f"{p}{' + refit' if r else ''}" for p, r in zip(a.get("prefer") or ["simple"] * len(a["chosen"]),
-                                                                                   a.get("refit") or [False] * len(a["chosen"]),
-                                                                                   strict=True)}))
+        n = len(a["chosen"])
+        order = ", ".join(sorted({f"{p}{' + refit' if r else ''}{' + loss tie-break' if b else ''}"
+                                  for p, r, b in zip(a.get("prefer") or ["simple"] * n, a.get("refit") or [False] * n,
+                                                     a.get("loss_tie_break") or [False] * n, strict=True)}))
         lines.append(f"| {_title(key)} | {order} | {', '.join(str(c) for c in a['chosen'])} | {sum(bool(f) for f in a['fell_back'])} of "
                      f"{len(a['chosen'])} | {sum(bool(f) for f in a['crossfit'])} of {len(a['chosen'])} | "
                      f"{_num(_avg(a['gain_vs_uniform']), '+.4g')} ({objective}) | {_num(test, '+.2f')} | "
@@ -328,7 +329,8 @@ def render(root: Path, out: Path, summary_path: Path | None = None, allow_mixed:
     md += ["## Choosing automatically", "", "What `auto` chose on each seed: a fallback is a candidate other than the best-"
            "scoring one, chosen within noise of it by the one-standard-error rule and auto's `prefer` order (see each "
            "run's settings: \"simple\", or from commit c065994 on \"fitted\", whose fitted choice is then refitted on the "
-           "whole split); the estimated gain is on the selection split in its objective's raw units "
+           "whole split; \"loss tie-break\": uniform also yields to a fitted candidate within noise whose loss is lower "
+           "beyond noise); the estimated gain is on the selection split in its objective's raw units "
            "(for a loss, a decrease), next to the gain realised on test in the table's units.", ""] + auto + [""] if auto else []
     md += ["## Compute", "", "Wall-clock on the machines named above; passes count SeWA's forward and backward passes "
            "(steps × samples).", ""] + compute_table(groups, entries) + [""]

@@ -253,6 +253,7 @@ def auto_record(recs: list[dict[str, Any]]) -> dict[str, Any] | None:
             # auto's order among candidates within noise, and whether a fitted choice was refitted
             # ("simple" and no refit before commit c065994)
             "prefer": [x.get("prefer", "simple") for x in settings], "refit": [bool(x.get("refit", False)) for x in settings],
+            "loss_tie_break": [bool(x.get("loss_tie_break", False)) for x in settings],
             "fell_back": each("fell_back"), "crossfit": each("crossfit"), "folds_used": each("folds_used"),
             "gain_vs_uniform": [_r(x) for x in each("gain_vs_uniform", "mean")],
             "gain_vs_uniform_se": [_r(x) for x in each("gain_vs_uniform", "se")],
