@@ -58,9 +58,16 @@ def pick(info: dict[str, Any], rule: str, multiple: float = 1.0, prefer: str = "
 
     ok = [c for c in cands if within(c)]
     fitted = [c for c in ok if c["family"] in FITTED]
-    if prefer == "fitted" and fitted and not any(c["name"] == "uniform" for c in ok):
-        return max(fitted, key=lambda c: c["score"])
-    if prefer == "fitted first" and fitted:  # sewa.auto's prefer="fitted_first": uniform gets no precedence
+    kept = any(c["name"] == "uniform" for c in ok)
+    if prefer == "fitted + loss tie-break" and kept:  # sewa.auto's loss_tie_break=True
+        gaps = [c.get("loss_gap_to_uniform") or {"mean": 0.0, "se": None} for c in fitted]  # recorded on a metric objective
+        kept = not any(g["se"] is not None and g["mean"] > multiple * g["se"] for g in gaps)
+    elif prefer == "fitted, uniform at 0.5 SE" and kept:  # uniform kept only within 0.5 SE of the best
+        u = next(c for c in ok if c["name"] == "uniform")
+        kept = u is best or u["gap_to_best"]["mean"] <= 0.5 * u["gap_to_best"]["se"]
+    elif prefer == "fitted first":  # uniform gets no precedence
+        kept = False
+    if prefer != "simple" and fitted and not kept:
         return max(fitted, key=lambda c: c["score"])
     return min(ok, key=lambda c: (c["complexity"], -c["score"]))
 
@@ -82,10 +89,14 @@ def study(folder: Path) -> dict[str, Any]:
         raise SystemExit(f"no runs with scored auto candidates under {folder} (they come from commit 4ee04d6 on)")
     rules = {"classic 1 SE": ("classic", 1.0, "simple"), "paired 1 SE": ("paired", 1.0, "simple"),
              "paired 1.5 SE": ("paired", 1.5, "simple"), "paired 2 SE": ("paired", 2.0, "simple"),
-             "paired 1.5 SE, prefer fitted (default)": ("paired", 1.5, "fitted"),
-             "paired 1.5 SE, fitted first (uniform not preferred)": ("paired", 1.5, "fitted first"), "best score": ("best", 0.0, "simple"),
+             "paired 1.5 SE, prefer fitted (no loss tie-break)": ("paired", 1.5, "fitted"),
+             "paired 1.5 SE, fitted first (uniform not preferred)": ("paired", 1.5, "fitted first"),
+             "paired 1.5 SE, fitted, uniform kept within 0.5 SE": ("paired", 1.5, "fitted, uniform at 0.5 SE"),
+             "best score": ("best", 0.0, "simple"),
              "best fixed rule": ("fixed", 0.0, "simple"), "best fitted candidate": ("learned", 0.0, "simple")}
     scale = 100.0 if runs[0]["family"] != "bc" else 1.0
+    if all("uniform_kept" in r["methods"]["auto"] for r in runs):  # from commit bc9f008 on
+        rules["paired 1.5 SE, fitted + loss tie-break (default)"] = ("paired", 1.5, "fitted + loss tie-break")
     rows = {}
     for label, (rule, mult, prefer) in rules.items():
         got = [pick(r["methods"]["auto"], rule, mult, prefer)["test"]["test_metric"] * scale for r in runs]
