@@ -37,8 +37,10 @@ FITTED = ("sewa", "greedy_soup", "learned_soup", "shrunk")
 def pick(info: dict[str, Any], rule: str, multiple: float = 1.0, prefer: str = "simple") -> dict[str, Any]:
     """The candidate a rule picks: "best" (highest score), "paired"/"classic" one-SE rules within
     ``multiple`` SEs, "fixed"/"learned" (the best of the fixed rules, or of the fitted ones).
-    ``prefer`` orders the candidates within noise as ``sewa.auto``'s setting of that name, or
-    ``"fitted first"``: the best-scoring fitted candidate within noise even when uniform is too."""
+    ``prefer`` orders the candidates within noise: "simple" and "fitted" as ``sewa.auto``'s
+    settings of those names (without the loss tie-break), "fitted + loss tie-break" as its
+    default, "fitted, uniform at 0.5 SE" (uniform kept only within 0.5 SE of the best) and
+    "fitted first" (the best fitted candidate within noise even when uniform is too)."""
     cands = info["candidates"]
     best = max(cands, key=lambda c: c["score"])
     if rule == "best":

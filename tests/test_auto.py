@@ -159,13 +159,15 @@ def test_the_choice_follows_the_one_se_rule_from_the_record(rule: str, info_mult
     assert info["fell_back"] == (info["chosen"] != info["best"])
 
 
-@pytest.mark.parametrize("tie_break", [True, False])
-def test_the_loss_breaks_a_tie_on_the_metric_against_uniform(tie_break: bool) -> None:
-    """A metric that cannot tell the snapshots apart puts every candidate within noise; uniform
-    keeps its precedence unless a fitted candidate within noise beats its loss beyond noise."""
+@pytest.mark.parametrize(("prefer", "tie_break"), [("fitted", True), ("fitted", False), ("simple", True)])
+def test_the_loss_breaks_a_tie_on_the_metric_against_uniform(prefer: str, tie_break: bool) -> None:
+    """A metric that cannot tell the snapshots apart puts every candidate within noise; under
+    ``prefer="fitted"`` uniform keeps its precedence unless a fitted candidate within noise beats
+    its loss beyond noise ("simple" always keeps it)."""
     traj, ev = _damaged(0)
     ev = dataclasses.replace(ev, metric=lambda out, y: 0.5)
-    info = create("auto", loss_tie_break=tie_break, **FAST).weights(traj, ev).info
+    info = create("auto", prefer=prefer, loss_tie_break=tie_break, **FAST).weights(traj, ev).info
+    tie_break = tie_break and prefer == "fitted"
     assert info["objective"] == "metric" and all(c["within_one_se"] for c in info["candidates"])
     beats = [c["name"] for c in info["candidates"] if c["family"] in ("sewa", "greedy_soup", "learned_soup", "shrunk")
              and c["loss_gap_to_uniform"]["mean"] > 1.5 * c["loss_gap_to_uniform"]["se"]]
