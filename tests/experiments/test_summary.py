@@ -49,6 +49,16 @@ def write_runs(root: Path, runs: list[dict[str, Any]]) -> None:
         path.write_text(json.dumps(r))
 
 
+def test_the_best_trajectory_baseline_leaves_out_the_swalr_branch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(SCORES, "swa_lr", [0.95, 0.95, 0.95])  # the separately trained branch is best on test
+    entry = summary.task_entry(("tiny", "unstable-spikes", "quick"), [fake_run(s) for s in range(3)])
+    assert entry["best_baseline"] == "swa_lr" and entry["best_trajectory_baseline"] == "sewa"
+    found = {c["claim"].split(" (")[0]: c["comparisons"] for c in summary.claims([entry])}
+    assert [x["vs"] for x in found["auto is never worse than the best baseline"]] == ["swa_lr"]
+    assert found["auto is never worse than the best baseline it could have chosen"] == [
+        {"where": "tiny/unstable-spikes", "vs": "sewa", "verdict": "equivalent"}]
+
+
 def test_summary_schema_on_three_synthetic_runs(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     write_runs(runs, [fake_run(s) for s in range(3)])
@@ -75,7 +85,7 @@ def test_summary_schema_on_three_synthetic_runs(tmp_path: Path) -> None:
     assert up["p_holm"] >= up["p"]
     same = t["verdicts"]["auto vs sewa"]
     assert same["diff"] == 0.0 and same["verdict"] == "equivalent"
-    assert t["best_baseline"] == "sewa" and t["ranks"]["last"] == [10.0, 10.0, 10.0]
+    assert t["best_baseline"] == t["best_trajectory_baseline"] == "sewa" and t["ranks"]["last"] == [10.0, 10.0, 10.0]
     assert t["k_curves"]["oracle"] == pytest.approx([90.0, 91.0, 84.0])
     assert t["selection_check"] == {"score": "val_metric", "methods": 10, "best_on_selection": "sewa", "its_test_rank": 1,
                                     "best_on_test": "sewa", "its_selection_rank": 1}
