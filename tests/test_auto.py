@@ -319,3 +319,54 @@ def test_greedy_soup_must_fit_the_mix_budget_too() -> None:
     plan = auto_module._plan(100, 2, s)
     assert not plan["greedy"] and plan["planned_mixes"] <= 0.5 * plan["sewa_default_mixes"]
     assert auto_module._plan(12, 2, s)["greedy"]  # a small window's greedy soup fits
+
+
+def _closeness_judge(target: Tensor, units: int = 20) -> Callable[[nn.Module], Tensor]:
+    """A judge whose units are fixed random directions: unit u scores -(v_u·(θ - target))²."""
+    v = torch.randn(units, D, generator=torch.Generator().manual_seed(3))
+
+    def judge(model: nn.Module) -> Tensor:
+        return -((v @ (model.weight.detach()[0] - target)) ** 2)
+
+    return judge
+
+
+def test_the_judge_moves_the_choice_when_it_tells_the_finalists_apart_beyond_noise() -> None:
+    """On a plateau the split keeps uniform; a judge that wants the newest snapshot moves auto to
+    the last iterate, and the weights returned are the ones it judged."""
+    traj, ev = _plateau(0)
+    ev = dataclasses.replace(ev, judge=_closeness_judge(traj.snapshot(K - 1)["weight"][0]), judge_name="closeness")
+    result = create("auto", **FAST).weights(traj, ev)
+    judge = result.info["judge"]
+    assert judge["split_choice"] == "uniform" and judge["moved"] and judge["chosen"] == result.info["chosen"] == "last"
+    assert torch.equal(result.weights, sewa.weights.last(K)) and judge["name"] == "closeness" and judge["units"] == 20
+    names = [f["name"] for f in judge["finalists"]]
+    within = [c["name"] for c in sorted(result.info["candidates"], key=lambda c: -c["score"]) if c["within_one_se"]]
+    assert names == ["uniform", "last", *[n for n in within if n not in ("uniform", "last")][:4]]
+    assert judge["gain_vs_uniform"]["mean"] > 1.5 * judge["gain_vs_uniform"]["se"] > 0
+    scores = {c["name"]: c["score"] for c in result.info["candidates"]}  # the split's gain is now the last iterate's
+    assert result.info["gain_vs_uniform"]["mean"] == pytest.approx(scores["last"] - scores["uniform"], abs=1e-9)
+    json.dumps(result.info, allow_nan=False)
+
+
+def test_a_judge_that_cannot_tell_the_finalists_apart_keeps_the_splits_choice_unrefitted() -> None:
+    traj, ev = _damaged(0)
+    noise = torch.randn(15, generator=torch.Generator().manual_seed(5))
+    plain = create("auto", **FAST).weights(traj, ev)
+    judged = create("auto", judge_finalists=4, **FAST).weights(traj, dataclasses.replace(ev, judge=lambda model: noise))
+    judge = judged.info["judge"]
+    assert not judge["moved"] and judged.info["chosen"] == plain.info["chosen"] == judge["split_choice"]
+    assert len(judge["finalists"]) == 4 and all(f["gap_to_split_choice"]["mean"] == 0.0 for f in judge["finalists"])
+    assert "refitted" in plain.info and "refitted" not in judged.info  # the judged weights are returned
+    assert torch.equal(judged.weights, torch.tensor(_candidate(judged.info, judged.info["chosen"])["weights"], dtype=torch.float64))
+    off = create("auto", judge_finalists=0, **FAST).weights(traj, dataclasses.replace(ev, judge=lambda model: noise))
+    assert "judge" not in off.info and torch.equal(off.weights, plain.weights)
+
+
+def test_a_judge_must_score_the_same_units_on_every_call() -> None:
+    traj, ev = _plateau(0)
+    calls = iter(range(1, 100))
+    with pytest.raises(ValueError, match="same units"):
+        create("auto", **FAST).weights(traj, dataclasses.replace(ev, judge=lambda model: torch.zeros(next(calls))))
+    with pytest.raises(ValueError, match="one finite score per unit"):
+        create("auto", **FAST).weights(traj, dataclasses.replace(ev, judge=lambda model: [float("nan")]))

@@ -11,6 +11,7 @@ import torch
 from _tiny_task import write_task
 from torch import nn
 
+import sewa
 from sewa.task import MAX_BATCHES, Task, TaskError, batch_size, forward, load_task
 
 
@@ -208,3 +209,17 @@ def test_the_task_names_its_metric(tmp_path: Path, extra: str, name: str) -> Non
 def test_a_bad_metric_name_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TaskError, match=r"sets METRIC_NAME to 3, expected a non-empty string"):
         load_task(str(write_task(tmp_path, "t.py", extra="\nMETRIC_NAME = 3\n")))
+
+
+def test_a_task_may_define_a_judge_for_auto(tmp_path: Path) -> None:
+    task = load_task(str(write_task(tmp_path, "t.py", extra="\nJUDGE_NAME = 'return'\ndef judge(model):\n    return [1.0, 2.0]\n")))
+    ev = task.evaluator("val", "to test")
+    assert task.judge_name == ev.judge_name == "return" and ev.judge is not None
+    traj = sewa.Trajectory(task.new_model(), window=2)
+    traj.push(task.new_model(), step=1)
+    assert ev.judged(traj, torch.ones(1, dtype=torch.float64)).tolist() == [1.0, 2.0]
+    assert load_task(str(write_task(tmp_path, "u.py"))).judge is None
+    with pytest.raises(TaskError, match="defines judge as a int"):
+        load_task(str(write_task(tmp_path, "v.py", extra="\njudge = 3\n")))
+    with pytest.raises(TaskError, match="sets JUDGE_NAME to ''"):
+        load_task(str(write_task(tmp_path, "w.py", extra="\nJUDGE_NAME = ''\ndef judge(model):\n    return [1.0]\n")))

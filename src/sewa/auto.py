@@ -66,7 +66,8 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -265,8 +266,17 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
         add(f"shrunk({base.name}, {a:g})", "shrunk", (7, a), a * base.weights + (1 - a) * u, {"of": base.name, "a": a}, fits)
         stats = statistics(candidates, sizes, ids, folds, objective)
     chosen, info = _choose(candidates, stats, s, objective, folds, plan, skipped, crossfit)
+    judged = ev.judge is not None and s["judge_finalists"] > 0
+    if judged:
+        # The judge's finalists are scored as they stand, so the weights returned are those it
+        # judged: no refit.
+        split_choice = chosen
+        chosen, info["judge"] = _judge(trajectory, ev, candidates, chosen, info["candidates"], s)
+        if chosen is not split_choice:
+            best = next(c for c in candidates if c.name == info["best"])
+            _describe(info, chosen, best, lambda name: _split_gain(stats, chosen, name, s, best.units[2]))
     weights = chosen.weights
-    if s["refit"] and chosen.fits is not None:
+    if s["refit"] and chosen.fits is not None and not judged:
         # Cross-fitting chose the family; the weights returned are that family fitted once more,
         # on the whole split with both halves' steps (the halves' mean when the refit fails).
         try:
@@ -331,30 +341,80 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
     chosen = min(eligible, key=lambda c: _preference(c, s["prefer"], stats[c.name]["key"][0], uniform_kept))
 
     def gain(name: str) -> dict[str, Any] | None:
-        if name not in stats:
-            return None
-        if s["se_rule"] == "paired":
-            return paired_gap(stats[chosen.name]["unit"] - stats[name]["unit"], sizes)
-        return mean_se(stats[chosen.name]["fold"] - stats[name]["fold"])
+        return _split_gain(stats, chosen, name, s, sizes)
 
     info: dict[str, Any] = {
         "objective": objective, "folds_used": folds, "crossfit": crossfit, "candidates": records,
-        "best": best.name, "best_se": best_se, "uniform_kept": uniform_kept, "chosen": chosen.name, "chosen_family": chosen.family, "chosen_params": chosen.params,
-        "indices": chosen.weights.nonzero().flatten().tolist(), "fell_back": chosen is not best,
-        "gain_vs_uniform": gain("uniform"), "gain_vs_last": gain("last"), "skipped": skipped,
+        "best": best.name, "best_se": best_se, "uniform_kept": uniform_kept, "skipped": skipped,
         "sewa_default_passes": {"forward": plan["sewa_default_passes"] // (1 + _BACKWARD_COST),
                                 "backward": plan["sewa_default_passes"] // (1 + _BACKWARD_COST)},
         "scored_batches": plan["scored_batches"], "planned_passes": plan["planned_passes"],
         "planned_mixes": plan["planned_mixes"], "sewa_default_mixes": plan["sewa_default_mixes"], "se_units": int(sizes.numel()),
     }
+    _describe(info, chosen, best, gain)
+    return chosen, info
+
+
+def _describe(info: dict[str, Any], chosen: Candidate, best: Candidate, gain: Callable[[str], dict[str, Any] | None]) -> None:
+    """The chosen candidate's entries of ``info``: its name, weights' support, window or K, and
+    its estimated gains on the split over uniform and the last iterate."""
+    for key in ("chosen_window", "top_k"):
+        info.pop(key, None)
+    info.update({"chosen": chosen.name, "chosen_family": chosen.family, "chosen_params": chosen.params,
+                 "indices": chosen.weights.nonzero().flatten().tolist(), "fell_back": chosen is not best,
+                 "gain_vs_uniform": gain("uniform"), "gain_vs_last": gain("last")})
     if chosen.family == "tail":
         info["chosen_window"] = chosen.params
     if "top_k" in chosen.params:
         info["top_k"] = chosen.params["top_k"]
-    return chosen, info
+
+
+def _judge(trajectory: Trajectory, ev: Evaluator, candidates: list[Candidate], chosen: Candidate,
+           records: list[dict[str, Any]], s: Mapping[str, Any]) -> tuple[Candidate, dict[str, Any]]:
+    """The judge's check of the split's choice: it scores the finalists (the choice, uniform, the
+    last iterate, then the best-scoring candidates within noise on the split, ``judge_finalists``
+    in all) and moves to its best finalist only when that beats the split's choice by more than
+    ``se_multiple`` paired standard errors over the judge's units."""
+    named = {c.name: c for c in candidates}
+    within = sorted((r for r in records if r["within_one_se"]), key=lambda r: -r["score"])
+    order = [chosen.name, "uniform", "last"] + [r["name"] for r in within]
+    finalists = [n for n in dict.fromkeys(order) if n in named][: s["judge_finalists"]]
+    start = time.perf_counter()
+    scores = {n: ev.judged(trajectory, named[n].weights) for n in finalists}
+    counts = {n: v.numel() for n, v in scores.items()}
+    if len(set(counts.values())) > 1:
+        raise MethodError(f"auto: the judge ({ev.judge_name}) scored different numbers of units: {counts}; it must score "
+                          "the same units (e.g. the same reset seeds) on every call")
+    ones = torch.ones(next(iter(counts.values())), dtype=torch.float64)
+
+    def gap(a: str, b: str) -> dict[str, Any]:
+        return paired_gap(scores[a] - scores[b], ones)
+
+    top = max(finalists, key=lambda n: float(scores[n].mean()))
+    lead = gap(top, chosen.name)
+    moved = top != chosen.name and lead["se"] is not None and lead["mean"] > s["se_multiple"] * lead["se"]
+    final = top if moved else chosen.name
+    return named[final], {
+        "name": ev.judge_name, "units": int(ones.numel()), "seconds": time.perf_counter() - start,
+        "finalists": [{"name": n, "mean": float(scores[n].mean()), "se": mean_se(scores[n])["se"],
+                       "gap_to_split_choice": gap(n, chosen.name)} for n in finalists],
+        "split_choice": chosen.name, "chosen": final, "moved": moved,
+        "gain_vs_uniform": gap(final, "uniform") if "uniform" in scores else None,
+        "gain_vs_last": gap(final, "last") if "last" in scores else None,
+    }
 
 
 _FITTED = ("sewa", "greedy_soup", "learned_soup", "shrunk")
+
+
+def _split_gain(stats: dict[str, dict[str, Any]], chosen: Candidate, name: str, s: Mapping[str, Any],
+                sizes: Tensor) -> dict[str, Any] | None:
+    """The chosen candidate's score on the split minus candidate ``name``'s, with its standard error."""
+    if name not in stats:
+        return None
+    if s["se_rule"] == "paired":
+        return paired_gap(stats[chosen.name]["unit"] - stats[name]["unit"], sizes)
+    return mean_se(stats[chosen.name]["fold"] - stats[name]["fold"])
 
 
 def _preference(c: Candidate, prefer: str, score: float, uniform_kept: bool) -> tuple[float, float, float]:
@@ -378,7 +438,7 @@ def _preference(c: Candidate, prefer: str, score: float, uniform_kept: bool) -> 
 def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 30, sewa_samples: int = 4,
          sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, pass_budget: float = 1.25,
          se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True,
-         prefer: str = "fitted", loss_tie_break: bool = True) -> Method:
+         prefer: str = "fitted", loss_tie_break: bool = True, judge_finalists: int = 6) -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
@@ -407,6 +467,12 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         loss_tie_break: With ``prefer="fitted"`` and a metric objective, uniform loses its
             precedence to a fitted candidate within noise on the metric whose loss is lower than
             uniform's by more than ``se_multiple`` paired SEs (False: the order before this setting).
+        judge_finalists: When the evaluator has a judge (a score of whole models, such as the
+            returns of rollout episodes), how many finalists it scores: the split's choice,
+            uniform, the last iterate, then the best candidates within noise. auto moves to the
+            judge's best finalist only when it beats the split's choice by more than
+            ``se_multiple`` paired SEs over the judge's units, and returns the weights judged
+            (no refit). 0: the judge is not used.
     """
     for name, value in (("folds", folds), ("sewa_steps", sewa_steps), ("sewa_samples", sewa_samples)):
         _positive_int(name, "auto", value)
@@ -420,8 +486,9 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         raise MethodError(f"auto: se_multiple must be a non-negative number, got {se_multiple!r}")
     if not pass_budget > 0:
         raise MethodError(f"auto: pass_budget must be positive, got {pass_budget!r}")
-    if isinstance(soup_steps, bool) or not isinstance(soup_steps, int) or soup_steps < 0:
-        raise MethodError(f"auto: soup_steps must be a non-negative integer, got {soup_steps!r}")
+    for name, value in (("soup_steps", soup_steps), ("judge_finalists", judge_finalists)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise MethodError(f"auto: {name} must be a non-negative integer, got {value!r}")
     if prefer not in ("fitted", "simple"):
         raise MethodError(f"auto: prefer must be 'fitted' or 'simple', got {prefer!r}")
     if se_rule not in ("best", "paired"):
@@ -430,7 +497,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
                 "sewa_fraction": float(sewa_fraction), "shrink": float(shrink), "greedy": bool(greedy),
                 "pass_budget": float(pass_budget), "se_rule": se_rule, "se_multiple": float(se_multiple),
                 "soup_steps": soup_steps, "refit": bool(refit), "prefer": prefer,
-                "loss_tie_break": bool(loss_tie_break)}
+                "loss_tie_break": bool(loss_tie_break), "judge_finalists": judge_finalists}
     return Method("auto", _frozen(settings), _rule, evaluates=True)
 
 

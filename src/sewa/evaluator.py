@@ -5,10 +5,15 @@ it holds the model, the loss, the optional metric and the selection batches, and
 weight vector exactly as :func:`sewa.select` computes its loss (the same engine: eval mode,
 BatchNorm on batch statistics). Scores are batch-size-weighted means; :meth:`Evaluator.per_batch`
 gives them batch by batch, for methods that cross-fit over folds of the split.
+
+A *judge* scores what the split's batches cannot: the whole averaged model, one score per unit
+(the return of each of a fixed set of rollout episodes, for a policy). It is costly, so ``auto``
+calls it only on a few finalists (:meth:`Evaluator.judged`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +24,8 @@ from torch import Tensor, nn
 from . import weights as rules
 from ._batch import bounded, split_batch, to_device
 from ._engine import MixedLoss
+from .average import apply
+from .bn import has_batchnorm
 from .task import batch_size
 from .trajectory import Trajectory
 
@@ -88,6 +95,11 @@ class Evaluator:
         vectorize: Passed to the engine (see :func:`sewa.select`).
         device: Where to compute; defaults to the trajectory's device.
         progress: Progress bars for the long methods (``None``: only on a terminal).
+        judge: Optional ``judge(model) -> scores``, higher is better, one per unit (e.g. the
+            return of each rollout episode): the task's real metric where the batches' metric
+            cannot measure it. It must score the same units in the same order on every call (fixed
+            reset seeds), so that two models' scores pair up.
+        judge_name: How reports name the judge's score.
     """
 
     model: nn.Module
@@ -99,6 +111,8 @@ class Evaluator:
     vectorize: bool | None = field(default=None, kw_only=True)
     device: torch.device | str | None = field(default=None, kw_only=True)
     progress: bool | None = field(default=False, kw_only=True)
+    judge: Callable[[nn.Module], Any] | None = field(default=None, kw_only=True)
+    judge_name: str = field(default="judge", kw_only=True)
 
     def __post_init__(self) -> None:
         # A one-shot iterator is read once here; a re-iterable (a list, a DataLoader) is kept as
@@ -155,6 +169,26 @@ class Evaluator:
             value = scores.mean(bad[0]) if bad[0] == "loss" else float("nan")
             raise EvaluationError(f"the selection {bad[0]} of an average (snapshots {chosen}) is {value}: the task's "
                                   f"{bad[0]} is not finite on the selection split; check the {bad[0]} function and the data")
+        return scores
+
+    def judged(self, trajectory: Trajectory, w: Tensor) -> Tensor:
+        """The judge's scores (float64, one per unit) of the average of ``trajectory`` with
+        weights ``w``, loaded into a copy of the model in eval mode (BatchNorm statistics
+        recomputed on the selection split).
+
+        Raises:
+            EvaluationError: without a judge, or when it returns no scores or one that is not finite.
+        """
+        if self.judge is None:
+            raise EvaluationError("this evaluator has no judge: pass judge= to score whole models")
+        model = copy.deepcopy(self.model)
+        bn = list(bounded(self.batches, "the selection split")) if has_batchnorm(model) else None
+        with torch.no_grad():
+            scores = torch.as_tensor(self.judge(apply(model, trajectory, w, bn_batches=bn).eval()), dtype=torch.float64).flatten()
+        if scores.numel() == 0 or not bool(scores.isfinite().all()):
+            chosen = [i for i, v in enumerate(w.tolist()) if v > 0]
+            raise EvaluationError(f"the judge ({self.judge_name}) gave {scores.tolist()} for an average (snapshots {chosen}): "
+                                  "it must return one finite score per unit, e.g. the return of each rollout episode")
         return scores
 
     def loss(self, trajectory: Trajectory, w: Tensor) -> float:

@@ -7,7 +7,10 @@ A task is a Python file path or an importable module name that defines:
   ``"train"``, ``"val"``, ``"test"`` (a task may lack ``"test"``);
 - ``loss(outputs, targets) -> Tensor``: a scalar;
 - optionally ``metric(outputs, targets) -> float``, higher is better, and ``METRIC_NAME``, the
-  name reports give it (else the function's own name when it is more than ``metric``).
+  name reports give it (else the function's own name when it is more than ``metric``);
+- optionally ``judge(model) -> scores``, higher is better, one per unit, the same units on every
+  call (the returns of rollout episodes with fixed reset seeds), and ``JUDGE_NAME``: ``auto``
+  checks its finalists with it (:class:`sewa.evaluator.Evaluator`).
 
 Losses and metrics are averaged over batches weighted by batch size. The demo and the
 experiments build a :class:`Task` in memory from the same four functions.
@@ -75,6 +78,8 @@ class Task:
         source: The file or module it was loaded from (for reports).
         metric_name: How reports name the metric.
         max_batches: The most batches one pass may yield (:data:`MAX_BATCHES`).
+        judge: ``judge(model) -> scores`` of whole models (see the module docstring), or ``None``.
+        judge_name: How reports name the judge's score.
     """
 
     model: Callable[[], nn.Module]
@@ -84,6 +89,8 @@ class Task:
     source: str = "<in memory>"
     metric_name: str = "metric"
     max_batches: int = MAX_BATCHES
+    judge: Callable[[nn.Module], Any] | None = None
+    judge_name: str = "judge"
     # The one-shot iterators batches(split) returned, per split, to refuse one handed back again.
     _seen: dict[str, list[Iterator[Any]]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -157,7 +164,7 @@ class Task:
         from .evaluator import Evaluator
 
         return Evaluator(self.new_model(), self.loss, self.require(split, why), metric=self.metric,
-                         metric_name=self.metric_name, **options)
+                         metric_name=self.metric_name, judge=self.judge, judge_name=self.judge_name, **options)
 
     def has_split(self, name: str) -> bool:
         """Whether ``batches(name)`` yields at least one well-formed batch (read once)."""
@@ -312,7 +319,7 @@ def load_task(spec: str) -> Task:
     Raises:
         FileNotFoundError: if ``spec`` names a file that does not exist.
         TaskError: if it does not import (or exits while importing), or lacks one of ``model``,
-            ``batches``, ``loss`` (or defines one of them, or ``metric``, as something not callable).
+            ``batches``, ``loss`` (or defines one of them, or ``metric`` or ``judge``, as something not callable).
     """
     module = _import(spec)
     missing = [name for name in REQUIRED if not callable(getattr(module, name, None))]
@@ -323,6 +330,13 @@ def load_task(spec: str) -> Task:
     if metric is not None and not callable(metric):
         raise TaskError(f"task {spec} defines metric as a {type(metric).__name__}, expected a function metric(outputs, targets) -> float")
     metric_name = _metric_name(module, metric, spec)
+    judge = getattr(module, "judge", None)
+    if judge is not None and not callable(judge):
+        raise TaskError(f"task {spec} defines judge as a {type(judge).__name__}, expected a function judge(model) -> scores")
+    judge_name = getattr(module, "JUDGE_NAME", "judge")
+    if not isinstance(judge_name, str) or not judge_name.strip():
+        raise TaskError(f"task {spec} sets JUDGE_NAME to {judge_name!r}, expected a non-empty string such as 'return'")
     return Task(model=_guarded(module.model, "model", spec), batches=_guarded(module.batches, "batches", spec),
                 loss=_guarded(module.loss, "loss", spec), metric=None if metric is None else _guarded(metric, "metric", spec),
-                source=spec, metric_name=metric_name)
+                source=spec, metric_name=metric_name, judge=None if judge is None else _guarded(judge, "judge", spec),
+                judge_name=judge_name.strip())

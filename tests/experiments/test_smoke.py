@@ -44,9 +44,12 @@ def test_quick_preset_runs_and_renders(tmp_path: Path, name: str, ablations: boo
             assert abs(sum(m["weights"]) - 1) < 1e-6, key
     assert sorted(methods["sewa"]["indices"]) == methods["sewa"]["indices"] and len(methods["sewa"]["indices"]) == 10
     assert methods["last"]["weights"][-1] == 1.0
-    for c in methods["auto"]["candidates"]:  # every candidate scored on test after the choice, for offline study
-        assert c["test"]["test_loss"] is not None and (c["test"]["test_metric"] is None) == (saved["family"] == "bc")
     bc = saved["family"] == "bc"
+    judge = methods["auto"].get("judge")  # BC: auto checks its finalists on validation rollouts
+    assert (judge is not None) == bc and (not bc or (judge["units"] == 2 and len(judge["finalists"]) >= 3))
+    finalists = {f["name"] for f in judge["finalists"]} if judge else set()
+    for c in methods["auto"]["candidates"]:  # every candidate scored on test after the choice, for offline study
+        assert c["test"]["test_loss"] is not None and (c["test"]["test_metric"] is None) == (bc and c["name"] not in finalists)
     assert saved["k_curves"]["measure"] == ("test_loss" if bc else "test_metric")
     # BC: the medium policy; images: logistic regression on pixels (text's is switched off above)
     assert (saved["reference"] is not None) == (name != "ag_news") and ("measure_note" in saved) == bc

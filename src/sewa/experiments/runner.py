@@ -122,14 +122,17 @@ class _Scorer:
         return self.model(apply(copy.deepcopy(self.template), trajectory, w, bn_batches=self.bn))
 
 
-def _task(spec: T.Spec, template: nn.Module, bn: list[Any], selection: list[Any]) -> Task:
+def _task(spec: T.Spec, template: nn.Module, bn: list[Any], selection: list[Any], data: T.TaskData, seed: int) -> Task:
     """The experiment as a :class:`sewa.task.Task`: averages load into copies of the trained
     model, BatchNorm is refreshed on ``bn`` training batches, and methods select on
-    ``selection`` (scores come from the experiment's own scorer, not from a test split here)."""
+    ``selection`` (scores come from the experiment's own scorer, not from a test split here).
+    For BC, ``auto``'s judge is the return of ``spec.judge_episodes`` validation rollouts."""
     splits = {"train": bn, "val": selection}
+    bc = spec.family == "bc"
     return Task(model=lambda: copy.deepcopy(template), batches=lambda split: splits[split], loss=spec.loss,
-                metric=T.accuracy if spec.family != "bc" else None, source=f"sewa.experiments:{spec.name}",
-                metric_name=spec.metric_name)
+                metric=None if bc else T.accuracy, source=f"sewa.experiments:{spec.name}", metric_name=spec.metric_name,
+                judge=T.bc_judge(data, spec.judge_episodes, seed) if bc and spec.judge_episodes > 0 else None,
+                judge_name="normalized return (validation rollouts)")
 
 
 def plan(n: int, spec: T.Spec, seed: int, ev: Evaluator, traj: Trajectory) -> tuple[dict[str, Method], dict[str, dict[str, Any]]]:
@@ -175,9 +178,12 @@ def _method_table(traj: Trajectory, task: Task, spec: T.Spec, seed: int, score: 
             entry["seconds"] = (entry.get("seconds") or 0.0) + choices[label]["choice_seconds"]
         if label == "auto" and entry.get("candidates"):
             # Every candidate's test scores, after the choice (they never reach it): any choice rule
-            # can then be studied on the testbed from the raw runs, without training again.
+            # can then be studied on the testbed from the raw runs, without training again. The
+            # judge's finalists (BC) are rolled out on the test episodes too.
+            finalists = {f["name"] for f in (entry.get("judge") or {}).get("finalists", [])}
             for c in entry["candidates"]:
-                c["test"] = score.average(traj, torch.tensor(c["weights"], dtype=torch.float64))
+                w = torch.tensor(c["weights"], dtype=torch.float64)
+                c["test"] = score(traj, w) if c["name"] in finalists else score.average(traj, w)
         out[label] = entry
     return out
 
@@ -366,7 +372,7 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
     # ``sel_subset`` items where evaluating the whole of it hundreds of times would be too slow.
     x_val, y_val = _selection_split(spec, data)
     sel_batches = list(T.loader((x_val, y_val), spec.sel_batch, False, 0))
-    task = _task(spec, model, score.bn, sel_batches)
+    task = _task(spec, model, score.bn, sel_batches, data, seed)
     methods = _method_table(main, task, spec, seed, score)
     methods["swa_lr"] = _swa_lr_branch(spec, branch["model"], branch["opt"], data, seed, start, total, reg, score)
     dist = distributions(main, score, seed, methods.get("sewa"), spec)

@@ -51,6 +51,9 @@ class Spec:
         curve_draws: Random draws per K for the K-curves' random-K mean at K other than 10.
         episodes: Rollouts behind a BC test score (:func:`sewa.experiments.bc_data.rollout_seeds`,
             disjoint from the data's collection seeds and from validation rollouts).
+        judge_episodes: Validation rollouts behind each score of ``auto``'s judge (BC only; 0: no
+            judge): auto checks its finalists on the return, which the selection split's MSE
+            tracks poorly (:func:`bc_judge`).
         reference: ``reference(spec, data, seed)`` -> ``{"name", "test_metric", "val_metric"}``: a
             simple strong model on the same split, shown beside the table (None: the loader's
             ``data.info["reference"]`` when it sets one).
@@ -82,6 +85,7 @@ class Spec:
     sel_samples: int = 4
     bn_batches: int = 50
     episodes: int = 10
+    judge_episodes: int = 0
     seeds: int = 3
     ablations: bool = False
     ablation_seeds: int = 5
@@ -99,7 +103,7 @@ class Spec:
         if preset != "quick":
             raise ValueError(f"unknown preset {preset!r}: use 'quick' or 'full'")
         return replace(self, epochs=2, window=20, record_window=24, every=1, train_subset=min(self.train_subset or 2000, 2000),
-                       batch_size=min(self.batch_size, 64), eval_subset=500, sel_subset=min(self.sel_subset or 256, 256), sel_steps=30, sel_samples=2, bn_batches=5, episodes=2, seeds=1,
+                       batch_size=min(self.batch_size, 64), eval_subset=500, sel_subset=min(self.sel_subset or 256, 256), sel_steps=30, sel_samples=2, bn_batches=5, episodes=2, judge_episodes=min(self.judge_episodes, 2), seeds=1,
                        draws=20, curve_draws=3,
                        options=self.options | {"quick": True, "transitions": 10_000})
 
@@ -249,6 +253,23 @@ def bc_score(model: nn.Module, data: TaskData, episodes: int, seed: int) -> dict
             "rollout_seeds": [seeds[0], seeds[-1]]}
 
 
+def bc_judge(data: TaskData, episodes: int, seed: int) -> Callable[[nn.Module], list[float]]:
+    """``auto``'s judge for BC: the D4RL-normalised return of each of ``episodes`` validation
+    rollouts (reset seeds of :func:`sewa.experiments.bc_data.rollout_seeds`, the same on every
+    call and disjoint from the test rollouts)."""
+    from . import bc_data
+    from . import mujoco_bc as bc
+
+    seeds = bc_data.rollout_seeds("val", episodes, seed)
+
+    def judge(model: nn.Module) -> list[float]:
+        act = bc.torch_act_fn(model.eval(), data.info["obs_mean"], data.info["obs_std"])
+        returns = bc_data.evaluate_seeds(data.info["env"], act, seeds)["returns"]
+        return [bc.normalized_score(data.info["env"], float(r)) for r in returns]
+
+    return judge
+
+
 def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
     return F.mse_loss(outputs, targets)
 
@@ -275,7 +296,7 @@ IMAGE: dict[str, Any] = {"epochs": 10, "lr": 0.05, "batch_size": 128, "window": 
 # Window: constant = a tail at the full LR 3e-3; cosine = the last quarter of the decay, LR 14% -> 0.
 BC: dict[str, Any] = {"epochs": 58, "lr": 3e-3, "optimizer": "adam", "weight_decay": 0.0, "batch_size": 256, "window": 100,
                       "record_window": 100, "every": 50, "seeds": 10, "sel_batch": 1024, "episodes": 50,
-                      "regimes": ("constant", "cosine"), "reference": bc_reference}
+                      "judge_episodes": 10, "regimes": ("constant", "cosine"), "reference": bc_reference}
 
 
 def _text_model(d: TaskData) -> nn.Module:
