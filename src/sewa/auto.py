@@ -58,6 +58,16 @@ keeps one that is not worse than the best beyond noise (uniform first, then a fi
    window, which dominates on a split of a batch or two), fit ``pass_budget`` default
    selections; a split too large for that is scored on a seeded subset of its batches
    (recorded as ``scored_batches``).
+6. **Judge.** When the evaluator has a judge (:class:`sewa.evaluator.Evaluator`: a score of the
+   whole averaged model, one per unit, such as the normalised return of each of a fixed set of
+   validation rollouts), the split's choice is checked on it: the judge scores up to
+   ``judge_finalists`` finalists (the split's choice, uniform, the last iterate, then the
+   best-scoring candidates within noise on the split), and auto moves to the judge's best
+   finalist only when it beats the split's choice by more than ``se_multiple`` paired SEs over
+   the judge's units. The weights judged are the weights returned (no refit). For behaviour
+   cloning the split's MSE tracks the return poorly: on hopper (constant LR, seed 0) the last
+   iterate had 1.5x uniform's validation MSE and the higher test return. The judge's calls are
+   not model passes over the split: they are timed and recorded in ``info["judge"]``.
 """
 
 from __future__ import annotations
