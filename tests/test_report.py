@@ -218,3 +218,30 @@ def test_auto_explains_its_choice(tmp_path: Path) -> None:
     assert text.count("| uniform") >= 1 and "(chosen)" in text
     png = tmp_path / "rep" / "auto_weights.png"
     assert png in written and imread(png).shape[0] > 100
+
+
+def test_the_report_says_what_the_judge_did(tmp_path: Path) -> None:
+    """With a judge, the report names the split's choice, the judge's finalists and whether it moved."""
+    import reference as ref
+
+    from sewa.methods import Evaluator, create
+
+    model, traj, batches = ref.make_problem("mlp", n=6)
+    newest = traj.snapshot(5)
+
+    def judge(m: Any) -> list[float]:  # prefers the newest snapshot, on 8 units
+        gap = sum(float((p.detach() - newest[name]).pow(2).sum()) for name, p in m.named_parameters())
+        return [-gap - 0.01 * u for u in range(8)]
+
+    ev = Evaluator(model, ref.cross_entropy, batches, judge=judge, judge_name="closeness")
+    result = create("auto", sewa_steps=4, soup_steps=4).weights(traj, ev)
+    assert result.info["judge"]["moved"] and result.info["chosen"] == "last"
+    run = _run(0, 0.8, 0.5, k=6)
+    run["methods"]["auto"] = {"weights": result.weights.tolist(), "test_loss": 0.4, "test_metric": 0.82, **result.info}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(run, allow_nan=False))
+    write_report(load_results(path), tmp_path / "rep", results_path=path)
+    text = (tmp_path / "rep" / "report.md").read_text()
+    split_choice = result.info["judge"]["split_choice"]
+    assert f"it chose `{split_choice}`" in text and "The judge (closeness) then scored" in text
+    assert "moved to `last`" in text and "| finalist | closeness (mean ± SE) |" in text and "| last (chosen) |" in text

@@ -39,17 +39,20 @@ def auto_markdown(run: dict[str, Any]) -> list[str]:
         return []
     objective = entry.get("objective", "loss")
     score = "metric" if objective == "metric" else "minus the loss"
+    judge = entry.get("judge")
+    first = judge["split_choice"] if judge else entry.get("chosen")
     out = [f"### How `auto` chose (seed {run.get('seed')})", "",
            f"`auto` scored {len(entry['candidates'])} candidate averages on the selection split by {score} "
            f"(higher is better), over {entry.get('folds_used', '?')} folds"
            + (", cross-fitted (what learns on one half is scored on the other)" if entry.get("crossfit") else "") + ". "
-           f"The best was `{entry.get('best')}`; it chose `{entry.get('chosen')}`"
+           f"The best was `{entry.get('best')}`; it chose `{first}`"
            + (" among the candidates within noise of the best (" + _PREFER.get(entry.get("prefer", "simple"), "") + ")"
-              if entry.get("fell_back") else "") + "."
+              if first != entry.get("best") else "") + "."
            + (" Uniform was within noise, but a fitted candidate within noise had a lower loss beyond noise, so "
               "the loss broke the tie." if entry.get("uniform_kept") is False and any(
                   c["name"] == "uniform" and c.get("within_one_se") for c in entry["candidates"]) else "")
-           + (f" It then fitted `{entry['refitted']['of']}` again on the whole split." if entry.get("refitted") else ""), "",
+           + (f" It then fitted `{entry['refitted']['of']}` again on the whole split." if entry.get("refitted") else "")
+           + _judge_sentence(judge), "",
            f"- estimated gain over uniform: {_pm(entry.get('gain_vs_uniform'))}; over the last iterate: "
            f"{_pm(entry.get('gain_vs_last'))} (selection-split {score}, mean ± standard error over folds)",
            f"- chosen: {entry.get('chosen_params') or entry.get('chosen_window') or {}}",
@@ -62,9 +65,23 @@ def auto_markdown(run: dict[str, Any]) -> list[str]:
         mark = " (chosen)" if c["name"] == entry.get("chosen") else ""
         out.append(f"| {c['name']}{mark} | {c['score']:.4f} ± {c.get('se') or 0:.4f} | {folds} | "
                    f"{_pm(c.get('gap_to_best'))} | {'yes' if c.get('within_one_se') else 'no'} |")
+    if judge:
+        out += ["", f"| finalist | {judge['name']} (mean ± SE) | gap to `{first}` |", "|---|---|---|"]
+        out += [f"| {f['name']}{' (chosen)' if f['name'] == entry.get('chosen') else ''} | {f['mean']:.4g} ± {f.get('se') or 0:.2g} | "
+                f"{_pm(f.get('gap_to_split_choice'), 3)} |" for f in judge["finalists"]]
     if entry.get("skipped"):
         out += ["", "Skipped: " + "; ".join(str(s) for s in entry["skipped"])]
     return out + [""]
+
+
+def _judge_sentence(judge: dict[str, Any] | None) -> str:
+    if not judge:
+        return ""
+    verdict = (f"moved to `{judge['chosen']}`, which beat it beyond noise" if judge["moved"]
+               else "kept it: no finalist beat it beyond noise")
+    return (f" The judge ({judge['name']}) then scored {len(judge['finalists'])} finalists on {judge['units']} units each "
+            f"({judge['seconds']:.1f} s) and {verdict}; gain over uniform on the judge {_pm(judge.get('gain_vs_uniform'), 3)}, "
+            f"over the last iterate {_pm(judge.get('gain_vs_last'), 3)}. The weights judged are returned as they are.")
 
 
 def plot_auto_weights(run: dict[str, Any], path: Path, figure: Any) -> bool:
