@@ -98,7 +98,7 @@ def test_summary_schema_on_three_synthetic_runs(tmp_path: Path) -> None:
     md = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "reference: multinomial naive Bayes | 87.40 ± 0.00" in md
     assert "| sewa vs uniform | +5.00 |" in md and "**better**" in md
-    assert "| tiny — unstable-spikes (quick) | simple | uniform, uniform, uniform | 3 of 3 | 3 of 3 | +0 (metric) | +5.00 | 0.50 |" in md
+    assert "| tiny — unstable-spikes (quick) | simple | uniform, uniform, uniform | 3 of 3 | 3 of 3 | — | +0 (metric) | +5.00 | 0.50 |" in md
     assert "auto is never worse than the best baseline" in md and "1 equivalent" in md
     assert (tmp_path / "docs" / "ranks.png").is_file() and (tmp_path / "docs" / "k_curves.png").is_file()
 
@@ -152,3 +152,12 @@ def test_one_entry_per_task_and_regime_preferring_the_full_preset(tmp_path: Path
 def test_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="sewa.experiment/3"):
         summary.normalize({"format": "sewa.experiment/3"})
+
+
+def test_the_auto_table_counts_the_judges_moves(tmp_path: Path) -> None:
+    runs = [fake_run(s) for s in range(3)]
+    for r, moved in zip(runs, (True, False, True), strict=True):
+        r["methods"]["auto"]["judge"] = {"moved": moved, "seconds": 2.0}
+    entry = summary.task_entry(("tiny", "unstable-spikes", "quick"), runs)
+    assert entry["auto"]["judge_moved"] == [True, False, True] and entry["auto"]["judge_seconds"] == [2.0] * 3
+    assert "| 3 of 3 | 3 of 3 | 2 of 3 | +0 (metric) |" in "\n".join(results.auto_table({("tiny", "unstable-spikes", "quick"): entry}))

@@ -233,8 +233,8 @@ def selection_table(entries: dict[Key, dict[str, Any]]) -> list[str]:
 def auto_table(entries: dict[Key, dict[str, Any]]) -> list[str]:
     """Per task-regime: what auto chose on each seed, how often it fell back, its estimated gain over
     uniform on the selection split against its realised gain on test, and its cost."""
-    lines = ["| task — regime (preset) | auto's order | chosen per seed | fell back | cross-fitted | est. gain vs uniform (val, objective) | "
-             "test gain vs uniform | forward passes / SeWA's |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task — regime (preset) | auto's order | chosen per seed | fell back | cross-fitted | judge moved it | "
+             "est. gain vs uniform (val, objective) | test gain vs uniform | forward passes / SeWA's |", "|---|---|---|---|---|---|---|---|---|"]
     for key, e in sorted(entries.items()):
         a, ms = e["auto"], e["methods"]
         if not a:
@@ -246,8 +246,10 @@ def auto_table(entries: dict[Key, dict[str, Any]]) -> list[str]:
         order = ", ".join(sorted({f"{p}{' + refit' if r else ''}{' + loss tie-break' if b else ''}"
                                   for p, r, b in zip(a.get("prefer") or ["simple"] * n, a.get("refit") or [False] * n,
                                                      a.get("loss_tie_break") or [False] * n, strict=True)}))
+        judged = [m for m in a.get("judge_moved") or [] if m is not None]
+        moved = f"{sum(judged)} of {len(judged)}" if judged else "—"
         lines.append(f"| {_title(key)} | {order} | {', '.join(str(c) for c in a['chosen'])} | {sum(bool(f) for f in a['fell_back'])} of "
-                     f"{len(a['chosen'])} | {sum(bool(f) for f in a['crossfit'])} of {len(a['chosen'])} | "
+                     f"{len(a['chosen'])} | {sum(bool(f) for f in a['crossfit'])} of {len(a['chosen'])} | {moved} | "
                      f"{_num(_avg(a['gain_vs_uniform']), '+.4g')} ({objective}) | {_num(test, '+.2f')} | "
                      f"{_num(_avg(a['forward_passes_over_sewa']), '.2f')} |")
     return lines if len(lines) > 2 else []
@@ -330,7 +332,8 @@ def render(root: Path, out: Path, summary_path: Path | None = None, allow_mixed:
            "scoring one, chosen within noise of it by the one-standard-error rule and auto's `prefer` order (see each "
            "run's settings: \"simple\", or from commit c065994 on \"fitted\", whose fitted choice is then refitted on the "
            "whole split; \"loss tie-break\": uniform also yields to a fitted candidate within noise whose loss is lower "
-           "beyond noise); the estimated gain is on the selection split in its objective's raw units "
+           "beyond noise; \"judge moved it\": for BC from commit 92e0754 on, validation rollouts of auto's finalists moved "
+           "its choice beyond noise); the estimated gain is on the selection split in its objective's raw units "
            "(for a loss, a decrease), next to the gain realised on test in the table's units.", ""] + auto + [""] if auto else []
     md += ["## Compute", "", "Wall-clock on the machines named above; passes count SeWA's forward and backward passes "
            "(steps × samples).", ""] + compute_table(groups, entries) + [""]

@@ -265,7 +265,10 @@ def auto_record(recs: list[dict[str, Any]]) -> dict[str, Any] | None:
             "gain_vs_uniform": [_r(x) for x in each("gain_vs_uniform", "mean")],
             "gain_vs_uniform_se": [_r(x) for x in each("gain_vs_uniform", "se")],
             "gain_vs_last": [_r(x) for x in each("gain_vs_last", "mean")],
-            "forward_passes_over_sewa": [None if a is None or not b else _r(a / b) for a, b in zip(passes, sewa, strict=True)]}
+            "forward_passes_over_sewa": [None if a is None or not b else _r(a / b) for a, b in zip(passes, sewa, strict=True)],
+            # the judge's check of the split's choice (BC, from commit 92e0754 on): None without one
+            "judge_moved": [None if j is None else bool(j["moved"]) for j in each("judge")],
+            "judge_seconds": [None if j is None else _r(j["seconds"]) for j in each("judge")]}
 
 
 def measure(recs: list[dict[str, Any]]) -> str:
