@@ -407,7 +407,7 @@ def _judge(trajectory: Trajectory, ev: Evaluator, candidates: list[Candidate], c
     return named[final], {
         "name": ev.judge_name, "units": int(ones.numel()), "seconds": time.perf_counter() - start,
         "finalists": [{"name": n, "mean": float(scores[n].mean()), "se": mean_se(scores[n])["se"],
-                       "gap_to_split_choice": gap(n, chosen.name)} for n in finalists],
+                       "gap_to_split_choice": gap(n, chosen.name), "scores": scores[n].tolist()} for n in finalists],
         "split_choice": chosen.name, "chosen": final, "moved": moved,
         "gain_vs_uniform": gap(final, "uniform") if "uniform" in scores else None,
         "gain_vs_last": gap(final, "last") if "last" in scores else None,

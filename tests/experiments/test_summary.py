@@ -161,3 +161,23 @@ def test_the_auto_table_counts_the_judges_moves(tmp_path: Path) -> None:
     entry = summary.task_entry(("tiny", "unstable-spikes", "quick"), runs)
     assert entry["auto"]["judge_moved"] == [True, False, True] and entry["auto"]["judge_seconds"] == [2.0] * 3
     assert "| 3 of 3 | 3 of 3 | 2 of 3 | +0 (metric) |" in "\n".join(results.auto_table({("tiny", "unstable-spikes", "quick"): entry}))
+
+
+def test_runs_with_changed_settings_stay_out_of_the_tables(tmp_path: Path) -> None:
+    run = fake_run(0) | {"overrides": {"judge_episodes": 30}}
+    write_runs(tmp_path, [run])
+    with pytest.raises(ValueError, match=r"ran with changed settings .*move the run out"):
+        summary.load_runs(tmp_path)
+
+
+def test_experiment_settings_are_changed_by_field_with_its_type() -> None:
+    from sewa.experiments.command import parse_overrides
+    from sewa.experiments.tasks import SPECS
+
+    spec = SPECS["hopper"]
+    assert parse_overrides(spec, ["judge_episodes=30", "lr=0.01", "ablations=true"]) == {
+        "judge_episodes": 30, "lr": 0.01, "ablations": True}
+    for bad, message in (("judge_episodes", "expected FIELD=VALUE"), ("nope=1", "expected FIELD=VALUE"),
+                         ("judge_episodes=many", "takes a int"), ("ablations=maybe", "takes a bool")):
+        with pytest.raises(ValueError, match=message):
+            parse_overrides(spec, [bad])

@@ -37,6 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="run even though src/ has uncommitted changes (the run records dirty: true; it is not evidence)")
     p.add_argument("--device", default="cpu", help="where to train and evaluate: cpu (default) or cuda (image family; BC stays on the CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on small shared machines)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                   help="change one setting of the task's spec after the preset, e.g. --set judge_episodes=30 (repeatable; "
+                   "the run records it under 'overrides': keep such runs out of the tables' folder)")
     p.set_defaults(func=run)
     return p
 
@@ -57,13 +60,43 @@ def run(args: argparse.Namespace) -> int:
                          "commit first, or pass --allow-dirty for a trial run")
     torch.set_num_threads(args.threads)
     spec = SPECS[args.name].with_preset(args.preset)
+    overrides = parse_overrides(spec, args.overrides)
     seeds = range(args.first_seed, args.first_seed + (args.seeds or spec.seeds))
     for seed in seeds:
         rec = runner.run(args.name, args.preset, seed, args.out, data_path=args.data, ablations=args.ablations,
-                         regime=args.regime, device=args.device)
+                         regime=args.regime, device=args.device, overrides=overrides or None)
         m = {k: v for k, v in rec["methods"].items() if v.get("test_metric") is not None}
         best = max(m, key=lambda k: m[k]["test_metric"])
         shown = "  ".join(f"{k} {m[k]['test_metric']:.4f}" for k in ("last", "uniform", "sewa", "auto") if k in m)
         path = args.out / args.name / args.regime / args.preset / f"seed{seed}.json"
         print(f"{args.name} {args.regime} seed {seed}: {shown}  best {best} {m[best]['test_metric']:.4f}  -> {path}")
     return 0
+
+
+def parse_overrides(spec: object, items: list[str]) -> dict[str, object]:
+    """``FIELD=VALUE`` items as spec overrides, each value read as the type of the field's value
+    (int, float, bool or str).
+
+    Raises:
+        ValueError: for an item without ``=``, a field the spec lacks or a value of the wrong type.
+    """
+    import dataclasses
+
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}  # type: ignore[arg-type]
+    plain = sorted(k for k, v in fields.items() if type(v) in (int, float, bool, str))
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in plain:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(plain)}")
+        kind = type(fields[key])
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                out[key] = text.lower() in ("true", "1")
+            else:
+                out[key] = kind(text)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {key} takes a {kind.__name__}, got {text!r}") from None
+    return out

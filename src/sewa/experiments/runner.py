@@ -154,7 +154,7 @@ def plan(n: int, spec: T.Spec, seed: int, ev: Evaluator, traj: Trajectory) -> tu
         budget = spec.sel_steps * spec.sel_samples / (defaults["steps"] * defaults["samples"])
         fifth = max(1, spec.sel_steps // 5)
         methods["auto"] = M.create("auto", seed=seed, sewa_steps=fifth, sewa_samples=spec.sel_samples, soup_steps=fifth,
-                                   pass_budget=1.25 * budget)
+                                   pass_budget=1.25 * budget, judge_finalists=spec.judge_finalists)
     return methods, choices
 
 
@@ -381,6 +381,7 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
     record: dict[str, Any] = {
         "format": FORMAT, "task": name, "family": spec.family, "regime": regime, "preset": preset, "seed": seed,
         "git_commit": env["git_commit"], "dirty": env["dirty"], "machine": env, "config": T.describe(spec),
+        "overrides": dict(overrides or {}),
         "data_source": data.source, "metric": spec.metric_name, "window": len(main), "recorded": len(traj),
         "steps": main.steps, "window_note": reg.note(), "schedule": reg.describe(),
         "selection_split": {"name": "val", "items": int(len(y_val)), "batches": len(sel_batches)}, "device": str(device),

@@ -54,6 +54,7 @@ class Spec:
         judge_episodes: Validation rollouts behind each score of ``auto``'s judge (BC only; 0: no
             judge): auto checks its finalists on the return, which the selection split's MSE
             tracks poorly (:func:`bc_judge`).
+        judge_finalists: How many of auto's candidates the judge scores (``auto(judge_finalists=...)``).
         reference: ``reference(spec, data, seed)`` -> ``{"name", "test_metric", "val_metric"}``: a
             simple strong model on the same split, shown beside the table (None: the loader's
             ``data.info["reference"]`` when it sets one).
@@ -86,6 +87,7 @@ class Spec:
     bn_batches: int = 50
     episodes: int = 10
     judge_episodes: int = 0
+    judge_finalists: int = 6
     seeds: int = 3
     ablations: bool = False
     ablation_seeds: int = 5
