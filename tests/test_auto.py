@@ -341,8 +341,9 @@ def test_the_judge_moves_the_choice_when_it_tells_the_finalists_apart_beyond_noi
     assert judge["split_choice"] == "uniform" and judge["moved"] and judge["chosen"] == result.info["chosen"] == "last"
     assert torch.equal(result.weights, sewa.weights.last(K)) and judge["name"] == "closeness" and judge["units"] == 20
     names = [f["name"] for f in judge["finalists"]]
-    within = [c["name"] for c in sorted(result.info["candidates"], key=lambda c: -c["score"]) if c["within_one_se"]]
-    assert names == ["uniform", "last", *[n for n in within if n not in ("uniform", "last")][:4]]
+    ranked = [c["name"] for c in sorted(result.info["candidates"], key=lambda c: (not c["within_one_se"], -c["score"]))]
+    assert names == ["uniform", "last", *[n for n in ranked if n not in ("uniform", "last")][:4]]
+    assert len(create("auto", judge_finalists=99, **FAST).weights(traj, ev).info["judge"]["finalists"]) == len(ranked)
     assert judge["gain_vs_uniform"]["mean"] > 1.5 * judge["gain_vs_uniform"]["se"] > 0
     scores = {c["name"]: c["score"] for c in result.info["candidates"]}  # the split's gain is now the last iterate's
     assert result.info["gain_vs_uniform"]["mean"] == pytest.approx(scores["last"] - scores["uniform"], abs=1e-9)

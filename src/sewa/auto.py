@@ -62,7 +62,7 @@ keeps one that is not worse than the best beyond noise (uniform first, then a fi
    whole averaged model, one per unit, such as the normalised return of each of a fixed set of
    validation rollouts), the split's choice is checked on it: the judge scores up to
    ``judge_finalists`` finalists (the split's choice, uniform, the last iterate, then the
-   best-scoring candidates within noise on the split), and auto moves to the judge's best
+   best-scoring candidates within noise on the split, then the others), and auto moves to the judge's best
    finalist only when it beats the split's choice by more than ``se_multiple`` paired SEs over
    the judge's units. The weights judged are the weights returned (no refit). For behaviour
    cloning the split's MSE tracks the return poorly: on hopper (constant LR, seed 0) the last
@@ -382,12 +382,12 @@ def _describe(info: dict[str, Any], chosen: Candidate, best: Candidate, gain: Ca
 def _judge(trajectory: Trajectory, ev: Evaluator, candidates: list[Candidate], chosen: Candidate,
            records: list[dict[str, Any]], s: Mapping[str, Any]) -> tuple[Candidate, dict[str, Any]]:
     """The judge's check of the split's choice: it scores the finalists (the choice, uniform, the
-    last iterate, then the best-scoring candidates within noise on the split, ``judge_finalists``
-    in all) and moves to its best finalist only when that beats the split's choice by more than
+    last iterate, then the best-scoring candidates within noise on the split, then the others by
+    score, ``judge_finalists`` in all) and moves to its best finalist only when that beats the split's choice by more than
     ``se_multiple`` paired standard errors over the judge's units."""
     named = {c.name: c for c in candidates}
-    within = sorted((r for r in records if r["within_one_se"]), key=lambda r: -r["score"])
-    order = [chosen.name, "uniform", "last"] + [r["name"] for r in within]
+    ranked = sorted(records, key=lambda r: (not r["within_one_se"], -r["score"]))  # within noise first, best first
+    order = [chosen.name, "uniform", "last"] + [r["name"] for r in ranked]
     finalists = [n for n in dict.fromkeys(order) if n in named][: s["judge_finalists"]]
     start = time.perf_counter()
     scores = {n: ev.judged(trajectory, named[n].weights) for n in finalists}
@@ -479,7 +479,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
             uniform's by more than ``se_multiple`` paired SEs (False: the order before this setting).
         judge_finalists: When the evaluator has a judge (a score of whole models, such as the
             returns of rollout episodes), how many finalists it scores: the split's choice,
-            uniform, the last iterate, then the best candidates within noise. auto moves to the
+            uniform, the last iterate, then the best candidates within noise, then the others. auto moves to the
             judge's best finalist only when it beats the split's choice by more than
             ``se_multiple`` paired SEs over the judge's units, and returns the weights judged
             (no refit). 0: the judge is not used.

@@ -83,7 +83,7 @@ def parse_overrides(spec: object, items: list[str]) -> dict[str, object]:
     import dataclasses
 
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}  # type: ignore[arg-type]
-    plain = sorted(k for k, v in fields.items() if type(v) in (int, float, bool, str))
+    plain = sorted(k for k, v in fields.items() if type(v) in (int, float, bool, str) and k not in ("name", "family", "metric_name"))
     out: dict[str, object] = {}
     for item in items:
         key, sep, text = item.partition("=")
