@@ -309,6 +309,17 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     out.write_text(json.dumps(data, indent=1) + "\n")
 
 
+def mean_ci(d: Sequence[float]) -> str:
+    """``mean [low, high]``: the mean of paired differences ``d`` and its 95% t interval."""
+    n = len(d)
+    m = sum(d) / n
+    if n < 2:
+        return f"{m:+.2f}"
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1))
+    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(n, 2.0)
+    return f"{m:+.2f} [{m - t * sd / math.sqrt(n):+.2f}, {m + t * sd / math.sqrt(n):+.2f}]"
+
+
 def loglog_slope(xs: Iterable[float], ys: Iterable[float]) -> float:
     """Least-squares slope of ``log y`` against ``log x`` (NaN with fewer than two points)."""
     pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if x > 0 and y > 0]

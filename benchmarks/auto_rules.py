@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,16 +73,6 @@ def pick(info: dict[str, Any], rule: str, multiple: float = 1.0, prefer: str = "
     return min(ok, key=lambda c: (c["complexity"], -c["score"]))
 
 
-def _ci(d: list[float]) -> str:
-    n = len(d)
-    m = sum(d) / n
-    if n < 2:
-        return f"{m:+.2f}"
-    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1))
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(n, 2.0)
-    return f"{m:+.2f} [{m - t * sd / math.sqrt(n):+.2f}, {m + t * sd / math.sqrt(n):+.2f}]"
-
-
 def study(folder: Path) -> dict[str, Any]:
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("seed*.json"))]
     runs = [r for r in runs if all("test" in c for c in r["methods"]["auto"].get("candidates", [{}]))]
@@ -123,7 +112,7 @@ def render(data: dict[str, Any]) -> str:
              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for label, row in data["rules"].items():
         t = row["test"]
-        diffs = [_ci([a - b for a, b in zip(t, data["table"][m], strict=True)]) for m in ("uniform", "sewa", "learned_soup")]
+        diffs = [bench.mean_ci([a - b for a, b in zip(t, data["table"][m], strict=True)]) for m in ("uniform", "sewa", "learned_soup")]
         lines.append(f"| {label} | {sum(t) / len(t):.2f} | " + " | ".join(diffs) + " |")
     for m, t in data["table"].items():
         lines.append(f"| table: {m} | {sum(t) / len(t):.2f} | | | |")

@@ -1,0 +1,113 @@
+"""How many finalists and rollouts ``auto``'s judge needs, and when it should move the choice, from
+behaviour-cloning development runs that judged every candidate (issue 15).
+
+Run the development seeds with every candidate judged on 30 validation rollouts; each candidate
+the judge saw is also rolled out on the test episodes, after the choice::
+
+    sewa experiment hopper --preset full --first-seed 10 --seeds 5 --no-ablations \\
+        --set judge_finalists=99 --set judge_episodes=30 --out results/judge_dev
+    python benchmarks/judge_rules.py results/judge_dev/hopper/constant/full
+
+This script replays the judge on each run's record with fewer finalists (taken in auto's order:
+the split's choice, uniform, the last iterate, then the candidates within noise by score, then the
+others) and fewer rollouts (the first E of the 30), and two rules for moving the choice: beyond
+1.5 paired SEs (auto's ``se_multiple``) or to the best mean. It prints the test return of the
+candidate each setting picks, its paired difference to the table's methods, and the judge's
+estimated seconds next to the table's SeWA selection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as bench  # noqa: E402
+
+TABLE = ("last", "uniform", "sewa", "learned_soup", "greedy_soup")
+
+
+def finalists(info: dict[str, Any], count: int) -> list[str]:
+    """The first ``count`` finalists in auto's order."""
+    ranked = sorted(info["candidates"], key=lambda c: (not c["within_one_se"], -c["score"]))
+    order = [info["judge"]["split_choice"], "uniform", "last"] + [c["name"] for c in ranked]
+    names = {c["name"] for c in info["candidates"]}
+    return [n for n in dict.fromkeys(order) if n in names][:count]
+
+
+def pick(info: dict[str, Any], count: int, episodes: int, multiple: float) -> str:
+    """The judge's choice with ``count`` finalists on the first ``episodes`` units."""
+    scores = {f["name"]: f["scores"][:episodes] for f in info["judge"]["finalists"]}
+    names = [n for n in finalists(info, count) if n in scores]
+    first = info["judge"]["split_choice"]
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
+    top = max(names, key=lambda n: mean(scores[n]))
+    d = [a - b for a, b in zip(scores[top], scores[first], strict=True)]
+    se = math.sqrt(sum((x - mean(d)) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else None
+    return top if top != first and se is not None and mean(d) > multiple * se else first
+
+
+def study(folder: Path) -> dict[str, Any]:
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("seed*.json"))]
+    runs = [r for r in runs if (r["methods"]["auto"].get("judge") or {}).get("finalists")
+            and len(r["methods"]["auto"]["judge"]["finalists"]) == len(r["methods"]["auto"]["candidates"])]
+    if not runs:
+        raise SystemExit(f"no runs under {folder} whose judge scored every candidate (--set judge_finalists=99)")
+    units = min(r["methods"]["auto"]["judge"]["units"] for r in runs)
+    test = [{c["name"]: c["test"]["test_metric"] for c in r["methods"]["auto"]["candidates"]} for r in runs]
+    per_episode = [r["methods"]["auto"]["judge"]["seconds"] / (len(r["methods"]["auto"]["judge"]["finalists"]) * r["methods"]["auto"]["judge"]["units"])
+                   for r in runs]
+    base = [r["methods"]["auto"]["seconds"] - r["methods"]["auto"]["judge"]["seconds"] for r in runs]
+    sewa = [r["methods"]["sewa"]["seconds"] for r in runs]
+    rows: dict[str, dict[str, Any]] = {"split's choice (no judge)": {
+        "test": [t[r["methods"]["auto"]["judge"]["split_choice"]] for t, r in zip(test, runs, strict=True)], "cost": 0.0}}
+    for count in (4, 6, 8, 99):
+        for episodes in sorted({10, 20, units}):
+            for multiple, rule in ((1.5, "beyond 1.5 SE"), (0.0, "best mean")):
+                label = f"{'all' if count == 99 else count} finalists, {episodes} rollouts, {rule}"
+                got = [t[pick(r["methods"]["auto"], count, episodes, multiple)] for t, r in zip(test, runs, strict=True)]
+                n = [min(count, len(r["methods"]["auto"]["candidates"])) for r in runs]
+                cost = sum(s * k * episodes for s, k in zip(per_episode, n, strict=True)) / len(runs)
+                rows[label] = {"test": got, "cost": cost}
+    rows["oracle candidate (test)"] = {"test": [max(t.values()) for t in test], "cost": None}
+    table = {m: [r["methods"][m]["test_metric"] for r in runs] for m in TABLE}
+    best = max(table, key=lambda m: sum(table[m]))
+    return {"folder": str(folder), "task": runs[0]["task"], "regime": runs[0]["regime"], "seeds": [r["seed"] for r in runs],
+            "commits": sorted({r["git_commit"][:10] for r in runs}), "rows": rows, "table": table, "best": best,
+            "auto_without_judge_s": sum(base) / len(base), "sewa_s": sum(sewa) / len(sewa)}
+
+
+def render(data: dict[str, Any]) -> str:
+    vs = ("uniform", "last", data["best"])
+    head = ["judge", "test (mean)", *(f"vs {m}" for m in vs), "auto s / SeWA's"]
+    lines = [f"{data['task']} — {data['regime']}, seeds {data['seeds'][0]}–{data['seeds'][-1]} (commit "
+             f"{', '.join(data['commits'])}; `{data['folder']}`): the test return (D4RL-normalised) of the candidate each "
+             f"setting picks, its paired difference to the table's methods (95% t interval; {data['best']} is the best of "
+             f"them here), and auto's time with that judge (auto without it: {data['auto_without_judge_s']:.1f} s; "
+             f"SeWA: {data['sewa_s']:.1f} s).", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for label, row in data["rows"].items():
+        t = row["test"]
+        diffs = [bench.mean_ci([a - b for a, b in zip(t, data["table"][m], strict=True)]) for m in vs]
+        ratio = "" if row["cost"] is None else f"{(data['auto_without_judge_s'] + row['cost']) / data['sewa_s']:.2f}"
+        lines.append(f"| {label} | {sum(t) / len(t):.2f} | " + " | ".join(diffs) + f" | {ratio} |")
+    for m, t in data["table"].items():
+        lines.append(f"| table: {m} | {sum(t) / len(t):.2f} | | | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folders", type=Path, nargs="+", help="folders of seed*.json runs (one task-regime each)")
+    for folder in parser.parse_args().folders:
+        print(render(study(folder)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
