@@ -31,18 +31,22 @@ import _common as bench  # noqa: E402
 TABLE = ("last", "uniform", "sewa", "learned_soup", "greedy_soup")
 
 
-def finalists(info: dict[str, Any], count: int) -> list[str]:
-    """The first ``count`` finalists in auto's order."""
+def finalists(info: dict[str, Any], count: int, policy: str = "auto") -> list[str]:
+    """The first ``count`` finalists in auto's order ("auto"), or with the best of each family
+    first after the split's choice, uniform and the last iterate ("families")."""
     ranked = sorted(info["candidates"], key=lambda c: (not c["within_one_se"], -c["score"]))
-    order = [info["judge"]["split_choice"], "uniform", "last"] + [c["name"] for c in ranked]
+    order = [info["judge"]["split_choice"], "uniform", "last"]
+    if policy == "families":
+        order += [next(c["name"] for c in ranked if c["family"] == f) for f in dict.fromkeys(c["family"] for c in ranked)]
+    order += [c["name"] for c in ranked]
     names = {c["name"] for c in info["candidates"]}
     return [n for n in dict.fromkeys(order) if n in names][:count]
 
 
-def pick(info: dict[str, Any], count: int, episodes: int, multiple: float) -> str:
+def pick(info: dict[str, Any], count: int, episodes: int, multiple: float, policy: str = "auto") -> str:
     """The judge's choice with ``count`` finalists on the first ``episodes`` units."""
     scores = {f["name"]: f["scores"][:episodes] for f in info["judge"]["finalists"]}
-    names = [n for n in finalists(info, count) if n in scores]
+    names = [n for n in finalists(info, count, policy) if n in scores]
     first = info["judge"]["split_choice"]
 
     def mean(xs: list[float]) -> float:
@@ -52,6 +56,27 @@ def pick(info: dict[str, Any], count: int, episodes: int, multiple: float) -> st
     d = [a - b for a, b in zip(scores[top], scores[first], strict=True)]
     se = math.sqrt(sum((x - mean(d)) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else None
     return top if top != first and se is not None and mean(d) > multiple * se else first
+
+
+def halving(info: dict[str, Any], budget: int, units: int) -> tuple[str, int]:
+    """Successive halving over every candidate the judge scored (Karnin et al. 2013): ``ceil(log2 n)``
+    rounds share ``budget`` unit evaluations; each round scores the survivors on new units, then
+    keeps the better half by mean so far (ties: the split's score). Returns the choice and the
+    units spent."""
+    scores = {f["name"]: f["scores"] for f in info["judge"]["finalists"]}
+    split = {c["name"]: c["score"] for c in info["candidates"]}
+    alive = sorted(scores, key=lambda n: -split[n])
+    rounds = max(1, math.ceil(math.log2(len(alive))))
+    seen, spent = 0, 0
+    for _ in range(rounds):
+        more = max(1, budget // (rounds * len(alive)))
+        more = min(more, units - seen)
+        if more <= 0:
+            break
+        seen += more
+        spent += more * len(alive)
+        alive = sorted(alive, key=lambda n: (-sum(scores[n][:seen]) / seen, -split[n]))[:max(1, math.ceil(len(alive) / 2))]
+    return alive[0], spent
 
 
 def study(folder: Path) -> dict[str, Any]:
@@ -76,6 +101,16 @@ def study(folder: Path) -> dict[str, Any]:
                 n = [min(count, len(r["methods"]["auto"]["candidates"])) for r in runs]
                 cost = sum(s * k * episodes for s, k in zip(per_episode, n, strict=True)) / len(runs)
                 rows[label] = {"test": got, "cost": cost}
+    for count in (6, 8):
+        for episodes in (10, 15):
+            label = f"{count} finalists by family, {episodes} rollouts, best mean"
+            got = [t[pick(r["methods"]["auto"], count, episodes, 0.0, "families")] for t, r in zip(test, runs, strict=True)]
+            rows[label] = {"test": got, "cost": sum(s * count * episodes for s in per_episode) / len(runs)}
+    for budget in (40, 60, 90, 120, 180):
+        picks = [halving(r["methods"]["auto"], budget, units) for r in runs]
+        got = [t[name] for t, (name, _) in zip(test, picks, strict=True)]
+        cost = sum(s * spent for s, (_, spent) in zip(per_episode, picks, strict=True)) / len(runs)
+        rows[f"successive halving, all candidates, {budget} rollouts"] = {"test": got, "cost": cost}
     rows["oracle candidate (test)"] = {"test": [max(t.values()) for t in test], "cost": None}
     table = {m: [r["methods"][m]["test_metric"] for r in runs] for m in TABLE}
     best = max(table, key=lambda m: sum(table[m]))

@@ -295,7 +295,8 @@ def test_auto_is_registered_with_documented_plain_settings() -> None:
     settings = settings_of(auto_module.auto)
     assert all(s.help and type(s.default) in (int, float, str, bool) for s in settings.values())
     assert "top_k" not in settings  # auto chooses K itself
-    for bad in ({"folds": 0}, {"shrink": 1.0}, {"sewa_fraction": 0.0}, {"se_rule": "nope"}, {"pass_budget": 0.0}, {"prefer": "x"}):
+    for bad in ({"folds": 0}, {"shrink": 1.0}, {"sewa_fraction": 0.0}, {"se_rule": "nope"}, {"pass_budget": 0.0}, {"prefer": "x"},
+                {"judge_finalists": -1}, {"judge_multiple": -1.0}):
         with pytest.raises(ValueError, match="auto"):
             auto_module.auto(**bad)
 
@@ -344,6 +345,8 @@ def test_the_judge_moves_the_choice_when_it_tells_the_finalists_apart_beyond_noi
     ranked = [c["name"] for c in sorted(result.info["candidates"], key=lambda c: (not c["within_one_se"], -c["score"]))]
     assert names == ["uniform", "last", *[n for n in ranked if n not in ("uniform", "last")][:4]]
     assert len(create("auto", judge_finalists=99, **FAST).weights(traj, ev).info["judge"]["finalists"]) == len(ranked)
+    strict = create("auto", judge_multiple=1e9, **FAST).weights(traj, ev)  # a margin no finalist clears
+    assert not strict.info["judge"]["moved"] and strict.info["chosen"] == "uniform"
     assert judge["gain_vs_uniform"]["mean"] > 1.5 * judge["gain_vs_uniform"]["se"] > 0
     scores = {c["name"]: c["score"] for c in result.info["candidates"]}  # the split's gain is now the last iterate's
     assert result.info["gain_vs_uniform"]["mean"] == pytest.approx(scores["last"] - scores["uniform"], abs=1e-9)

@@ -62,9 +62,10 @@ keeps one that is not worse than the best beyond noise (uniform first, then a fi
    whole averaged model, one per unit, such as the normalised return of each of a fixed set of
    validation rollouts), the split's choice is checked on it: the judge scores up to
    ``judge_finalists`` finalists (the split's choice, uniform, the last iterate, then the
-   best-scoring candidates within noise on the split, then the others), and auto moves to the judge's best
-   finalist only when it beats the split's choice by more than ``se_multiple`` paired SEs over
-   the judge's units. The weights judged are the weights returned (no refit). For behaviour
+   best-scoring candidates within noise on the split, then the others), and auto moves to the
+   judge's best finalist (with ``judge_multiple > 0``, only when it beats the split's choice by
+   that many paired SEs over the judge's units). The weights judged are the weights returned
+   (no refit). For behaviour
    cloning the split's MSE tracks the return poorly: on hopper (constant LR, seed 0) the last
    iterate had 1.5x uniform's validation MSE and the higher test return. The judge's calls are
    not model passes over the split: they are timed and recorded in ``info["judge"]``.
@@ -383,8 +384,9 @@ def _judge(trajectory: Trajectory, ev: Evaluator, candidates: list[Candidate], c
            records: list[dict[str, Any]], s: Mapping[str, Any]) -> tuple[Candidate, dict[str, Any]]:
     """The judge's check of the split's choice: it scores the finalists (the choice, uniform, the
     last iterate, then the best-scoring candidates within noise on the split, then the others by
-    score, ``judge_finalists`` in all) and moves to its best finalist only when that beats the split's choice by more than
-    ``se_multiple`` paired standard errors over the judge's units."""
+    score, ``judge_finalists`` in all) and moves to its best finalist when that beats the split's
+    choice by more than ``judge_multiple`` paired standard errors over the judge's units (0: by
+    any margin)."""
     named = {c.name: c for c in candidates}
     ranked = sorted(records, key=lambda r: (not r["within_one_se"], -r["score"]))  # within noise first, best first
     order = [chosen.name, "uniform", "last"] + [r["name"] for r in ranked]
@@ -402,7 +404,8 @@ def _judge(trajectory: Trajectory, ev: Evaluator, candidates: list[Candidate], c
 
     top = max(finalists, key=lambda n: float(scores[n].mean()))
     lead = gap(top, chosen.name)
-    moved = top != chosen.name and lead["se"] is not None and lead["mean"] > s["se_multiple"] * lead["se"]
+    multiple = s["judge_multiple"]
+    moved = top != chosen.name and lead["mean"] > 0 and (multiple == 0 or (lead["se"] is not None and lead["mean"] > multiple * lead["se"]))
     final = top if moved else chosen.name
     return named[final], {
         "name": ev.judge_name, "units": int(ones.numel()), "seconds": time.perf_counter() - start,
@@ -448,7 +451,8 @@ def _preference(c: Candidate, prefer: str, score: float, uniform_kept: bool) -> 
 def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 30, sewa_samples: int = 4,
          sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, pass_budget: float = 1.25,
          se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True,
-         prefer: str = "fitted", loss_tie_break: bool = True, judge_finalists: int = 6) -> Method:
+         prefer: str = "fitted", loss_tie_break: bool = True, judge_finalists: int = 6,
+         judge_multiple: float = 0.0) -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
@@ -479,10 +483,11 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
             uniform's by more than ``se_multiple`` paired SEs (False: the order before this setting).
         judge_finalists: When the evaluator has a judge (a score of whole models, such as the
             returns of rollout episodes), how many finalists it scores: the split's choice,
-            uniform, the last iterate, then the best candidates within noise, then the others. auto moves to the
-            judge's best finalist only when it beats the split's choice by more than
-            ``se_multiple`` paired SEs over the judge's units, and returns the weights judged
-            (no refit). 0: the judge is not used.
+            uniform, the last iterate, then the best candidates within noise, then the others.
+            auto returns the weights judged (no refit). 0: the judge is not used.
+        judge_multiple: How many paired SEs (over the judge's units) the judge's best finalist
+            must beat the split's choice by for auto to move to it. 0 (the default): the best
+            mean wins, since the judge's scores are independent of the split and of the fits.
     """
     for name, value in (("folds", folds), ("sewa_steps", sewa_steps), ("sewa_samples", sewa_samples)):
         _positive_int(name, "auto", value)
@@ -499,6 +504,8 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
     for name, value in (("soup_steps", soup_steps), ("judge_finalists", judge_finalists)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise MethodError(f"auto: {name} must be a non-negative integer, got {value!r}")
+    if not (isinstance(judge_multiple, (int, float)) and not isinstance(judge_multiple, bool) and judge_multiple >= 0):
+        raise MethodError(f"auto: judge_multiple must be a non-negative number, got {judge_multiple!r}")
     if prefer not in ("fitted", "simple"):
         raise MethodError(f"auto: prefer must be 'fitted' or 'simple', got {prefer!r}")
     if se_rule not in ("best", "paired"):
@@ -507,7 +514,8 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
                 "sewa_fraction": float(sewa_fraction), "shrink": float(shrink), "greedy": bool(greedy),
                 "pass_budget": float(pass_budget), "se_rule": se_rule, "se_multiple": float(se_multiple),
                 "soup_steps": soup_steps, "refit": bool(refit), "prefer": prefer,
-                "loss_tie_break": bool(loss_tie_break), "judge_finalists": judge_finalists}
+                "loss_tie_break": bool(loss_tie_break), "judge_finalists": judge_finalists,
+                "judge_multiple": float(judge_multiple)}
     return Method("auto", _frozen(settings), _rule, evaluates=True)
 
 
