@@ -190,6 +190,9 @@ def test_lockstep_rollouts_equal_one_episode_at_a_time() -> None:
     np.testing.assert_allclose(res["returns"], slow, rtol=1e-12)
     assert res["mean"] == pytest.approx(np.mean(slow))
     assert res["normalized_score"] == pytest.approx(mb.normalized_score("hopper", np.mean(slow)))
+    # the simulators are reused across calls: a used pool (more episodes, other seeds) gives the same returns
+    bd.evaluate_seeds("hopper", pol.act, [9, 8, 7, 6, 5], max_steps=50)
+    assert bd.evaluate_seeds("hopper", pol.act, seeds, max_steps=200)["returns"] == res["returns"]
 
 
 def test_train_bc_fits_and_expert_check_runs(tmp_path) -> None:
