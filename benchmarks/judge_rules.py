@@ -6,7 +6,7 @@ the judge saw is also rolled out on the test episodes, after the choice::
 
     sewa experiment hopper --preset full --first-seed 10 --seeds 5 --no-ablations \\
         --set judge_finalists=99 --set judge_episodes=30 --out results/judge_dev
-    python benchmarks/judge_rules.py results/judge_dev/hopper/constant/full
+    python benchmarks/judge_rules.py results/judge_dev/hopper/constant/full [more folders] [--doc]
 
 This script replays the judge on each run's record with fewer finalists (taken in auto's order:
 the split's choice, uniform, the last iterate, then the candidates within noise by score, then the
@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as bench  # noqa: E402
 
 TABLE = ("last", "uniform", "sewa", "learned_soup", "greedy_soup")
+DOC = Path(__file__).resolve().parents[1] / "docs" / "AUTO.md"
+BEGIN, END = "<!-- judge_rules: begin (python benchmarks/judge_rules.py DIR ... --doc) -->", "<!-- judge_rules: end -->"
 
 
 def finalists(info: dict[str, Any], count: int, policy: str = "auto") -> list[str]:
@@ -93,20 +95,18 @@ def study(folder: Path) -> dict[str, Any]:
     sewa = [r["methods"]["sewa"]["seconds"] for r in runs]
     rows: dict[str, dict[str, Any]] = {"split's choice (no judge)": {
         "test": [t[r["methods"]["auto"]["judge"]["split_choice"]] for t, r in zip(test, runs, strict=True)], "cost": 0.0}}
+    def judged(label: str, count: int, episodes: int, multiple: float, policy: str = "auto") -> None:
+        got = [t[pick(r["methods"]["auto"], count, episodes, multiple, policy)] for t, r in zip(test, runs, strict=True)]
+        n = [min(count, len(r["methods"]["auto"]["candidates"])) for r in runs]
+        rows[label] = {"test": got, "cost": sum(s * k * episodes for s, k in zip(per_episode, n, strict=True)) / len(runs)}
+
+    judged("6 finalists, 10 rollouts, beyond 1.5 SE", 6, 10, 1.5)
     for count in (4, 6, 8, 99):
-        for episodes in sorted({10, 20, units}):
-            for multiple, rule in ((1.5, "beyond 1.5 SE"), (0.0, "best mean")):
-                label = f"{'all' if count == 99 else count} finalists, {episodes} rollouts, {rule}"
-                got = [t[pick(r["methods"]["auto"], count, episodes, multiple)] for t, r in zip(test, runs, strict=True)]
-                n = [min(count, len(r["methods"]["auto"]["candidates"])) for r in runs]
-                cost = sum(s * k * episodes for s, k in zip(per_episode, n, strict=True)) / len(runs)
-                rows[label] = {"test": got, "cost": cost}
-    for count in (6, 8):
-        for episodes in (10, 15):
-            label = f"{count} finalists by family, {episodes} rollouts, best mean"
-            got = [t[pick(r["methods"]["auto"], count, episodes, 0.0, "families")] for t, r in zip(test, runs, strict=True)]
-            rows[label] = {"test": got, "cost": sum(s * count * episodes for s in per_episode) / len(runs)}
-    for budget in (40, 60, 90, 120, 180):
+        for episodes in sorted({10, units}):
+            judged(f"{'all' if count == 99 else count} finalists, {episodes} rollouts, best mean"
+                   + (" (the default)" if (count, episodes) == (6, 10) else ""), count, episodes, 0.0)
+    judged("6 finalists by family, 10 rollouts, best mean", 6, 10, 0.0, "families")
+    for budget in (60, 90):
         picks = [halving(r["methods"]["auto"], budget, units) for r in runs]
         got = [t[name] for t, (name, _) in zip(test, picks, strict=True)]
         cost = sum(s * spent for s, (_, spent) in zip(per_episode, picks, strict=True)) / len(runs)
@@ -140,8 +140,13 @@ def render(data: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folders", type=Path, nargs="+", help="folders of seed*.json runs (one task-regime each)")
-    for folder in parser.parse_args().folders:
-        print(render(study(folder)) + "\n")
+    parser.add_argument("--doc", action="store_true", help="write the tables into docs/AUTO.md")
+    args = parser.parse_args()
+    text = "\n\n".join(render(study(folder)) for folder in args.folders)
+    print(text)
+    if args.doc:
+        bench.write_generated(DOC, "\n".join([BEGIN, "", text, "", END]), BEGIN, END,
+                              heading="\n## The judge on behaviour-cloning development seeds\n\n")
 
 
 if __name__ == "__main__":
