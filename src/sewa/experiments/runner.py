@@ -381,7 +381,8 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
     record: dict[str, Any] = {
         "format": FORMAT, "task": name, "family": spec.family, "regime": regime, "preset": preset, "seed": seed,
         "git_commit": env["git_commit"], "dirty": env["dirty"], "machine": env, "config": T.describe(spec),
-        "overrides": dict(overrides or {}),
+        "overrides": {k: v if isinstance(v, (int, float, str, bool, type(None))) else getattr(v, "__name__", repr(v))
+                      for k, v in (overrides or {}).items()},
         "data_source": data.source, "metric": spec.metric_name, "window": len(main), "recorded": len(traj),
         "steps": main.steps, "window_note": reg.note(), "schedule": reg.describe(),
         "selection_split": {"name": "val", "items": int(len(y_val)), "batches": len(sel_batches)}, "device": str(device),
