@@ -164,7 +164,7 @@ def test_the_auto_table_counts_the_judges_moves(tmp_path: Path) -> None:
 
 
 def test_runs_with_changed_settings_stay_out_of_the_tables(tmp_path: Path) -> None:
-    run = fake_run(0) | {"overrides": {"judge_episodes": 30}}
+    run = fake_run(0) | {"overrides": {"judge_episodes": 30}, "preset": "full"}
     write_runs(tmp_path, [run])
     with pytest.raises(ValueError, match=r"ran with changed settings .*move the run out"):
         summary.load_runs(tmp_path)

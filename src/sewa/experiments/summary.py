@@ -98,12 +98,13 @@ def load_runs(root: Path) -> dict[Key, list[dict[str, Any]]]:
     Format-2 runs supersede format-1 runs of the same task, regime and preset.
 
     Raises:
-        ValueError: when one group holds the same seed twice, or a run ran with ``--set`` overrides.
+        ValueError: when one group holds the same seed twice, or a full-preset run ran with
+            ``--set`` overrides (the quick preset's smoke runs may carry overrides).
     """
     groups: dict[Key, list[dict[str, Any]]] = defaultdict(list)
     for path in sorted(root.glob("*/*/seed*.json")) + sorted(root.glob("*/*/*/seed*.json")):
         rec = normalize(json.loads(path.read_text()), str(path))
-        if rec.get("overrides"):
+        if rec.get("overrides") and rec.get("preset") == "full":
             raise ValueError(f"{path} ran with changed settings ({rec['overrides']}, `sewa experiment --set`): the tables "
                              "hold the specs' own settings only; move the run out of this folder")
         groups[(rec["task"], rec["regime"], rec["preset"])].append(rec)
