@@ -244,4 +244,4 @@ def test_the_report_says_what_the_judge_did(tmp_path: Path) -> None:
     text = (tmp_path / "rep" / "report.md").read_text()
     split_choice = result.info["judge"]["split_choice"]
     assert f"it chose `{split_choice}`" in text and "The judge (closeness) then scored" in text
-    assert "moved to `last`" in text and "| finalist | closeness (mean ± SE) |" in text and "| last (chosen) |" in text
+    assert "moved to `last`, which beat it on the mean" in text and "| finalist | closeness (mean ± SE) |" in text and "| last (chosen) |" in text

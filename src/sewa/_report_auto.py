@@ -77,8 +77,10 @@ def auto_markdown(run: dict[str, Any]) -> list[str]:
 def _judge_sentence(judge: dict[str, Any] | None) -> str:
     if not judge:
         return ""
-    verdict = (f"moved to `{judge['chosen']}`, which beat it beyond noise" if judge["moved"]
-               else "kept it: no finalist beat it beyond noise")
+    margin = judge.get("multiple") or 0
+    rule = f"by more than {margin:g} paired SEs" if margin else "on the mean"
+    verdict = (f"moved to `{judge['chosen']}`, which beat it {rule}" if judge["moved"]
+               else f"kept it: no finalist beat it {rule}")
     return (f" The judge ({judge['name']}) then scored {len(judge['finalists'])} finalists on {judge['units']} units each "
             f"({judge['seconds']:.1f} s) and {verdict}; gain over uniform on the judge {_pm(judge.get('gain_vs_uniform'), 3)}, "
             f"over the last iterate {_pm(judge.get('gain_vs_last'), 3)}. The weights judged are returned as they are.")

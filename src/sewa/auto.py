@@ -411,7 +411,7 @@ def _judge(trajectory: Trajectory, ev: Evaluator, candidates: list[Candidate], c
         "name": ev.judge_name, "units": int(ones.numel()), "seconds": time.perf_counter() - start,
         "finalists": [{"name": n, "mean": float(scores[n].mean()), "se": mean_se(scores[n])["se"],
                        "gap_to_split_choice": gap(n, chosen.name), "scores": scores[n].tolist()} for n in finalists],
-        "split_choice": chosen.name, "chosen": final, "moved": moved,
+        "split_choice": chosen.name, "chosen": final, "moved": moved, "multiple": multiple,
         "gain_vs_uniform": gap(final, "uniform") if "uniform" in scores else None,
         "gain_vs_last": gap(final, "last") if "last" in scores else None,
     }

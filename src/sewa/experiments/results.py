@@ -333,7 +333,7 @@ def render(root: Path, out: Path, summary_path: Path | None = None, allow_mixed:
            "run's settings: \"simple\", or from commit c065994 on \"fitted\", whose fitted choice is then refitted on the "
            "whole split; \"loss tie-break\": uniform also yields to a fitted candidate within noise whose loss is lower "
            "beyond noise; \"judge moved it\": for BC from commit 92e0754 on, validation rollouts of auto's finalists moved "
-           "its choice beyond noise); the estimated gain is on the selection split in its objective's raw units "
+           "its choice to another finalist); the estimated gain is on the selection split in its objective's raw units "
            "(for a loss, a decrease), next to the gain realised on test in the table's units.", ""] + auto + [""] if auto else []
     md += ["## Compute", "", "Wall-clock on the machines named above; passes count SeWA's forward and backward passes "
            "(steps × samples).", ""] + compute_table(groups, entries) + [""]
