@@ -101,10 +101,11 @@ def study(folder: Path) -> dict[str, Any]:
         rows[label] = {"test": got, "cost": sum(s * k * episodes for s, k in zip(per_episode, n, strict=True)) / len(runs)}
 
     judged("6 finalists, 10 rollouts, beyond 1.5 SE", 6, 10, 1.5)
-    for count in (4, 6, 8, 99):
-        for episodes in sorted({10, units}):
+    for count in (3, 4, 6, 99):
+        for episodes in sorted({6, 8, 10, units}):
             judged(f"{'all' if count == 99 else count} finalists, {episodes} rollouts, best mean"
-                   + (" (the default)" if (count, episodes) == (6, 10) else ""), count, episodes, 0.0)
+                   + {(4, 8): " (the default)", (6, 10): " (the default before 4 x 8)"}.get((count, episodes), ""),
+                   count, episodes, 0.0)
     judged("6 finalists by family, 10 rollouts, best mean", 6, 10, 0.0, "families")
     for budget in (60, 90):
         picks = [halving(r["methods"]["auto"], budget, units) for r in runs]

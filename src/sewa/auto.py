@@ -68,7 +68,10 @@ keeps one that is not worse than the best beyond noise (uniform first, then a fi
    (no refit). For behaviour
    cloning the split's MSE tracks the return poorly: on hopper (constant LR, seed 0) the last
    iterate had 1.5x uniform's validation MSE and the higher test return. The judge's calls are
-   not model passes over the split: they are timed and recorded in ``info["judge"]``.
+   not model passes over the split: they are timed and recorded in ``info["judge"]``. Their
+   cost is the judge's (``judge_finalists`` calls), outside ``pass_budget``: size the judge so
+   that the whole stays within the cost bound (the BC experiments: 4 finalists x 8 rollouts,
+   docs/AUTO.md).
 """
 
 from __future__ import annotations
@@ -451,7 +454,7 @@ def _preference(c: Candidate, prefer: str, score: float, uniform_kept: bool) -> 
 def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 30, sewa_samples: int = 4,
          sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, pass_budget: float = 1.25,
          se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True,
-         prefer: str = "fitted", loss_tie_break: bool = True, judge_finalists: int = 6,
+         prefer: str = "fitted", loss_tie_break: bool = True, judge_finalists: int = 4,
          judge_multiple: float = 0.0) -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a

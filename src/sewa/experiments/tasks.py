@@ -87,7 +87,7 @@ class Spec:
     bn_batches: int = 50
     episodes: int = 10
     judge_episodes: int = 0
-    judge_finalists: int = 6
+    judge_finalists: int = 4
     seeds: int = 3
     ablations: bool = False
     ablation_seeds: int = 5
@@ -298,7 +298,7 @@ IMAGE: dict[str, Any] = {"epochs": 10, "lr": 0.05, "batch_size": 128, "window": 
 # Window: constant = a tail at the full LR 3e-3; cosine = the last quarter of the decay, LR 14% -> 0.
 BC: dict[str, Any] = {"epochs": 58, "lr": 3e-3, "optimizer": "adam", "weight_decay": 0.0, "batch_size": 256, "window": 100,
                       "record_window": 100, "every": 50, "seeds": 10, "sel_batch": 1024, "episodes": 50,
-                      "judge_episodes": 10, "regimes": ("constant", "cosine"), "reference": bc_reference}
+                      "judge_episodes": 8, "regimes": ("constant", "cosine"), "reference": bc_reference}
 
 
 def _text_model(d: TaskData) -> nn.Module:
