@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sewa.experiments.results import data_source, expert_check
+from sewa.experiments.results import cost_claim, data_source, expert_check
 
 
 @pytest.mark.parametrize(
@@ -99,3 +99,17 @@ def test_the_expert_only_check_is_rendered_from_its_file(tmp_path: Path) -> None
                                 "rows": [{"env": "hopper", "bc_score": 61.23, "expert_score": 70.5, "steps": 20000, "episodes": 50}]}))
     text = "\n".join(expert_check(path))
     assert "| hopper | 61.2 | 70.5 | 20000 | 50 |" in text and "commit aaaaaaaaaa" in text
+
+
+def test_the_cost_claim_counts_task_regimes_and_seeds_over_the_bound() -> None:
+    """auto's time per seed over SeWA's in the same run; a task-regime is over when its mean is."""
+    def entry(task: str, auto: list[float], sewa: list[float]) -> dict:
+        return {"task": task, "regime": "constant", "methods": {"auto": {"seconds": auto}, "sewa": {"seconds": sewa}}}
+
+    tasks = [entry("a", [1.0, 1.0], [1.0, 1.0]), entry("b", [1.0, 2.0], [1.0, 1.0]), entry("c", [1.4, 1.4], [1.0, 1.0]),
+             {"task": "d", "regime": "constant", "methods": {"sewa": {"seconds": [1.0]}}}]  # no auto: left out
+    (line,) = cost_claim(tasks)
+    assert "3 of 3 task-regimes within on the mean (the highest, b/constant: 1.50x); 5 of 6 seeds within (the highest 2.00x)" in line
+    (line,) = cost_claim([entry("b", [2.0, 2.0], [1.0, 1.0]), entry("a", [1.0], [1.0])])
+    assert "1 of 2 task-regimes within on the mean (over: b/constant 2.00x); 1 of 3 seeds within" in line
+    assert cost_claim([]) == []

@@ -270,6 +270,26 @@ def expert_check(path: Path) -> list[str]:
     return lines + [""]
 
 
+AUTO_COST_LIMIT = 1.5  # issue 15: auto may take at most this many default SeWA selections' time
+
+
+def cost_claim(tasks: list[dict[str, Any]]) -> list[str]:
+    """auto's time against SeWA's, measured side by side in each run: the task-regimes and seeds
+    within :data:`AUTO_COST_LIMIT`."""
+    ratios = {f"{e['task']}/{e['regime']}": [a / b for a, b in zip(e["methods"]["auto"]["seconds"], e["methods"]["sewa"]["seconds"], strict=True)]
+              for e in tasks if {"auto", "sewa"} <= e["methods"].keys() and None not in e["methods"]["auto"]["seconds"] + e["methods"]["sewa"]["seconds"]}
+    if not ratios:
+        return []
+    means = {k: sum(v) / len(v) for k, v in ratios.items()}
+    over = [k for k, m in means.items() if m > AUTO_COST_LIMIT]
+    seeds = [x for v in ratios.values() for x in v]
+    worst = max(means, key=lambda k: means[k])
+    return [f"- **auto takes at most {AUTO_COST_LIMIT:g}x the time of one default SeWA selection** (both timed in the same run): "
+            f"{len(ratios) - len(over)} of {len(ratios)} task-regimes within on the mean"
+            + (f" (over: {', '.join(f'{k} {means[k]:.2f}x' for k in over)})" if over else f" (the highest, {worst}: {means[worst]:.2f}x)")
+            + f"; {sum(x <= AUTO_COST_LIMIT for x in seeds)} of {len(seeds)} seeds within (the highest {max(seeds):.2f}x)."]
+
+
 def discussion(doc: dict[str, Any]) -> list[str]:
     """The paper's claims (and auto's) one by one, each with the counts of the verdicts on it."""
     tasks = doc["tasks"]
@@ -284,6 +304,7 @@ def discussion(doc: dict[str, Any]) -> list[str]:
                            for v in stats.VERDICTS if n[v] and v != "inconclusive")
         lines.append(f"- **{c['claim']}**: " + ", ".join(f"{n[v]} {v}" for v in stats.VERDICTS) + f" of {len(found)} comparison{'s' if len(found) != 1 else ''}"
                      + (f" ({detail})." if detail else "."))
+    lines += cost_claim(tasks)
     pct = [(e["task"], e["regime"], e["random_k"]["measure"], e["random_k"]["percentiles"]["sewa"]) for e in tasks
            if e["random_k"] and "sewa" in e["random_k"]["percentiles"]]
     lines.append("- **SeWA's selection beats picking K snapshots at random** (SeWA's percentile in the random-K "
