@@ -32,13 +32,14 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import sewa  # noqa: E402
+from sewa.auto import COST_LIMIT  # noqa: E402
 from sewa.methods import Evaluator  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "auto_cost.json"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "AUTO.md"
 COST_BEGIN, COST_END = "<!-- auto_cost: begin (python benchmarks/auto_cost.py) -->", "<!-- auto_cost: end -->"
 BEGIN, END = "<!-- auto_study: begin (python benchmarks/auto_cost.py --study N) -->", "<!-- auto_study: end -->"
-LIMIT = 1.5  # issue 15: auto may cost at most this many default SeWA selections
+LIMIT = COST_LIMIT
 WINDOW = 50
 BATCH = 64
 

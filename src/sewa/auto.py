@@ -420,6 +420,8 @@ def _judge(trajectory: Trajectory, ev: Evaluator, candidates: list[Candidate], c
     }
 
 
+COST_LIMIT = 1.5  # issue 15: auto may take at most this many default SeWA selections' time
+
 _FITTED = ("sewa", "greedy_soup", "learned_soup", "shrunk")
 
 
