@@ -127,6 +127,32 @@ def verdict_table(entry: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ablation_tables(entries: dict[Key, dict[str, Any]]) -> list[str]:
+    """The ablations as paired verdicts: each changed setting against the default SeWA(K=10) of the same seed."""
+    lines: list[str] = []
+    for key, e in sorted(entries.items()):
+        ab = e.get("ablation_verdicts")
+        if not ab:
+            continue
+        lines += [f"### Ablations against the default: {_title(key)}, seeds {_seed_list(ab['seeds'])}", "",
+                  "Each changed setting against SeWA(K=10) with the spec's settings on the same seed and selection split "
+                  "(the `objective: val` row; rows that select its snapshots on every seed are left out), and each choice rule by the "
+                  f"loss against the same rule by the metric. Holm over these {len(ab['verdicts'])} contrasts, margin "
+                  f"±{e['margin']:g} {e['unit']}, read as the main tables'.", ""] + verdict_table(ab) + [""]
+    return lines
+
+
+def _seed_list(seeds: list[int]) -> str:
+    """Seeds as ranges: 0–9, 20–29."""
+    runs: list[list[int]] = []
+    for s in sorted(seeds):
+        if runs and s == runs[-1][-1] + 1:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}–{r[-1]}" for r in runs)
+
+
 def _measure(section: dict[str, Any]) -> tuple[str, int, str]:
     """How a section's measure reads, its decimals and its format spec."""
     name, digits = _on(section["measure"])
@@ -185,7 +211,7 @@ def describe(recs: list[dict[str, Any]], entry: dict[str, Any]) -> str:
     note = f" Note: {r0['measure_note']}." if r0.get("measure_note") else ""
     every = f" every {cfg['every']} steps" if cfg.get("every") else ""
     return (f"Data: {data_source(r0['data_source'])}.{f' Training used a fixed subset of {subset} items.' if subset else ''}"
-            f"{episodes} Seeds: {entry['seeds']}. Window k={entry['window']}{every}"
+            f"{episodes} Seeds: {_seed_list(entry['seeds'])}. Window k={entry['window']}{every}"
             f"{steps}: {entry['window_note'] or 'placement not recorded'}. Test metric in {entry['unit']}, mean ± std over "
             f"{len(recs)} seed{'s' if len(recs) != 1 else ''}; equivalence margin ±{entry['margin']:g}.{where}{note} Machine: {m.get('platform')}, "
             f"{m.get('cpus', m.get('cpu_count'))} CPUs, torch {m.get('torch')}{', ' + str(m['device']) if m.get('device') else ''}. "
@@ -295,6 +321,23 @@ def cost_claim(tasks: list[dict[str, Any]]) -> list[str]:
             + f"; {sum(x <= limit for x in seeds)} of {len(seeds)} seeds within (the highest {max(seeds):.2f}x)."]
 
 
+def ablation_claim(tasks: list[dict[str, Any]]) -> list[str]:
+    """The ablations' verdicts per task-regime, naming those that are not inconclusive."""
+    parts = []
+    for e in tasks:
+        ab = e.get("ablation_verdicts")
+        if not ab:
+            continue
+        vs = ab["verdicts"]
+        n = Counter(v["verdict"] for v in vs.values())
+        named = "; ".join(f"{v}: " + ", ".join(f"{name} ({x['diff']:+.2f})" for name, x in vs.items() if x["verdict"] == v)
+                          for v in stats.VERDICTS if n[v] and v != "inconclusive")
+        parts.append(f"{e['task']}/{e['regime']} (seeds {_seed_list(ab['seeds'])}): " + ", ".join(f"{n[v]} {v}" for v in stats.VERDICTS)
+                     + f" of {len(vs)}" + (f" ({named})" if named else ""))
+    return ["- **SeWA's settings, each against the default SeWA(K=10) of the same seeds** (the ablations): "
+            + "; ".join(parts) + "."] if parts else []
+
+
 def discussion(doc: dict[str, Any]) -> list[str]:
     """The paper's claims (and auto's) one by one, each with the counts of the verdicts on it."""
     tasks = doc["tasks"]
@@ -309,7 +352,7 @@ def discussion(doc: dict[str, Any]) -> list[str]:
                            for v in stats.VERDICTS if n[v] and v != "inconclusive")
         lines.append(f"- **{c['claim']}**: " + ", ".join(f"{n[v]} {v}" for v in stats.VERDICTS) + f" of {len(found)} comparison{'s' if len(found) != 1 else ''}"
                      + (f" ({detail})." if detail else "."))
-    lines += cost_claim(tasks)
+    lines += cost_claim(tasks) + ablation_claim(tasks)
     pct = [(e["task"], e["regime"], e["random_k"]["measure"], e["random_k"]["percentiles"]["sewa"]) for e in tasks
            if e["random_k"] and "sewa" in e["random_k"]["percentiles"]]
     lines.append("- **SeWA's selection beats picking K snapshots at random** (SeWA's percentile in the random-K "
@@ -366,7 +409,7 @@ def render(root: Path, out: Path, summary_path: Path | None = None, allow_mixed:
     md += ["## Selection split against test split", "", "The method best on the selection (validation) metric and where it "
            "ranks on test, and the reverse: a method that leads on validation but not on test has over-fitted the "
            "selection split, or the split does not track the test metric.", ""] + selection_table(entries) + [""]
-    md += ["## Ablations", ""] + ablation_plots(groups, out)
+    md += ["## Ablations", ""] + ablation_plots(groups, out) + ablation_tables(entries)
     md += ["## Discussion", ""] + discussion(doc) + [""]
     path = out / "RESULTS.md"
     path.write_text("\n".join(md) + "\n")

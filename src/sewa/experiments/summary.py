@@ -200,13 +200,7 @@ def task_entry(key: Key, recs: list[dict[str, Any]], allow_mixed: bool = False) 
                       "seconds": [_r(x.get("seconds")) for x in rows],
                       "averaged": [averaged(x) for x in rows],
                       "selected_on": rows[0].get("selected_on"), "choice_by": rows[0].get("choice_by")}
-    verdicts = {}
-    for name, c in stats.compare(comparisons(recs), margin).items():
-        s = c.stats
-        verdicts[name] = {"verdict": c.verdict, "diff": _r(s.diff, scale),
-                          "ci": None if s.ci is None else [_r(s.ci[0], scale), _r(s.ci[1], scale)],
-                          "p": _r(s.p), "p_holm": _r(c.p_holm), "p_tost": _r(s.p_tost), "p_tost_holm": _r(c.p_tost_holm),
-                          "p_wilcoxon": _r(s.p_wilcoxon), "n": s.n}
+    verdicts = verdict_rows(comparisons(recs), margin, scale)
     scored = [m for m in MAIN if _complete(recs, m)]
     ranks = stats.ranks({m: [r["methods"][m]["test_metric"] for r in recs] for m in scored})
     baselines = [m for m in scored if m != "auto"]
@@ -228,7 +222,73 @@ def task_entry(key: Key, recs: list[dict[str, Any]], allow_mixed: bool = False) 
             "k_curves": _k_curves(recs, scale), "ranks": ranks,
             "selection_check": selection_check(methods, scored), "auto": auto_record(recs), "best_baseline": best_of(baselines),
             "best_trajectory_baseline": best_of([m for m in baselines if m not in OWN_BRANCH]),
-            "margin": _r(margin, scale), "alpha": stats.ALPHA, "verdicts": verdicts}
+            "margin": _r(margin, scale), "alpha": stats.ALPHA, "verdicts": verdicts,
+            "ablation_verdicts": ablation_verdicts(recs, margin, scale)}
+
+
+def verdict_rows(pairs: Mapping[str, tuple[list[float], list[float]]], margin: float, scale: float) -> dict[str, dict[str, Any]]:
+    """One family of paired comparisons (:func:`sewa.experiments.stats.compare`), in display units."""
+    out = {}
+    for name, c in stats.compare(pairs, margin).items():
+        s = c.stats
+        out[name] = {"verdict": c.verdict, "diff": _r(s.diff, scale),
+                     "ci": None if s.ci is None else [_r(s.ci[0], scale), _r(s.ci[1], scale)],
+                     "p": _r(s.p), "p_holm": _r(c.p_holm), "p_tost": _r(s.p_tost), "p_tost_holm": _r(c.p_tost_holm),
+                     "p_wilcoxon": _r(s.p_wilcoxon), "n": s.n}
+    return out
+
+
+ABLATION_DEFAULT = ("objective", "val")
+"""The ablation row that changes nothing: SeWA(K=10) with the spec's settings on the validation split."""
+
+
+def ablation_contrasts(recs: list[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
+    """The ablations as paired contrasts over the seeds that ran them: every changed setting against
+    the default SeWA(K=10) of the same seed (rows that select the default's snapshots on every seed
+    are the default under another name, and left out), and each choice rule by the loss against the same rule by the
+    metric. Convergence is left out: its rows average other stretches of training."""
+    recs = [r for r in recs if r.get("ablations")]
+    if not recs:
+        return {}
+    name, value = ABLATION_DEFAULT
+
+    def row(r: dict[str, Any], ablation: str, v: Any) -> dict[str, Any] | None:
+        return next((x for x in r["ablations"].get(ablation, []) if x["value"] == v), None)
+
+    default = [row(r, name, value) for r in recs]
+    if any(d is None for d in default):
+        return {}
+    base = [float(d["test_metric"]) for d in default]  # type: ignore[index]
+    pairs: dict[str, tuple[list[float], list[float]]] = {}
+    for ablation, rows in recs[0]["ablations"].items():
+        if ablation in ("convergence", "choice_by"):
+            continue
+        for x in rows:
+            got = [row(r, ablation, x["value"]) for r in recs]
+            if any(g is None or "test_metric" not in g for g in got):
+                continue
+            if all(g.get("indices") is not None and g.get("indices") == d.get("indices")  # type: ignore[union-attr]
+                   for g, d in zip(got, default, strict=True)):
+                continue  # the same selection on every seed: the default under another name
+            pairs[f"{ablation}={x['value']} vs default"] = ([float(g["test_metric"]) for g in got], base)  # type: ignore[index]
+    for x in recs[0]["ablations"].get("choice_by", []):
+        rule, by = str(x["value"]).rsplit(" by ", 1)
+        if by != "loss":
+            continue
+        loss = [row(r, "choice_by", f"{rule} by loss") for r in recs]
+        metric = [row(r, "choice_by", f"{rule} by metric") for r in recs]
+        if all(loss) and all(metric):
+            pairs[f"{rule} by loss vs by metric"] = ([float(g["test_metric"]) for g in loss],  # type: ignore[index]
+                                                     [float(g["test_metric"]) for g in metric])  # type: ignore[index]
+    return pairs
+
+
+def ablation_verdicts(recs: list[dict[str, Any]], margin: float, scale: float) -> dict[str, Any] | None:
+    """Verdicts of :func:`ablation_contrasts`, Holm-corrected as one family; ``None`` without ablations."""
+    pairs = ablation_contrasts(recs)
+    if not pairs:
+        return None
+    return {"seeds": [r["seed"] for r in recs if r.get("ablations")], "verdicts": verdict_rows(pairs, margin, scale)}
 
 
 def selection_check(methods: dict[str, dict[str, Any]], scored: list[str]) -> dict[str, Any] | None:
