@@ -322,6 +322,22 @@ def test_greedy_soup_must_fit_the_mix_budget_too() -> None:
     assert auto_module._plan(12, 2, s)["greedy"]  # a small window's greedy soup fits
 
 
+def test_greedy_thin_runs_greedy_soup_over_every_mth_snapshot_when_the_whole_window_does_not_fit() -> None:
+    s = auto_module.auto(sewa_steps=25, soup_steps=25, pass_budget=0.5, refit=False, greedy_thin=True).settings
+    plan = auto_module._plan(100, 2, s)
+    assert plan["greedy"] and plan["greedy_stride"] == 2 and plan["planned_mixes"] <= 0.5 * plan["sewa_default_mixes"]
+    assert auto_module._pool(10, 4) == [1, 5, 9]  # the newest always in
+    traj, ev = _damaged(0)
+    info = create("auto", pass_budget=0.7, greedy_thin=True, **FAST).weights(traj, ev).info
+    greedy = [c for c in info["candidates"] if c["family"] == "greedy_soup"]
+    assert [c["name"] for c in greedy] == ["greedy_soup(every 4)"] and not info["skipped"]
+    assert set(greedy[0]["params"]["indices"]) <= {3, 7, 11}
+    spent = info["forward_passes"] + 2 * info["backward_passes"]
+    assert spent <= info["planned_passes"] <= 0.7 * 3 * info["sewa_default_passes"]["backward"]
+    # Off by default: the same budget leaves greedy soup out.
+    assert "greedy_soup: over the pass budget" in create("auto", pass_budget=0.7, **FAST).weights(traj, ev).info["skipped"]
+
+
 def _closeness_judge(target: Tensor, units: int = 20) -> Callable[[nn.Module], Tensor]:
     """A judge whose units are fixed random directions: unit u scores -(v_u·(θ - target))²."""
     v = torch.randn(units, D, generator=torch.Generator().manual_seed(3))

@@ -150,16 +150,41 @@ def _plan(n: int, batches: int, s: Mapping[str, Any]) -> dict[str, Any]:
     mixes_own = 2 * fits
     # Cross-fitted candidates score each half once: one pass over the split each, and two mixes.
     core = len(_fixed(n)) + len(_top_ks(n)) + (1 if s["shrink"] > 0 else 0) + (1 if s["soup_steps"] > 0 else 0)
-    greedy = n + (n - 1) + 1  # singles and additions on each half, then each half's soup on the other
-    if s["refit"]:
-        greedy *= 2  # and once more on the whole split
     budget = s["pass_budget"] * sewa_default - sewa_own
     mix_budget = s["pass_budget"] * mixes_default - mixes_own - 2 * core
     scored = batches if core * batches <= budget else min(batches, max(2, int(budget // max(core, 1))))
-    with_greedy = s["greedy"] and (core + greedy) * scored <= budget and 2 * greedy <= mix_budget
-    return {"sewa_default_passes": sewa_default, "scored_batches": scored, "greedy": with_greedy,
+
+    def greedy_cost(stride: int) -> int:
+        pool = len(_pool(n, stride))
+        cost = pool + (pool - 1) + 1  # singles and additions on each half, then each half's soup on the other
+        return 2 * cost if s["refit"] else cost  # and once more on the whole split
+
+    # The whole window if greedy soup fits; with ``greedy_thin``, else every 2nd, 4th, ... snapshot.
+    strides = [1] + ([2 ** j for j in range(1, max(1, n - 1).bit_length() + 1)] if s.get("greedy_thin") else [])
+    fits = [m for m in strides if (core + greedy_cost(m)) * scored <= budget and 2 * greedy_cost(m) <= mix_budget]
+    with_greedy = bool(s["greedy"] and fits)
+    stride = fits[0] if with_greedy else 1
+    greedy = greedy_cost(stride)
+    return {"sewa_default_passes": sewa_default, "scored_batches": scored, "greedy": with_greedy, "greedy_stride": stride,
             "planned_passes": sewa_own + (core + (greedy if with_greedy else 0)) * scored,
             "planned_mixes": mixes_own + 2 * core + (2 * greedy if with_greedy else 0), "sewa_default_mixes": mixes_default}
+
+
+def _pool(n: int, stride: int) -> list[int]:
+    """Every ``stride``-th snapshot, oldest first, the newest always in (stride 1: all of them)."""
+    return list(range(n - 1, -1, -stride))[::-1]
+
+
+def _greedy(n: int, stride: int, cost: Callable[[Tensor], Any]) -> Tensor:
+    """Greedy soup (:func:`sewa.weights.greedy_soup`) over the snapshots of ``_pool(n, stride)``."""
+    pool = _pool(n, stride)
+
+    def full(w: Tensor) -> Tensor:
+        out = torch.zeros(n, dtype=w.dtype)
+        out[pool] = w
+        return out
+
+    return full(rules.greedy_soup(len(pool), lambda w: cost(full(w))))
 
 
 def _top_ks(n: int) -> list[int]:
@@ -237,7 +262,7 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
         if c.family == "sewa":
             return _top(sewa_fit(all_batches, 2 * s["sewa_steps"], s["seed"] + 2), int(c.params["top_k"]))
         if c.family == "greedy_soup":
-            return rules.greedy_soup(n, greedy_cost(scorer, objective))
+            return _greedy(n, int(c.params["stride"]), greedy_cost(scorer, objective))
         if c.family == "learned_soup":
             backward += 2 * s["soup_steps"]
             return _learned(trajectory, ev, all_batches, refit(named[c.params["on"]]), 2 * s["soup_steps"])
@@ -247,9 +272,11 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
 
     if plan["greedy"]:
         # Greedy soup on each half; the weights returned are the mean of the two soups.
-        soups = (rules.greedy_soup(n, greedy_cost(halves[0], objective)), rules.greedy_soup(n, greedy_cost(halves[1], objective)))
+        stride = plan["greedy_stride"]
+        soups = (_greedy(n, stride, greedy_cost(halves[0], objective)), _greedy(n, stride, greedy_cost(halves[1], objective)))
         w = (soups[0] + soups[1]) / 2
-        add("greedy_soup", "greedy_soup", (5, 0), w, {"by": objective, "indices": w.nonzero().flatten().tolist()}, soups)
+        add("greedy_soup" if stride == 1 else f"greedy_soup(every {stride})", "greedy_soup", (5, 0), w,
+            {"by": objective, "stride": stride, "indices": w.nonzero().flatten().tolist()}, soups)
     elif s["greedy"]:
         skipped.append("greedy_soup: over the pass budget")
 
@@ -454,7 +481,7 @@ def _preference(c: Candidate, prefer: str, score: float, uniform_kept: bool) -> 
 
 
 def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 30, sewa_samples: int = 4,
-         sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, pass_budget: float = 1.25,
+         sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, greedy_thin: bool = False, pass_budget: float = 1.25,
          se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True,
          prefer: str = "fitted", loss_tie_break: bool = True, judge_finalists: int = 4,
          judge_multiple: float = 0.0) -> Method:
@@ -471,6 +498,9 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         sewa_fraction: SeWA's budget K as a fraction of the window in auto's runs; their ranking gives every top-K.
         shrink: Shrinkage a of the best selected set towards uniform, a*selected + (1-a)*uniform (0: none).
         greedy: Include greedy soup (by the metric when the task has one) when it fits the pass and mix budgets.
+        greedy_thin: When greedy soup over the whole window does not fit, run it over every 2nd,
+            4th, ... snapshot (the newest always in), the densest that fits (candidate
+            ``greedy_soup(every m)``). Off by default: not yet compared on the testbed.
         pass_budget: Model passes and weight mixes auto may plan, in units of one default SeWA selection's.
         se_rule: The standard error of the one-SE rule: "paired" (of each candidate's per-example
             differences to the best) or "best" (of the best candidate's fold scores, the classic rule).
@@ -516,7 +546,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
     if se_rule not in ("best", "paired"):
         raise MethodError(f"auto: se_rule must be 'best' or 'paired', got {se_rule!r}")
     settings = {"folds": folds, "seed": seed, "one_se": bool(one_se), "sewa_steps": sewa_steps, "sewa_samples": sewa_samples,
-                "sewa_fraction": float(sewa_fraction), "shrink": float(shrink), "greedy": bool(greedy),
+                "sewa_fraction": float(sewa_fraction), "shrink": float(shrink), "greedy": bool(greedy), "greedy_thin": bool(greedy_thin),
                 "pass_budget": float(pass_budget), "se_rule": se_rule, "se_multiple": float(se_multiple),
                 "soup_steps": soup_steps, "refit": bool(refit), "prefer": prefer,
                 "loss_tie_break": bool(loss_tie_break), "judge_finalists": judge_finalists,
