@@ -185,7 +185,8 @@ def test_experiment_settings_are_changed_by_field_with_its_type() -> None:
 
 def _ablated(seed: int) -> dict[str, Any]:
     """A run with ablations: the default selects snapshots [1, 2]; knots=5 selects others and scores
-    1 point higher on every seed (plus a seed-dependent wobble); window=4 selects the default's snapshots."""
+    1 point higher on every seed (plus a seed-dependent wobble); window=4 (the run's) selects the default's snapshots,
+    window=2 the same positions of a shorter window."""
     run = fake_run(seed)
     wobble = 0.001 * seed
 
@@ -195,7 +196,7 @@ def _ablated(seed: int) -> dict[str, Any]:
     base = 0.85 + 0.01 * seed
     run["ablations"] = {
         "objective": [row("val", base, [1, 2]), row("train", base - 0.02 - wobble, [0, 1])],
-        "window": [row(4, base, [1, 2])],
+        "window": [row(2, base - 0.01, [1, 2]), row(4, base, [1, 2])],
         "knots": [row(0, base, [1, 2]), row(5, base + 0.01 + wobble, [2, 3])],
         "convergence": [{"value": 0.5, "step": 4, "last": 0.5, "uniform": 0.5, "lawa10": 0.5, "sewa10": 0.5}],
         "choice_by": [{"value": f"ema by {by}", "test_metric": base + (0.003 if by == "loss" else 0.0) + wobble}
@@ -209,7 +210,8 @@ def test_ablations_are_paired_against_the_default_selection() -> None:
     ab = entry["ablation_verdicts"]
     assert ab["seeds"] == [0, 1]
     # window=4 selects the default's snapshots on every seed: left out; convergence is not a contrast
-    assert list(ab["verdicts"]) == ["objective=train vs default", "knots=5 vs default", "ema by loss vs by metric"]
+    assert list(ab["verdicts"]) == ["objective=train vs default", "window=2 vs default", "knots=5 vs default",
+                                    "ema by loss vs by metric"]
     knots = ab["verdicts"]["knots=5 vs default"]
     assert knots["n"] == 2 and knots["diff"] == pytest.approx(1.05) and knots["ci"][0] > 0
     assert ab["verdicts"]["objective=train vs default"]["diff"] == pytest.approx(-2.05)
@@ -218,6 +220,6 @@ def test_ablations_are_paired_against_the_default_selection() -> None:
     assert lines[0] == "### Ablations against the default: tiny — unstable-spikes (quick), seeds 0–1"
     assert any(line.startswith("| knots=5 vs default | +1.05 |") for line in lines)
     claim = results.ablation_claim([entry])[0]
-    assert "tiny/unstable-spikes (seeds 0–1): " in claim and " of 3 (" in claim and "worse: objective=train vs default (-2.05)" in claim
+    assert "tiny/unstable-spikes (seeds 0–1): " in claim and " of 4 (" in claim and "worse: objective=train vs default (-2.05)" in claim
     plain = summary.task_entry(("tiny", "unstable-spikes", "quick"), [fake_run(s) for s in range(3)])
     assert plain["ablation_verdicts"] is None and results.ablation_claim([plain]) == []

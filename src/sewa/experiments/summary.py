@@ -267,8 +267,9 @@ def ablation_contrasts(recs: list[dict[str, Any]]) -> dict[str, tuple[list[float
             got = [row(r, ablation, x["value"]) for r in recs]
             if any(g is None or "test_metric" not in g for g in got):
                 continue
-            if all(g.get("indices") is not None and g.get("indices") == d.get("indices")  # type: ignore[union-attr]
-                   for g, d in zip(got, default, strict=True)):
+            same_window = ablation != "window" or all(x["value"] == r["window"] for r in recs)  # else indices are of a shorter window
+            if same_window and all(g.get("indices") is not None and g.get("indices") == d.get("indices")  # type: ignore[union-attr]
+                                   for g, d in zip(got, default, strict=True)):
                 continue  # the same selection on every seed: the default under another name
             pairs[f"{ablation}={x['value']} vs default"] = ([float(g["test_metric"]) for g in got], base)  # type: ignore[index]
     for x in recs[0]["ablations"].get("choice_by", []):
