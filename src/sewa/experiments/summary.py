@@ -245,42 +245,39 @@ ABLATION_DEFAULT = ("objective", "val")
 def ablation_contrasts(recs: list[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
     """The ablations as paired contrasts over the seeds that ran them: every changed setting against
     the default SeWA(K=10) of the same seed (rows that select the default's snapshots on every seed
-    are the default under another name, and left out), and each choice rule by the loss against the same rule by the
-    metric. Convergence is left out: its rows average other stretches of training."""
+    are the default under another name, and left out), and each choice rule by the loss against the
+    same rule by the metric. Convergence is left out: its rows average other stretches of training."""
     recs = [r for r in recs if r.get("ablations")]
-    if not recs:
-        return {}
-    name, value = ABLATION_DEFAULT
 
-    def row(r: dict[str, Any], ablation: str, v: Any) -> dict[str, Any] | None:
-        return next((x for x in r["ablations"].get(ablation, []) if x["value"] == v), None)
+    def rows(ablation: str, v: Any) -> list[dict[str, Any]] | None:
+        """The row of setting ``v`` on every seed, or ``None`` where a seed lacks it or its test metric."""
+        found = [next((x for x in r["ablations"].get(ablation, []) if x["value"] == v), None) for r in recs]
+        return None if any(x is None or "test_metric" not in x for x in found) else found  # type: ignore[return-value]
 
-    default = [row(r, name, value) for r in recs]
-    if any(d is None for d in default):
+    def test(xs: list[dict[str, Any]]) -> list[float]:
+        return [float(x["test_metric"]) for x in xs]
+
+    default = rows(*ABLATION_DEFAULT) if recs else None
+    if default is None:
         return {}
-    base = [float(d["test_metric"]) for d in default]  # type: ignore[index]
     pairs: dict[str, tuple[list[float], list[float]]] = {}
-    for ablation, rows in recs[0]["ablations"].items():
+    for ablation, grid in recs[0]["ablations"].items():
         if ablation in ("convergence", "choice_by"):
             continue
-        for x in rows:
-            got = [row(r, ablation, x["value"]) for r in recs]
-            if any(g is None or "test_metric" not in g for g in got):
+        for v in (x["value"] for x in grid):
+            got = rows(ablation, v)
+            if got is None:
                 continue
-            same_window = ablation != "window" or all(x["value"] == r["window"] for r in recs)  # else indices are of a shorter window
-            if same_window and all(g.get("indices") is not None and g.get("indices") == d.get("indices")  # type: ignore[union-attr]
+            same_window = ablation != "window" or all(v == r["window"] for r in recs)  # else indices are of a shorter window
+            if same_window and all(g.get("indices") is not None and g.get("indices") == d.get("indices")
                                    for g, d in zip(got, default, strict=True)):
                 continue  # the same selection on every seed: the default under another name
-            pairs[f"{ablation}={x['value']} vs default"] = ([float(g["test_metric"]) for g in got], base)  # type: ignore[index]
+            pairs[f"{ablation}={v} vs default"] = (test(got), test(default))
     for x in recs[0]["ablations"].get("choice_by", []):
         rule, by = str(x["value"]).rsplit(" by ", 1)
-        if by != "loss":
-            continue
-        loss = [row(r, "choice_by", f"{rule} by loss") for r in recs]
-        metric = [row(r, "choice_by", f"{rule} by metric") for r in recs]
-        if all(loss) and all(metric):
-            pairs[f"{rule} by loss vs by metric"] = ([float(g["test_metric"]) for g in loss],  # type: ignore[index]
-                                                     [float(g["test_metric"]) for g in metric])  # type: ignore[index]
+        loss, metric = rows("choice_by", f"{rule} by loss"), rows("choice_by", f"{rule} by metric")
+        if by == "loss" and loss is not None and metric is not None:
+            pairs[f"{rule} by loss vs by metric"] = (test(loss), test(metric))
     return pairs
 
 
