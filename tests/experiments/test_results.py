@@ -113,3 +113,21 @@ def test_the_cost_claim_counts_task_regimes_and_seeds_over_the_bound() -> None:
     (line,) = cost_claim([entry("b", [2.0, 2.0], [1.0, 1.0]), entry("a", [1.0], [1.0])])
     assert "1 of 2 task-regimes within on the mean (over: b/constant 2.00x); 1 of 3 seeds within" in line
     assert cost_claim([]) == []
+
+
+def test_losses_near_1e_4_keep_their_digits_in_the_summary_and_the_tables(tmp_path) -> None:
+    """Behaviour cloning's action losses are near 1e-4: fixed decimals printed every method as 0.0001 and tied the
+    K-curves, so the best K came out of rounding."""
+    from sewa.experiments.results import render
+
+    for seed in range(2):
+        run = _v1_run(seed, "a" * 40)
+        for i, row in enumerate(run["methods"].values()):
+            row["test_loss"], row["val_loss"] = 1.2345e-4 * (1 + 0.01 * i), 2.3456e-4 * (1 + 0.01 * i)
+        path = tmp_path / "runs" / "ag_news" / "full" / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(run))
+    md = render(tmp_path / "runs", tmp_path / "docs", tmp_path / "summary.json").read_text()
+    assert "| 1.234e-04 | 2.346e-04 |" in md and "| 1.247e-04 | 2.369e-04 |" in md and "| 0.0001 |" not in md
+    t = json.loads((tmp_path / "summary.json").read_text())["tasks"][0]
+    assert t["methods"]["uniform"]["val_loss"] == [pytest.approx(2.3456e-4 * 1.01, rel=1e-5)] * 2

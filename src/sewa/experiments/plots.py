@@ -19,9 +19,18 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
-def _on(measure: str) -> tuple[str, int]:
-    """How a measure reads in the text, and its decimals."""
-    return ("test metric", 2) if measure == "test_metric" else (measure.replace("_", " ") + " (lower is better)", 4)
+def _on(measure: str) -> str:
+    """How a measure reads in the text."""
+    return "test metric" if measure == "test_metric" else measure.replace("_", " ") + " (lower is better)"
+
+
+def _spec(measure: str, values: list[float | None]) -> str:
+    """The format spec of a measure's numbers: a metric in two decimals; a loss in four, or in scientific notation
+    when it is below 0.01 (behaviour cloning's action losses are near 1e-4, where fixed decimals print every method
+    alike)."""
+    if measure == "test_metric":
+        return ".2f"
+    return ".4f" if max((abs(v) for v in values if v is not None), default=1.0) >= 0.01 else ".3e"
 
 
 def _title(key: Key) -> str:
@@ -82,7 +91,7 @@ def k_curve_plot(entries: dict[Key, dict[str, Any]], out: Path) -> list[str]:
             ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", label=s)
         ax.set_xscale("log")
         ax.set_xlabel("K (snapshots averaged)")
-        ax.set_ylabel(_on(kc["measure"])[0])
+        ax.set_ylabel(_on(kc["measure"]))
         ax.set_title(_title(key), fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()

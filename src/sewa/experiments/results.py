@@ -19,7 +19,7 @@ from typing import Any
 
 from ..auto import COST_LIMIT
 from . import stats, summary
-from .plots import _on, _title, ablation_plots, k_curve_plot, mean_std, rank_plot
+from .plots import _on, _spec, _title, ablation_plots, k_curve_plot, mean_std, rank_plot
 from .summary import MAIN, Key
 
 SUBSTITUTES = """\
@@ -74,13 +74,14 @@ def _where(path: str) -> str:
     return "…/" + "/".join(parts[-2:])
 
 
-def _ms(xs: list[float | None], digits: int = 2, missing: str = "—") -> str:
-    """Mean ± std over seeds; ``missing`` where no seed has a value (a failed method, an unrecorded metric)."""
+def _ms(xs: list[float | None], f: str = ".2f", missing: str = "—") -> str:
+    """Mean ± std over seeds in format ``f``; ``missing`` where no seed has a value (a failed method, an unrecorded
+    metric)."""
     vals = [x for x in xs if x is not None]
     if len(vals) < len(xs) or not vals:
-        return missing if not vals else f"{mean_std(vals)[0]:.{digits}f} ({len(xs) - len(vals)} {missing})"
+        return missing if not vals else f"{mean_std(vals)[0]:{f}} ({len(xs) - len(vals)} {missing})"
     m, s = mean_std(vals)
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return f"{m:{f}} ± {s:{f}}"
 
 
 def _span(xs: list[Any]) -> str:
@@ -106,13 +107,15 @@ def method_table(recs: list[dict[str, Any]], entry: dict[str, Any]) -> list[str]
         lines.append(f"| reference: {ref['name']} | {_ms(ref['per_seed'])} | — | — | — | — | — | — | — | — |")
     else:
         lines.append("| reference | not recorded by these runs | — | — | — | — | — | — | — | — |")
+    loss = {split: {label: _avg([r["methods"][label].get(f"{split}_loss") for r in recs]) for label in entry["methods"]}
+            for split in ("test", "val")}
+    f = _spec("loss", [v for split in loss.values() for v in split.values()])
     for label, row in entry["methods"].items():
         rank = entry["ranks"].get(label)
         lines.append(f"| {label if label in MAIN else label + ' (extra)'} | {_ms(row['test_metric'], missing='failed')} | {_ms(row['val_metric'])} | "
-                     f"{_num(_avg([r['methods'][label].get('test_loss') for r in recs]), '.4f')} | "
-                     f"{_num(_avg([r['methods'][label].get('val_loss') for r in recs]), '.4f')} | {_span(row['averaged'])} | "
+                     f"{_num(loss['test'][label], f)} | {_num(loss['val'][label], f)} | {_span(row['averaged'])} | "
                      f"{row['selected_on'] or '—'} | {row['choice_by'] or '—'} | "
-                     f"{'—' if rank is None else f'{mean_std(rank)[0]:.1f}'} | {_ms(row['seconds'], 1)} |")
+                     f"{'—' if rank is None else f'{mean_std(rank)[0]:.1f}'} | {_ms(row['seconds'], '.1f')} |")
     return lines
 
 
@@ -153,21 +156,15 @@ def _seed_list(seeds: list[int]) -> str:
     return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}–{r[-1]}" for r in runs)
 
 
-def _measure(section: dict[str, Any]) -> tuple[str, int, str]:
-    """How a section's measure reads, its decimals and its format spec."""
-    name, digits = _on(section["measure"])
-    return name, digits, f".{digits}f"
-
-
 def random_k_table(entry: dict[str, Any]) -> list[str]:
     """The random-K distribution per seed and each method's percentile in it."""
     rk = entry["random_k"]
     if not rk:
         return []
-    name, digits, f = _measure(rk)
+    name, f = _on(rk["measure"]), _spec(rk["measure"], rk[rk["measure"] + "_mean"])
     lo, hi = mean_std(rk[f"{rk['measure']}_p05"])[0], mean_std(rk[f"{rk['measure']}_p95"])[0]
     lines = [f"Random-K (K={rk['k']}, {rk['draws']} draws per seed, scored by the {name}): mean "
-             f"{_ms(rk[rk['measure'] + '_mean'], digits)}, 5th–95th percentile of the draws {lo:{f}}–{hi:{f}} (mean over "
+             f"{_ms(rk[rk['measure'] + '_mean'], f)}, 5th–95th percentile of the draws {lo:{f}}–{hi:{f}} (mean over "
              "seeds). Each method's percentile in its seed's distribution (the share of draws it beats):", "",
              "| method | mean percentile | range over seeds |", "|---|---|---|"]
     for label, pct in rk["percentiles"].items():
@@ -180,8 +177,8 @@ def k_curve_table(entry: dict[str, Any]) -> list[str]:
     kc = entry["k_curves"]
     if not kc:
         return []
-    name, digits, f = _measure(kc)
     series = [s for s in kc if s not in ("Ks", "measure")]
+    name, f = _on(kc["measure"]), _spec(kc["measure"], [v for s in series for v in kc[s]])
     lines = ["| K | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
     lines += [f"| {k} | " + " | ".join(_num(kc[s][i], f) for s in series) + " |" for i, k in enumerate(kc["Ks"])]
     sign = 1 if kc["measure"] == "test_metric" else -1
@@ -356,8 +353,8 @@ def discussion(doc: dict[str, Any]) -> list[str]:
     pct = [(e["task"], e["regime"], e["random_k"]["measure"], e["random_k"]["percentiles"]["sewa"]) for e in tasks
            if e["random_k"] and "sewa" in e["random_k"]["percentiles"]]
     lines.append("- **SeWA's selection beats picking K snapshots at random** (SeWA's percentile in the random-K "
-                 "distribution): " + ("; ".join(f"{t}/{r}: {mean_std(p)[0]:.0f} by {m.replace('_', ' ')} (seeds "
-                                               f"{min(p):.0f}–{max(p):.0f})" for t, r, m, p in pct) + "."
+                 "distribution): " + ("; ".join(f"{t}/{r}: {mean_std(p)[0]:.0f} by {m.replace('_', ' ')} (range over "
+                                               f"seeds {min(p):.0f}–{max(p):.0f})" for t, r, m, p in pct) + "."
         if pct else "no run records a random-K distribution yet."))
     total = Counter(v["verdict"] for e in tasks for v in e["verdicts"].values())
     lines += ["", "All comparisons: " + ", ".join(f"{total[v]} {v}" for v in stats.VERDICTS) + "."]

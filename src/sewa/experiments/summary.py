@@ -151,7 +151,12 @@ def check_commits(key: Key, recs: list[dict[str, Any]], allow_mixed: bool = Fals
 
 
 def _r(x: float | None, scale: float = 1.0) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x) * scale, 6)
+    """Six decimals, or more for values below 0.1 so that small losses (behaviour cloning's, near 1e-4) keep six
+    significant digits."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return None
+    v = float(x) * scale
+    return round(v, 6 if abs(v) >= 0.1 or v == 0 else 5 - math.floor(math.log10(abs(v))))
 
 
 def _complete(recs: list[dict[str, Any]], label: str) -> bool:
