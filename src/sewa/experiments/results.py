@@ -254,18 +254,28 @@ def selection_table(entries: dict[Key, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _est_gain(a: dict[str, Any], metric: str) -> str:
+    """auto's estimated gain over uniform on the selection split, mean ± mean SE over seeds: a metric in the table's
+    units (accuracy in points), a loss as a decrease in its raw units."""
+    objectives = sorted({str(o) for o in a["objective"]})
+    gain, se = _avg(a["gain_vs_uniform"]), _avg(a.get("gain_vs_uniform_se") or [None])
+    if gain is None:
+        return f"— ({', '.join(objectives)})"
+    scale, f = (100.0, ".2f") if objectives == ["metric"] and metric == "accuracy" else (1.0, ".3g")
+    return f"{scale * gain:+{f}}" + ("" if se is None else f" ± {scale * se:{f}}") + f" ({', '.join(objectives)})"
+
+
 def auto_table(entries: dict[Key, dict[str, Any]]) -> list[str]:
     """Per task-regime: what auto chose on each seed, how often it fell back, its estimated gain over
     uniform on the selection split against its realised gain on test, and its cost."""
     lines = ["| task — regime (preset) | auto's order | chosen per seed | fell back | cross-fitted | judge moved it | "
-             "est. gain vs uniform (val, objective) | test gain vs uniform | forward passes / SeWA's |", "|---|---|---|---|---|---|---|---|---|"]
+             "est. gain vs uniform (val ± SE, objective) | test gain vs uniform | forward passes / SeWA's |", "|---|---|---|---|---|---|---|---|---|"]
     for key, e in sorted(entries.items()):
         a, ms = e["auto"], e["methods"]
         if not a:
             continue
         test = _avg([x - y for x, y in zip(ms["auto"]["test_metric"], ms["uniform"]["test_metric"], strict=True)]
                     if "uniform" in ms and None not in ms["auto"]["test_metric"] + ms["uniform"]["test_metric"] else [None])
-        objective = ", ".join(sorted({str(o) for o in a["objective"]}))
         n = len(a["chosen"])
         order = ", ".join(sorted({f"{p}{' + refit' if r else ''}{' + loss tie-break' if b else ''}"
                                   for p, r, b in zip(a.get("prefer") or ["simple"] * n, a.get("refit") or [False] * n,
@@ -274,7 +284,7 @@ def auto_table(entries: dict[Key, dict[str, Any]]) -> list[str]:
         moved = f"{sum(judged)} of {len(judged)}" if judged else "—"
         lines.append(f"| {_title(key)} | {order} | {', '.join(str(c) for c in a['chosen'])} | {sum(bool(f) for f in a['fell_back'])} of "
                      f"{len(a['chosen'])} | {sum(bool(f) for f in a['crossfit'])} of {len(a['chosen'])} | {moved} | "
-                     f"{_num(_avg(a['gain_vs_uniform']), '+.4g')} ({objective}) | {_num(test, '+.2f')} | "
+                     f"{_est_gain(a, e['metric'])} | {_num(test, '+.2f')} | "
                      f"{_num(_avg(a['forward_passes_over_sewa']), '.2f')} |")
     return lines if len(lines) > 2 else []
 
@@ -399,8 +409,9 @@ def render(root: Path, out: Path, summary_path: Path | None = None, allow_mixed:
            "run's settings: \"simple\", or from commit c065994 on \"fitted\", whose fitted choice is then refitted on the "
            "whole split; \"loss tie-break\": uniform also yields to a fitted candidate within noise whose loss is lower "
            "beyond noise; \"judge moved it\": for BC from commit 92e0754 on, validation rollouts of auto's finalists moved "
-           "its choice to another finalist); the estimated gain is on the selection split in its objective's raw units "
-           "(for a loss, a decrease), next to the gain realised on test in the table's units.", ""] + auto + [""] if auto else []
+           "its choice to another finalist); the estimated gain is on the selection split, the mean over seeds ± the mean "
+           "of its per-seed standard errors, in the table's units for an accuracy objective and in the loss's raw units "
+           "(a decrease) for a loss, next to the gain realised on test in the table's units.", ""] + auto + [""] if auto else []
     md += ["## Compute", "", "Wall-clock on the machines named above; passes count SeWA's forward and backward passes "
            "(steps × samples).", ""] + compute_table(groups, entries) + [""]
     md += ["## Selection split against test split", "", "The method best on the selection (validation) metric and where it "
