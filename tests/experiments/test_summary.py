@@ -98,7 +98,7 @@ def test_summary_schema_on_three_synthetic_runs(tmp_path: Path) -> None:
     md = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "reference: multinomial naive Bayes | 87.40 ± 0.00" in md
     assert "| sewa vs uniform | +5.00 |" in md and "**better**" in md
-    assert "| tiny — unstable-spikes (quick) | simple | uniform, uniform, uniform | 3 of 3 | 3 of 3 | — | +0 (metric) | +5.00 | 0.50 |" in md
+    assert "| tiny — unstable-spikes (quick) | simple | uniform, uniform, uniform | 3 of 3 | 3 of 3 | — | +0.00 ± 0.10 (metric) | +5.00 | 0.50 |" in md
     assert "auto is never worse than the best baseline" in md and "1 equivalent" in md
     assert (tmp_path / "docs" / "ranks.png").is_file() and (tmp_path / "docs" / "k_curves.png").is_file()
 
@@ -160,7 +160,7 @@ def test_the_auto_table_counts_the_judges_moves(tmp_path: Path) -> None:
         r["methods"]["auto"]["judge"] = {"moved": moved, "seconds": 2.0}
     entry = summary.task_entry(("tiny", "unstable-spikes", "quick"), runs)
     assert entry["auto"]["judge_moved"] == [True, False, True] and entry["auto"]["judge_seconds"] == [2.0] * 3
-    assert "| 3 of 3 | 3 of 3 | 2 of 3 | +0 (metric) |" in "\n".join(results.auto_table({("tiny", "unstable-spikes", "quick"): entry}))
+    assert "| 3 of 3 | 3 of 3 | 2 of 3 | +0.00 ± 0.10 (metric) |" in "\n".join(results.auto_table({("tiny", "unstable-spikes", "quick"): entry}))
 
 
 def test_runs_with_changed_settings_stay_out_of_the_tables(tmp_path: Path) -> None:
