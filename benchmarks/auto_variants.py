@@ -1,0 +1,115 @@
+"""Variants of ``auto`` against the table's SeWA and learned soup on development seeds (issue 15).
+
+Each seed of a classification experiment is trained once, exactly as ``sewa experiment`` trains
+it (same spec, regime and selection split); then every ``--variant`` of ``auto`` (its settings
+over the runner's) runs on that trajectory, next to the table's SeWA(K=10) and learned soup, and
+each average is scored on the test split. It prints, per variant, the mean test metric and the
+paired difference to the first variant (95% t interval), and writes every seed's figures to
+``--out``. Use it on development seeds only (BBC News and AG News: 10-19): the results tables
+are judged on seeds 0-9 and 20 on::
+
+    python benchmarks/auto_variants.py bbc_news --regime unstable-shard --seeds 10-19 \\
+        --variant 'default={}' --variant 'balance={"balance": true}' --out results/auto_dev/variants.json
+
+Behaviour cloning is not supported: its test metric comes from rollouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as bench  # noqa: E402
+
+from sewa import methods as M  # noqa: E402
+from sewa.compare import environment  # noqa: E402
+from sewa.experiments import runner  # noqa: E402
+from sewa.experiments import tasks as T  # noqa: E402
+
+
+class _Trained(Exception):
+    """Raised by the runner's method table once training is done: the trajectory is all we need."""
+
+
+def trained(task: str, regime: str, seed: int) -> dict[str, Any]:
+    """The window, the selection split's evaluator and the scorer of one seed, trained by the
+    experiment runner itself (it stops where the runner would run the methods)."""
+    caught: dict[str, Any] = {}
+
+    def stop(traj: Any, task: Any, spec: Any, _seed: int, score: Any) -> dict[str, Any]:
+        caught.update(traj=traj, ev=task.evaluator("val", "for auto's variants"), spec=spec, score=score)
+        raise _Trained
+
+    table, runner._method_table = runner._method_table, stop
+    try:
+        runner.run(task, "full", seed, Path("/nonexistent"), regime=regime, progress=False, ablations=False)
+    except _Trained:
+        pass
+    finally:
+        runner._method_table = table
+    return caught
+
+
+def methods(t: dict[str, Any], seed: int, variants: dict[str, dict[str, Any]]) -> dict[str, M.Method]:
+    """auto's variants, each the runner's auto with some settings changed, and the table's SeWA
+    and learned soup, all as the runner makes them."""
+    table, _ = runner.plan(len(t["traj"]), t["spec"], seed, t["ev"], t["traj"])
+    out = {name: table["auto"].replace(**over) for name, over in variants.items()}
+    return out | {"table sewa": table["sewa"], "table learned_soup": table["learned_soup"]}
+
+
+def seeds_of(text: str) -> list[int]:
+    """``"10-19"`` or ``"10,12,15"``."""
+    if "-" in text:
+        a, b = text.split("-")
+        return list(range(int(a), int(b) + 1))
+    return [int(s) for s in text.split(",")]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("task", choices=[n for n, s in T.SPECS.items() if s.family != "bc"])
+    p.add_argument("--regime", default="constant")
+    p.add_argument("--seeds", required=True, help="development seeds: 10-19 or 10,12,15")
+    p.add_argument("--variant", action="append", required=True, metavar="NAME=JSON",
+                   help="auto's settings over the runner's, e.g. 'balance={\"balance\": true}' (first: the reference)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    bench.set_threads(1)
+    variants = {}
+    for v in args.variant:
+        name, _, settings = v.partition("=")
+        variants[name] = json.loads(settings or "{}")
+    env = environment()
+    record: dict[str, Any] = {"task": args.task, "regime": args.regime, "variants": variants, "git_commit": env["git_commit"],
+                              "dirty": env["dirty"], "machine": bench.machine(), "seeds": {}}
+    for seed in seeds_of(args.seeds):
+        t = trained(args.task, args.regime, seed)
+        row = {}
+        for name, method in methods(t, seed, variants).items():
+            start = time.perf_counter()
+            result = method.weights(t["traj"], t["ev"])
+            row[name] = {"test": 100 * t["score"].average(t["traj"], result.weights)["test_metric"],
+                         "seconds": time.perf_counter() - start, "chosen": result.info.get("chosen")}
+        record["seeds"][seed] = row
+        print(seed, json.dumps({k: (round(v["test"], 2), v["chosen"]) for k, v in row.items()}), flush=True)
+        bench.write_json(args.out, record)
+    names = list(next(iter(record["seeds"].values())))
+    first = names[0]
+    rows = []
+    for name in names:
+        vals = [r[name]["test"] for r in record["seeds"].values()]
+        diffs = [r[name]["test"] - r[first]["test"] for r in record["seeds"].values()]
+        rows.append([name, f"{sum(vals) / len(vals):.2f}", "—" if name == first else bench.mean_ci(diffs),
+                     f"{sum(r[name]['seconds'] for r in record['seeds'].values()) / len(vals):.1f}"])
+    print(f"\n{args.task} — {args.regime}, seeds {args.seeds} (commit {env['git_commit'][:10]}{', dirty' if env['dirty'] else ''}):\n")
+    print(bench.table(["method", "test (mean)", f"vs {first}", "seconds"], rows))
+
+
+if __name__ == "__main__":
+    main()
