@@ -84,7 +84,12 @@ def main() -> None:
     variants = {}
     for v in args.variant:
         name, _, settings = v.partition("=")
-        variants[name] = json.loads(settings or "{}")
+        try:
+            variants[name] = json.loads(settings or "{}")
+        except json.JSONDecodeError as e:
+            p.error(f"--variant {v!r}: the settings after the first '=' must be a JSON object ({e}); names hold no '='")
+        if not isinstance(variants[name], dict):
+            p.error(f"--variant {v!r}: the settings must be a JSON object, e.g. {{\"balance\": true}}")
     env = environment()
     record: dict[str, Any] = {"task": args.task, "regime": args.regime, "variants": variants, "git_commit": env["git_commit"],
                               "dirty": env["dirty"], "machine": bench.machine(), "seeds": {}}
