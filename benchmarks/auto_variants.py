@@ -9,7 +9,7 @@ paired difference to the first variant (95% t interval), and writes every seed's
 are judged on seeds 0-9 and 20 on::
 
     python benchmarks/auto_variants.py bbc_news --regime unstable-shard --seeds 10-19 \\
-        --variant 'default={}' --variant 'balance={"balance": true}' --out results/auto_dev/variants.json
+        --variant 'default={}' --variant 'fraction 0.1={"sewa_fraction": 0.1}' --out results/auto_dev/variants.json
 
 Behaviour cloning is not supported: its test metric comes from rollouts.
 """
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--regime", default="constant")
     p.add_argument("--seeds", required=True, help="development seeds: 10-19 or 10,12,15")
     p.add_argument("--variant", action="append", required=True, metavar="NAME=JSON",
-                   help="auto's settings over the runner's, e.g. 'balance={\"balance\": true}' (first: the reference)")
+                   help="auto's settings over the runner's, e.g. 'fraction 0.1={\"sewa_fraction\": 0.1}' (first: the reference)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     bench.set_threads(1)
@@ -89,7 +89,7 @@ def main() -> None:
         except json.JSONDecodeError as e:
             p.error(f"--variant {v!r}: the settings after the first '=' must be a JSON object ({e}); names hold no '='")
         if not isinstance(variants[name], dict):
-            p.error(f"--variant {v!r}: the settings must be a JSON object, e.g. {{\"balance\": true}}")
+            p.error(f"--variant {v!r}: the settings must be a JSON object, e.g. {{\"sewa_fraction\": 0.1}}")
     env = environment()
     record: dict[str, Any] = {"task": args.task, "regime": args.regime, "variants": variants, "git_commit": env["git_commit"],
                               "dirty": env["dirty"], "machine": bench.machine(), "seeds": {}}

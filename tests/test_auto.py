@@ -249,36 +249,6 @@ def test_auto_on_a_one_batch_split_scores_in_sample_with_standard_errors_over_it
     json.dumps(info, allow_nan=False)
 
 
-def test_balance_cuts_a_lopsided_split_into_pieces_so_the_halves_are_even() -> None:
-    """BBC News's split is one batch of 256 and one of 59: whole batches give half fits on 256 and
-    59 examples. With ``balance`` the batches are cut into pieces of ceil(N / 2F) examples first."""
-    traj, ev = _damaged(2)
-    pairs = list(ev.batches)  # 10 batches of 16
-    x, y = torch.cat([b[0] for b in pairs]), torch.cat([b[1] for b in pairs])
-    lopsided = Evaluator(ev.model, ev.loss_fn, [(x[:128], y[:128]), (x[128:], y[128:])])  # 128 and 32 examples
-    plain = create("auto", **FAST).weights(traj, lopsided).info
-    assert plain["piece_size"] is None and plain["folds_used"] == 2
-    info = create("auto", **FAST, balance=True).weights(traj, lopsided).info
-    assert info["piece_size"] == 16 and info["folds_used"] == 5  # 160 / (2 * 5): ten pieces, five folds
-    assert info["se_units"] == 160 and info["crossfit"]
-    even = create("auto", **FAST, balance=True).weights(traj, ev)  # ten equal batches: left as they are
-    same = create("auto", **FAST).weights(traj, ev)
-    assert even.info["piece_size"] is None and torch.equal(even.weights, same.weights)
-    assert even.info["candidates"] == same.info["candidates"]
-
-
-def test_cut_batch_cuts_nested_tensors_along_their_first_dimension() -> None:
-    from sewa._batch import cut_batch
-
-    x = {"ids": torch.arange(10).reshape(5, 2), "mask": torch.ones(5, 2)}
-    pieces = cut_batch((x, torch.arange(5)), 2)
-    assert pieces is not None and [len(p[1]) for p in pieces] == [2, 2, 1]
-    assert torch.equal(pieces[2][0]["ids"], torch.tensor([[8, 9]])) and torch.equal(pieces[1][1], torch.tensor([2, 3]))
-    assert cut_batch(((torch.zeros(5, 3), torch.zeros(4)), torch.zeros(5)), 2) is None  # first dimensions differ
-    assert cut_batch((torch.zeros(5, 3), [0, 1, 2, 3, 4]), 2) is None  # a list of ints is not a tensor
-    assert cut_batch((torch.zeros(5, 3), torch.tensor(1.0)), 2) is None  # a scalar target
-
-
 def test_the_paired_standard_error_is_over_examples_however_the_split_is_batched() -> None:
     """The same 160 examples in 10 batches or in 2 give the same units: one per example."""
     traj, ev = _damaged(1)

@@ -18,8 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["MAX_BATCHES", "forward", "functional_forward", "to_device", "split_batch", "inputs_of", "cycle_batches",
-           "cut_batch"]
+__all__ = ["MAX_BATCHES", "forward", "functional_forward", "to_device", "split_batch", "inputs_of", "cycle_batches"]
 
 MAX_BATCHES = 100_000
 """The most batches one pass reads from a one-shot iterator (or one BatchNorm pass reads)."""
@@ -52,35 +51,6 @@ def to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, dict):
         return {k: to_device(v, device) for k, v in x.items()}
     return x
-
-
-def cut_batch(batch: Any, size: int) -> list[Any] | None:
-    """``batch`` cut into consecutive pieces of at most ``size`` examples, or ``None`` when it
-    cannot be: every tensor in its inputs and targets (nested in tuples, lists and dicts) must
-    share the first dimension, and anything else in it must be absent."""
-    n: set[int] = set()
-
-    def count(x: Any) -> bool:
-        if isinstance(x, Tensor):
-            n.add(int(x.shape[0]) if x.dim() > 0 else -1)
-            return x.dim() > 0
-        if isinstance(x, (tuple, list)):
-            return all(count(v) for v in x)
-        if isinstance(x, dict):
-            return all(count(v) for v in x.values())
-        return False
-
-    def piece(x: Any, a: int, b: int) -> Any:
-        if isinstance(x, Tensor):
-            return x[a:b]
-        if isinstance(x, (tuple, list)):
-            return type(x)(piece(v, a, b) for v in x)
-        return {k: piece(v, a, b) for k, v in x.items()}
-
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and count(batch)) or len(n) != 1 or size < 1:
-        return None
-    total = n.pop()
-    return [piece(batch, a, min(a + size, total)) for a in range(0, total, size)]
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:

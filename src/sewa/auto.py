@@ -100,7 +100,7 @@ from ._auto_scores import (
     scored_of,
     statistics,
 )
-from ._batch import cut_batch, split_batch
+from ._batch import split_batch
 from .evaluator import Evaluator
 from .methods import Method, MethodError, _frozen, _positive_int, register
 from .select import SelectionError, select, select_settings, trainable_average
@@ -196,10 +196,6 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
     n = len(trajectory)
     objective = "metric" if ev.metric is not None else "loss"
     all_batches = list(ev.batches)
-    piece = None
-    if s["balance"]:
-        all_batches, piece = _balanced(all_batches, s["folds"], s["seed"])
-        ev = _subset(ev, all_batches) if piece else ev
     plan = _plan(n, len(all_batches), s)
     if plan["scored_batches"] < len(all_batches):  # a seeded subset keeps the cost bound on a large split
         g = torch.Generator().manual_seed(int(s["seed"]))
@@ -330,7 +326,6 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
         except SelectionError as e:
             skipped.append(f"refit of {chosen.name}: {e}")
     info["indices"] = weights.nonzero().flatten().tolist()
-    info["piece_size"] = piece
     forward = scorer.forward + (halves[0].forward + halves[1].forward if crossfit else 0)
     info.update({"forward_passes": forward + backward, "backward_passes": backward})
     return weights, info
@@ -344,22 +339,6 @@ def _learned(trajectory: Trajectory, ev: Evaluator, batches: list[Any], support:
     w = torch.zeros(len(trajectory), dtype=torch.float64)
     w[idx] = learned.double()
     return w / w.sum()
-
-
-def _balanced(batches: list[Any], folds: int, seed: int) -> tuple[list[Any], int | None]:
-    """The split's batches and ``None`` when whole batches make two halves within 10% of each other
-    in examples; else every batch cut into pieces of at most ``ceil(N / (2 * folds))`` examples
-    (:func:`sewa._batch.cut_batch`; the batches as they are when one cannot be cut) and that size."""
-    sizes = torch.tensor([float(batch_size(split_batch(b)[1])) for b in batches], dtype=torch.float64)
-    half = balanced_halves(sizes, seed)
-    held = [float(sizes[half == h].sum()) for h in (0, 1)]
-    if min(held) >= 0.9 * max(held):
-        return batches, None
-    size = max(1, math.ceil(float(sizes.sum()) / (2 * folds)))
-    pieces = [cut_batch(b, size) for b in batches]
-    if any(p is None for p in pieces):
-        return batches, None
-    return [q for p in pieces if p is not None for q in p], size
 
 
 def _subset(ev: Evaluator, batches: list[Any]) -> Evaluator:
@@ -505,7 +484,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
          sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, greedy_thin: bool = False, pass_budget: float = 1.25,
          se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True,
          prefer: str = "fitted", loss_tie_break: bool = True, judge_finalists: int = 4,
-         judge_multiple: float = 0.0, balance: bool = False) -> Method:
+         judge_multiple: float = 0.0) -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
@@ -544,12 +523,6 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         judge_multiple: How many paired SEs (over the judge's units) the judge's best finalist
             must beat the split's choice by for auto to move to it. 0 (the default): the best
             mean wins, since the judge's scores are independent of the split and of the fits.
-        balance: When whole batches cannot split the selection split into two halves within 10%
-            of each other in examples (BBC News: batches of 256 and 59), cut every batch into
-            pieces of at most ``ceil(N / (2 * folds))`` examples first, so that the half fits see
-            as many examples each and the folds have enough units (``info["piece_size"]``).
-            Batches whose inputs and targets are not tensors sharing their first dimension are
-            left whole.
     """
     for name, value in (("folds", folds), ("sewa_steps", sewa_steps), ("sewa_samples", sewa_samples)):
         _positive_int(name, "auto", value)
@@ -577,7 +550,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
                 "pass_budget": float(pass_budget), "se_rule": se_rule, "se_multiple": float(se_multiple),
                 "soup_steps": soup_steps, "refit": bool(refit), "prefer": prefer,
                 "loss_tie_break": bool(loss_tie_break), "judge_finalists": judge_finalists,
-                "judge_multiple": float(judge_multiple), "balance": bool(balance)}
+                "judge_multiple": float(judge_multiple)}
     return Method("auto", _frozen(settings), _rule, evaluates=True)
 
 
