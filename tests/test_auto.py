@@ -249,16 +249,6 @@ def test_auto_on_a_one_batch_split_scores_in_sample_with_standard_errors_over_it
     json.dumps(info, allow_nan=False)
 
 
-def test_window_soup_adds_a_cross_fitted_learned_soup_over_the_whole_window() -> None:
-    traj, ev = _damaged(3)
-    plain = create("auto", **FAST).weights(traj, ev).info
-    info = create("auto", **FAST, window_soup=True).weights(traj, ev).info
-    soup = _candidate(info, "learned_soup(window)")
-    assert soup["crossfit"] and soup["params"] == {"on": "window"} and sum(w > 0 for w in soup["weights"]) > 1
-    assert "learned_soup(window)" not in {c["name"] for c in plain["candidates"]}
-    assert info["planned_passes"] > plain["planned_passes"]  # its half fits and refit are planned
-
-
 def test_the_paired_standard_error_is_over_examples_however_the_split_is_batched() -> None:
     """The same 160 examples in 10 batches or in 2 give the same units: one per example."""
     traj, ev = _damaged(1)

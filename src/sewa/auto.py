@@ -144,7 +144,7 @@ def _plan(n: int, batches: int, s: Mapping[str, Any]) -> dict[str, Any]:
     sewa_default = defaults["steps"] * defaults["samples"] * unit
     # The two half fits, and (with ``refit``) the chosen fitted family once more on the whole
     # split with both halves' steps: planned in full, though it runs only when a fitted family wins.
-    fits = (4 if s["refit"] else 2) * (s["sewa_steps"] * s["sewa_samples"] + s["soup_steps"] * (2 if s["window_soup"] else 1))
+    fits = (4 if s["refit"] else 2) * (s["sewa_steps"] * s["sewa_samples"] + s["soup_steps"])
     sewa_own = fits * unit
     mixes_default = 2 * defaults["steps"] * defaults["samples"]  # a mix and a gradient mix per sample
     mixes_own = 2 * fits
@@ -265,9 +265,7 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
             return _greedy(n, int(c.params["stride"]), greedy_cost(scorer, objective))
         if c.family == "learned_soup":
             backward += 2 * s["soup_steps"]
-            on = c.params["on"]
-            support = torch.ones(n, dtype=torch.float64) if on == "window" else refit(named[on])
-            return _learned(trajectory, ev, all_batches, support, 2 * s["soup_steps"])
+            return _learned(trajectory, ev, all_batches, refit(named[c.params["on"]]), 2 * s["soup_steps"])
         assert c.family == "shrunk"
         a, u = float(c.params["a"]), rules.uniform(n)
         return a * refit(named[c.params["of"]]) + (1 - a) * u
@@ -300,17 +298,6 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
             skipped.append(f"learned_soup: {e}")
     elif s["soup_steps"] > 0 and crossfit:
         skipped.append("learned_soup: needs a cross-fitted SeWA set and a trajectory with subset()")
-    if s["window_soup"] and s["soup_steps"] > 0 and crossfit and hasattr(trajectory, "subset"):
-        # A learned convex soup over the whole window, fitted on each half.
-        backward += 2 * s["soup_steps"]
-        whole = torch.ones(n, dtype=torch.float64)
-        try:
-            soups = (_learned(trajectory, ev, parts[0], whole, s["soup_steps"]),
-                     _learned(trajectory, ev, parts[1], whole, s["soup_steps"]))
-            add("learned_soup(window)", "learned_soup", (6, 1), (soups[0] + soups[1]) / 2, {"on": "window"}, soups)
-            stats = statistics(candidates, sizes, ids, folds, objective)
-        except SelectionError as e:
-            skipped.append(f"learned_soup(window): {e}")
     selected = [c for c in candidates if c.family in ("sewa", "greedy_soup", "learned_soup")]
     if s["shrink"] > 0 and selected and crossfit:
         base = max(selected, key=lambda c: stats[c.name]["key"])
@@ -497,7 +484,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
          sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, greedy_thin: bool = False, pass_budget: float = 1.25,
          se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True,
          prefer: str = "fitted", loss_tie_break: bool = True, judge_finalists: int = 4,
-         judge_multiple: float = 0.0, window_soup: bool = False) -> Method:
+         judge_multiple: float = 0.0) -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
@@ -536,9 +523,6 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         judge_multiple: How many paired SEs (over the judge's units) the judge's best finalist
             must beat the split's choice by for auto to move to it. 0 (the default): the best
             mean wins, since the judge's scores are independent of the split and of the fits.
-        window_soup: Add a learned convex soup over the whole window (the experiments'
-            ``learned_soup``), cross-fitted like the other fitted candidates, as candidate
-            ``learned_soup(window)``. Off by default: being compared on the development seeds.
     """
     for name, value in (("folds", folds), ("sewa_steps", sewa_steps), ("sewa_samples", sewa_samples)):
         _positive_int(name, "auto", value)
@@ -566,7 +550,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
                 "pass_budget": float(pass_budget), "se_rule": se_rule, "se_multiple": float(se_multiple),
                 "soup_steps": soup_steps, "refit": bool(refit), "prefer": prefer,
                 "loss_tie_break": bool(loss_tie_break), "judge_finalists": judge_finalists,
-                "judge_multiple": float(judge_multiple), "window_soup": bool(window_soup)}
+                "judge_multiple": float(judge_multiple)}
     return Method("auto", _frozen(settings), _rule, evaluates=True)
 
 
