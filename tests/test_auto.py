@@ -327,6 +327,9 @@ def test_greedy_thin_runs_greedy_soup_over_every_mth_snapshot_when_the_whole_win
     plan = auto_module._plan(100, 2, s)
     assert plan["greedy"] and plan["greedy_stride"] == 2 and plan["planned_mixes"] <= 0.5 * plan["sewa_default_mixes"]
     assert auto_module._pool(10, 4) == [1, 5, 9]  # the newest always in
+    # A budget that would fit a pool of one snapshot (the last iterate under another name) but not of two: no greedy soup.
+    tight = auto_module.auto(sewa_steps=25, soup_steps=25, pass_budget=0.338, refit=False, greedy_thin=True).settings
+    assert not auto_module._plan(100, 2, tight)["greedy"]
     traj, ev = _damaged(0)
     info = create("auto", pass_budget=0.7, greedy_thin=True, **FAST).weights(traj, ev).info
     greedy = [c for c in info["candidates"] if c["family"] == "greedy_soup"]

@@ -160,7 +160,8 @@ def _plan(n: int, batches: int, s: Mapping[str, Any]) -> dict[str, Any]:
         return 2 * cost if s["refit"] else cost  # and once more on the whole split
 
     # The whole window if greedy soup fits; with ``greedy_thin``, else every 2nd, 4th, ... snapshot.
-    strides = [1] + ([2 ** j for j in range(1, max(1, n - 1).bit_length() + 1)] if s.get("greedy_thin") else [])
+    # Strides stop while the pool still holds two snapshots (a pool of one is the last iterate).
+    strides = [1] + ([2 ** j for j in range(1, max(1, n - 1).bit_length())] if s["greedy_thin"] else [])
     fits = [m for m in strides if (core + greedy_cost(m)) * scored <= budget and 2 * greedy_cost(m) <= mix_budget]
     with_greedy = bool(s["greedy"] and fits)
     stride = fits[0] if with_greedy else 1
