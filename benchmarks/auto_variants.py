@@ -11,6 +11,8 @@ are judged on seeds 0-9 and 20 on::
     python benchmarks/auto_variants.py bbc_news --regime unstable-shard --seeds 10-19 \\
         --variant 'default={}' --variant 'fraction 0.1={"sewa_fraction": 0.1}' --out results/auto_dev/variants.json
 
+``--doc RECORD...`` renders recorded runs' tables into docs/AUTO.md instead (no training).
+
 Behaviour cloning is not supported: its test metric comes from rollouts.
 """
 
@@ -21,7 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as bench  # noqa: E402
@@ -30,6 +32,11 @@ from sewa import methods as M  # noqa: E402
 from sewa.compare import environment  # noqa: E402
 from sewa.experiments import runner  # noqa: E402
 from sewa.experiments import tasks as T  # noqa: E402
+from sewa.experiments.results import _seed_list  # noqa: E402
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "AUTO.md"
+BEGIN = "<!-- auto_variants: begin (python benchmarks/auto_variants.py --doc RECORD...) -->"
+END = "<!-- auto_variants: end -->"
 
 
 class _Trained(Exception):
@@ -41,7 +48,7 @@ def trained(task: str, regime: str, seed: int) -> dict[str, Any]:
     experiment runner itself (it stops where the runner would run the methods)."""
     caught: dict[str, Any] = {}
 
-    def stop(traj: Any, task: Any, spec: Any, _seed: int, score: Any) -> dict[str, Any]:
+    def stop(traj: Any, task: Any, spec: Any, _seed: int, score: Any) -> NoReturn:
         caught.update(traj=traj, ev=task.evaluator("val", "for auto's variants"), spec=spec, score=score)
         raise _Trained
 
@@ -71,15 +78,39 @@ def seeds_of(text: str) -> list[int]:
     return [int(s) for s in text.split(",")]
 
 
+def table_of(record: dict[str, Any], source: str) -> str:
+    """A recorded comparison as Markdown: each method's mean test metric, its paired difference to
+    the first variant (95% t interval) and its mean seconds, under a line naming the runs."""
+    seeds = list(record["seeds"].values())
+    names = list(seeds[0])
+    first = names[0]
+    rows = []
+    for name in names:
+        diffs = [r[name]["test"] - r[first]["test"] for r in seeds]
+        rows.append([name, f"{sum(r[name]['test'] for r in seeds) / len(seeds):.2f}", "—" if name == first else bench.mean_ci(diffs),
+                     f"{sum(r[name]['seconds'] for r in seeds) / len(seeds):.1f}"])
+    settings = "; ".join(f"{n}: `{json.dumps(v)}`" for n, v in record["variants"].items())
+    head = (f"{record['task']} — {record['regime']}, seeds {_seed_list(sorted(int(k) for k in record['seeds']))} (commit {record['git_commit'][:10]}"
+            f"{', dirty' if record['dirty'] else ''}; `{source}`). auto's settings over the runner's: {settings}.")
+    return head + "\n\n" + bench.table(["method", "test (mean)", f"vs {first}", "seconds"], rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("task", choices=[n for n, s in T.SPECS.items() if s.family != "bc"])
+    p.add_argument("task", nargs="?", choices=[n for n, s in T.SPECS.items() if s.family != "bc"])
     p.add_argument("--regime", default="constant")
-    p.add_argument("--seeds", required=True, help="development seeds: 10-19 or 10,12,15")
-    p.add_argument("--variant", action="append", required=True, metavar="NAME=JSON",
+    p.add_argument("--seeds", help="development seeds: 10-19 or 10,12,15")
+    p.add_argument("--variant", action="append", metavar="NAME=JSON",
                    help="auto's settings over the runner's, e.g. 'fraction 0.1={\"sewa_fraction\": 0.1}' (first: the reference)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
+    p.add_argument("--doc", nargs="+", metavar="RECORD", help="write these records' tables into docs/AUTO.md, and train nothing")
     args = p.parse_args()
+    if args.doc:
+        tables = [table_of(json.loads(Path(f).read_text()), f) for f in args.doc]
+        bench.write_generated(DOC, "\n\n".join([BEGIN] + tables + [END]), BEGIN, END)
+        return
+    if not (args.task and args.seeds and args.variant and args.out):
+        p.error("a task, --seeds, --variant and --out are needed to train (or --doc RECORD... to render)")
     bench.set_threads(1)
     variants = {}
     for v in args.variant:
@@ -104,16 +135,7 @@ def main() -> None:
         record["seeds"][seed] = row
         print(seed, json.dumps({k: (round(v["test"], 2), v["chosen"]) for k, v in row.items()}), flush=True)
         bench.write_json(args.out, record)
-    names = list(next(iter(record["seeds"].values())))
-    first = names[0]
-    rows = []
-    for name in names:
-        vals = [r[name]["test"] for r in record["seeds"].values()]
-        diffs = [r[name]["test"] - r[first]["test"] for r in record["seeds"].values()]
-        rows.append([name, f"{sum(vals) / len(vals):.2f}", "—" if name == first else bench.mean_ci(diffs),
-                     f"{sum(r[name]['seconds'] for r in record['seeds'].values()) / len(vals):.1f}"])
-    print(f"\n{args.task} — {args.regime}, seeds {args.seeds} (commit {env['git_commit'][:10]}{', dirty' if env['dirty'] else ''}):\n")
-    print(bench.table(["method", "test (mean)", f"vs {first}", "seconds"], rows))
+    print("\n" + table_of(json.loads(Path(args.out).read_text()), args.out))
 
 
 if __name__ == "__main__":

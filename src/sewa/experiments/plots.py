@@ -24,15 +24,6 @@ def _on(measure: str) -> str:
     return "test metric" if measure == "test_metric" else measure.replace("_", " ") + " (lower is better)"
 
 
-def _spec(measure: str, values: list[float | None]) -> str:
-    """The format spec of a measure's numbers: a metric in two decimals; a loss in four, or in scientific notation
-    when it is below 0.01 (behaviour cloning's action losses are near 1e-4, where fixed decimals print every method
-    alike)."""
-    if measure == "test_metric":
-        return ".2f"
-    return ".4f" if max((abs(v) for v in values if v is not None), default=1.0) >= 0.01 else ".3e"
-
-
 def _title(key: Key) -> str:
     return f"{key[0]} — {key[1]} ({key[2]})"
 

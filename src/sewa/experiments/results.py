@@ -19,7 +19,7 @@ from typing import Any
 
 from ..auto import COST_LIMIT
 from . import stats, summary
-from .plots import _on, _spec, _title, ablation_plots, k_curve_plot, mean_std, rank_plot
+from .plots import _on, _title, ablation_plots, k_curve_plot, mean_std, rank_plot
 from .summary import MAIN, Key
 
 SUBSTITUTES = """\
@@ -72,6 +72,15 @@ def _where(path: str) -> str:
         if parts[i : i + 2] == ("shared", "data"):
             return "../" + "/".join(parts[i:])
     return "…/" + "/".join(parts[-2:])
+
+
+def _spec(measure: str, values: list[float | None]) -> str:
+    """The format spec of a measure's numbers: a metric in two decimals; a loss in four, or in scientific notation
+    when it is below 0.01 (behaviour cloning's action losses are near 1e-4, where fixed decimals print every method
+    alike)."""
+    if measure == "test_metric":
+        return ".2f"
+    return ".4f" if max((abs(v) for v in values if v is not None), default=1.0) >= 0.01 else ".3e"
 
 
 def _ms(xs: list[float | None], f: str = ".2f", missing: str = "—") -> str:
