@@ -366,7 +366,7 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
         within = c is best or (s["one_se"] and se is not None and gap["mean"] <= s["se_multiple"] * se)
         # A fitted candidate's score is out of fold from a half fit, so it understates the refit
         # returned: with ``fitted_multiple`` it may trail the best by that many SEs.
-        wide = (s["fitted_multiple"] is not None and c.family in _FITTED and s["one_se"] and se is not None
+        wide = (s["fitted_multiple"] > 0 and c.family in _FITTED and s["one_se"] and se is not None
                 and gap["mean"] <= s["fitted_multiple"] * se)
         if within or wide:
             eligible.append(c)
@@ -490,7 +490,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
          sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, greedy_thin: bool = False, pass_budget: float = 1.25,
          se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True,
          prefer: str = "fitted", loss_tie_break: bool = True, judge_finalists: int = 4,
-         judge_multiple: float = 0.0, refit_at_k: bool = False, fitted_multiple: float | None = None) -> Method:
+         judge_multiple: float = 0.0, refit_at_k: bool = False, fitted_multiple: float = 0.0) -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
@@ -534,7 +534,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
             smaller K comes from probabilities that saturate near 1 over the larger budget.
             Off by default: under test on development seeds.
         fitted_multiple: With ``prefer="fitted"``, a fitted candidate may be chosen when it trails
-            the best by up to this many paired SEs (None: ``se_multiple``, like every candidate):
+            the best by up to this many paired SEs (0: ``se_multiple``, like every candidate):
             its score comes from a half fit, scored out of fold, and understates the refit
             returned. The loss tie-break against uniform still uses ``se_multiple``. Under test.
     """
@@ -565,7 +565,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
                 "soup_steps": soup_steps, "refit": bool(refit), "prefer": prefer,
                 "loss_tie_break": bool(loss_tie_break), "judge_finalists": judge_finalists,
                 "judge_multiple": float(judge_multiple), "refit_at_k": bool(refit_at_k),
-                "fitted_multiple": None if fitted_multiple is None else float(fitted_multiple)}
+                "fitted_multiple": float(fitted_multiple)}
     return Method("auto", _frozen(settings), _rule, evaluates=True)
 
 
