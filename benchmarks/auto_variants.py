@@ -23,7 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as bench  # noqa: E402
@@ -39,27 +39,11 @@ BEGIN = "<!-- auto_variants: begin (python benchmarks/auto_variants.py --doc REC
 END = "<!-- auto_variants: end -->"
 
 
-class _Trained(Exception):
-    """Raised by the runner's method table once training is done: the trajectory is all we need."""
-
-
 def trained(task: str, regime: str, seed: int) -> dict[str, Any]:
     """The window, the selection split's evaluator and the scorer of one seed, trained by the
-    experiment runner itself (it stops where the runner would run the methods)."""
-    caught: dict[str, Any] = {}
-
-    def stop(traj: Any, task: Any, spec: Any, _seed: int, score: Any) -> NoReturn:
-        caught.update(traj=traj, ev=task.evaluator("val", "for auto's variants"), spec=spec, score=score)
-        raise _Trained
-
-    table, runner._method_table = runner._method_table, stop
-    try:
-        runner.run(task, "full", seed, Path("/nonexistent"), regime=regime, progress=False, ablations=False)
-    except _Trained:
-        pass
-    finally:
-        runner._method_table = table
-    return caught
+    experiment runner itself (:func:`sewa.experiments.runner.train`)."""
+    t = runner.train(task, "full", seed, regime=regime, progress=False)
+    return {"traj": t.main, "ev": t.task.evaluator("val", "for auto's variants"), "spec": t.spec, "score": t.score}
 
 
 def methods(t: dict[str, Any], seed: int, variants: dict[str, dict[str, Any]]) -> dict[str, M.Method]:

@@ -27,7 +27,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -311,25 +311,33 @@ def _reference(spec: T.Spec, data: T.TaskData, seed: int) -> dict[str, Any] | No
     return dict(ref) if ref is not None else None
 
 
-def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None = None,
-        ablations: bool | None = None, progress: bool = True, regime: str = "constant",
-        overrides: Mapping[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Trains one seed of experiment ``name`` under ``regime`` and writes its v2 record; returns it.
+@dataclass
+class Trained:
+    """One trained seed, before any method runs (:func:`train`): the window ``main`` (the last
+    ``spec.window`` snapshots of ``full``), the selection split's task, the test scorer, and what
+    the record needs of the training (the SWA-LR branch's start, the regime, epoch times)."""
 
-    Args:
-        name: A key of :data:`sewa.experiments.tasks.SPECS`.
-        preset: ``"quick"`` or ``"full"``.
-        seed: Seed of the initialisation, the data order and the methods.
-        out_dir: Root of the raw runs (``<out_dir>/<name>/<regime>/<preset>/seed<N>.json``).
-        data_path: Local path to the original data.
-        ablations: Run the ablations (default: the spec's setting, in the constant regime and for
-            seeds below ``spec.ablation_seeds`` only: they cost about 25 SeWA selections per seed).
-        progress: Progress bars.
-        regime: One of :data:`sewa.experiments.schedules.REGIMES`.
-        overrides: Spec fields changed after the preset (e.g. a smaller window in tests).
-        device: Where to train and evaluate (``"cuda"`` for the image family where a GPU is
-            lent; behaviour cloning rolls out on the CPU and stays there).
-    """
+    spec: T.Spec
+    data: T.TaskData
+    model: nn.Module
+    full: Trajectory
+    main: Trajectory
+    task: Task
+    score: _Scorer
+    branch: dict[str, Any]
+    regime: Regime
+    start: int
+    total: int
+    epoch_seconds: list[float]
+    selection_items: int
+    selection_batches: int
+
+
+def train(name: str, preset: str, seed: int, data_path: str | None = None, progress: bool = True, regime: str = "constant",
+          overrides: Mapping[str, Any] | None = None, device: str = "cpu") -> Trained:
+    """Trains one seed of experiment ``name`` under ``regime``, as :func:`run` does, and stops
+    before the methods: for studies of methods on the runner's own trajectories (e.g.
+    benchmarks/auto_variants.py). The arguments are :func:`run`'s."""
     spec = T.SPECS[name].with_preset(preset)
     if overrides:
         spec = replace(spec, **overrides)
@@ -373,8 +381,33 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
     x_val, y_val = _selection_split(spec, data)
     sel_batches = list(T.loader((x_val, y_val), spec.sel_batch, False, 0))
     task = _task(spec, model, score.bn, sel_batches, data, seed)
+    return Trained(spec, data, model, traj, main, task, score, branch, reg, start, total, epoch_seconds,
+                   int(len(y_val)), len(sel_batches))
+
+
+def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None = None,
+        ablations: bool | None = None, progress: bool = True, regime: str = "constant",
+        overrides: Mapping[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Trains one seed of experiment ``name`` under ``regime`` and writes its v2 record; returns it.
+
+    Args:
+        name: A key of :data:`sewa.experiments.tasks.SPECS`.
+        preset: ``"quick"`` or ``"full"``.
+        seed: Seed of the initialisation, the data order and the methods.
+        out_dir: Root of the raw runs (``<out_dir>/<name>/<regime>/<preset>/seed<N>.json``).
+        data_path: Local path to the original data.
+        ablations: Run the ablations (default: the spec's setting, in the constant regime and for
+            seeds below ``spec.ablation_seeds`` only: they cost about 25 SeWA selections per seed).
+        progress: Progress bars.
+        regime: One of :data:`sewa.experiments.schedules.REGIMES`.
+        overrides: Spec fields changed after the preset (e.g. a smaller window in tests).
+        device: Where to train and evaluate (``"cuda"`` for the image family where a GPU is
+            lent; behaviour cloning rolls out on the CPU and stays there).
+    """
+    t = train(name, preset, seed, data_path, progress, regime, overrides, device)
+    spec, data, main, traj, task, score, reg = t.spec, t.data, t.main, t.full, t.task, t.score, t.regime
     methods = _method_table(main, task, spec, seed, score)
-    methods["swa_lr"] = _swa_lr_branch(spec, branch["model"], branch["opt"], data, seed, start, total, reg, score)
+    methods["swa_lr"] = _swa_lr_branch(spec, t.branch["model"], t.branch["opt"], data, seed, t.start, t.total, reg, score)
     dist = distributions(main, score, seed, methods.get("sewa"), spec)
     env = environment()
     sewa_seconds = methods.get("sewa", {}).get("seconds")
@@ -385,10 +418,10 @@ def run(name: str, preset: str, seed: int, out_dir: Path, data_path: str | None 
                       for k, v in (overrides or {}).items()},
         "data_source": data.source, "metric": spec.metric_name, "window": len(main), "recorded": len(traj),
         "steps": main.steps, "window_note": reg.note(), "schedule": reg.describe(),
-        "selection_split": {"name": "val", "items": int(len(y_val)), "batches": len(sel_batches)}, "device": str(device),
+        "selection_split": {"name": "val", "items": t.selection_items, "batches": t.selection_batches}, "device": str(device),
         "reference": _reference(spec, data, seed), "methods": methods,
         "per_snapshot": dist["per_snapshot"], "random_k": dist["random_k"], "k_curves": dist["k_curves"],
-        "compute": {"epoch_seconds": sum(epoch_seconds) / len(epoch_seconds), "train_seconds": sum(epoch_seconds),
+        "compute": {"epoch_seconds": sum(t.epoch_seconds) / len(t.epoch_seconds), "train_seconds": sum(t.epoch_seconds),
                     "selection_seconds": sewa_seconds, "trajectory_bytes": main.nbytes, "params": main.num_params,
                     "selection_forward_backward": spec.sel_steps * spec.sel_samples} | dist["seconds"],
     }
