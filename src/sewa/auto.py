@@ -144,7 +144,8 @@ def _plan(n: int, batches: int, s: Mapping[str, Any]) -> dict[str, Any]:
     sewa_default = defaults["steps"] * defaults["samples"] * unit
     # The two half fits, and (with ``refit``) the chosen fitted family once more on the whole
     # split with both halves' steps: planned in full, though it runs only when a fitted family wins.
-    fits = (4 if s["refit"] else 2) * (s["sewa_steps"] * s["sewa_samples"] + s["soup_steps"])
+    half = s["sewa_steps"] * s["sewa_samples"] + s["soup_steps"]
+    fits = 2 * half + ((_refit_steps(s) * s["sewa_samples"] + 2 * s["soup_steps"]) if s["refit"] else 0)
     sewa_own = fits * unit
     mixes_default = 2 * defaults["steps"] * defaults["samples"]  # a mix and a gradient mix per sample
     mixes_own = 2 * fits
@@ -169,6 +170,11 @@ def _plan(n: int, batches: int, s: Mapping[str, Any]) -> dict[str, Any]:
     return {"sewa_default_passes": sewa_default, "scored_batches": scored, "greedy": with_greedy, "greedy_stride": stride,
             "planned_passes": sewa_own + (core + (greedy if with_greedy else 0)) * scored,
             "planned_mixes": mixes_own + 2 * core + (2 * greedy if with_greedy else 0), "sewa_default_mixes": mixes_default}
+
+
+def _refit_steps(s: Mapping[str, Any]) -> int:
+    """Steps of the SeWA refit on the whole split: ``refit_steps``, or both halves' (0)."""
+    return int(s["refit_steps"]) or 2 * int(s["sewa_steps"])
 
 
 def _pool(n: int, stride: int) -> list[int]:
@@ -262,7 +268,7 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
         named = {d.name: d for d in candidates}
         if c.family == "sewa":
             k = int(c.params["top_k"])
-            return _top(sewa_fit(all_batches, 2 * s["sewa_steps"], s["seed"] + 2, k if s["refit_at_k"] else budget_k), k)
+            return _top(sewa_fit(all_batches, _refit_steps(s), s["seed"] + 2, k if s["refit_at_k"] else budget_k), k)
         if c.family == "greedy_soup":
             return _greedy(n, int(c.params["stride"]), greedy_cost(scorer, objective))
         if c.family == "learned_soup":
@@ -490,7 +496,8 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
          sewa_fraction: float = 0.5, shrink: float = 0.5, greedy: bool = True, greedy_thin: bool = False, pass_budget: float = 1.25,
          se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True,
          prefer: str = "fitted", loss_tie_break: bool = True, judge_finalists: int = 4,
-         judge_multiple: float = 0.0, refit_at_k: bool = False, fitted_multiple: float = 0.0) -> Method:
+         judge_multiple: float = 0.0, refit_at_k: bool = False, fitted_multiple: float = 0.0,
+         refit_steps: int = 0) -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
@@ -537,6 +544,8 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
             the best by up to this many paired SEs (0: ``se_multiple``, like every candidate):
             its score comes from a half fit, scored out of fold, and understates the refit
             returned. The loss tie-break against uniform still uses ``se_multiple``. Under test.
+        refit_steps: Steps of the SeWA refit on the whole split (0: ``2 * sewa_steps``, both
+            halves' steps). Planned in the pass budget. Under test.
     """
     for name, value in (("folds", folds), ("sewa_steps", sewa_steps), ("sewa_samples", sewa_samples)):
         _positive_int(name, "auto", value)
@@ -550,7 +559,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         raise MethodError(f"auto: se_multiple must be a non-negative number, got {se_multiple!r}")
     if not pass_budget > 0:
         raise MethodError(f"auto: pass_budget must be positive, got {pass_budget!r}")
-    for name, value in (("soup_steps", soup_steps), ("judge_finalists", judge_finalists)):
+    for name, value in (("soup_steps", soup_steps), ("judge_finalists", judge_finalists), ("refit_steps", refit_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise MethodError(f"auto: {name} must be a non-negative integer, got {value!r}")
     if not (isinstance(judge_multiple, (int, float)) and not isinstance(judge_multiple, bool) and judge_multiple >= 0):
@@ -565,7 +574,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
                 "soup_steps": soup_steps, "refit": bool(refit), "prefer": prefer,
                 "loss_tie_break": bool(loss_tie_break), "judge_finalists": judge_finalists,
                 "judge_multiple": float(judge_multiple), "refit_at_k": bool(refit_at_k),
-                "fitted_multiple": float(fitted_multiple)}
+                "fitted_multiple": float(fitted_multiple), "refit_steps": refit_steps}
     return Method("auto", _frozen(settings), _rule, evaluates=True)
 
 
