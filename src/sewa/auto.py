@@ -150,7 +150,7 @@ def _plan(n: int, batches: int, s: Mapping[str, Any]) -> dict[str, Any]:
     mixes_default = 2 * defaults["steps"] * defaults["samples"]  # a mix and a gradient mix per sample
     mixes_own = 2 * fits
     # Cross-fitted candidates score each half once: one pass over the split each, and two mixes.
-    core = len(_fixed(n)) + len(_top_ks(n)) + (1 if s["shrink"] > 0 else 0) + (1 if s["soup_steps"] > 0 else 0)
+    core = len(_fixed(n)) + len(_top_ks(n, s["top_k_max"])) + (1 if s["shrink"] > 0 else 0) + (1 if s["soup_steps"] > 0 else 0)
     budget = s["pass_budget"] * sewa_default - sewa_own
     mix_budget = s["pass_budget"] * mixes_default - mixes_own - 2 * core
     scored = batches if core * batches <= budget else min(batches, max(2, int(budget // max(core, 1))))
@@ -194,8 +194,9 @@ def _greedy(n: int, stride: int, cost: Callable[[Tensor], Any]) -> Tensor:
     return full(rules.greedy_soup(len(pool), lambda w: cost(full(w))))
 
 
-def _top_ks(n: int) -> list[int]:
-    return sorted({k for k in (round(n * f) for f in (0.75, 0.5, 0.25, 0.125)) if 1 <= k < n}, reverse=True)
+def _top_ks(n: int, largest: float = 0.75) -> list[int]:
+    """The sizes K of the SeWA sets: ``k/8, k/4, k/2, 3k/4`` up to ``largest * k``."""
+    return sorted({k for k in (round(n * f) for f in (0.75, 0.5, 0.25, 0.125) if f <= largest) if 1 <= k < n}, reverse=True)
 
 
 def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
@@ -252,12 +253,12 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
                           steps=steps, seed=seed, **ev.engine_options()).probabilities.double()
 
     try:
-        for side, part in enumerate(parts if _top_ks(n) else []):
+        for side, part in enumerate(parts if _top_ks(n, s["top_k_max"]) else []):
             probs.append(sewa_fit(part, steps, s["seed"] + side))
     except SelectionError as e:  # e.g. a snapshot whose loss overflows: the rules that avoid it remain
         skipped.append(f"sewa: {e}")
         probs = []
-    for k in _top_ks(n) if probs else []:
+    for k in _top_ks(n, s["top_k_max"]) if probs else []:
         w = _top(torch.stack(probs).mean(0), k)  # the ranking of both halves
         add(f"sewa_top({k})", "sewa", (4, n - k), w, {"top_k": k, "indices": w.nonzero().flatten().tolist()},
             (_top(probs[0], k), _top(probs[-1], k)))
@@ -497,7 +498,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
          se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True,
          prefer: str = "fitted", loss_tie_break: bool = True, judge_finalists: int = 4,
          judge_multiple: float = 0.0, refit_at_k: bool = False, fitted_multiple: float = 0.0,
-         refit_steps: int = 0) -> Method:
+         refit_steps: int = 0, top_k_max: float = 0.75) -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
@@ -546,6 +547,8 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
             returned. The loss tie-break against uniform still uses ``se_multiple``. Under test.
         refit_steps: Steps of the SeWA refit on the whole split (0: ``2 * sewa_steps``, both
             halves' steps). Planned in the pass budget. Under test.
+        top_k_max: The largest SeWA set as a fraction of the window (of ``k/8, k/4, k/2, 3k/4``);
+            wide averages are also covered by the uniform tails and EMAs. Under test.
     """
     for name, value in (("folds", folds), ("sewa_steps", sewa_steps), ("sewa_samples", sewa_samples)):
         _positive_int(name, "auto", value)
@@ -557,6 +560,8 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         raise MethodError(f"auto: shrink must lie in [0, 1), got {shrink!r}")
     if not (isinstance(se_multiple, (int, float)) and not isinstance(se_multiple, bool) and se_multiple >= 0):
         raise MethodError(f"auto: se_multiple must be a non-negative number, got {se_multiple!r}")
+    if not 0.125 <= top_k_max < 1.0:
+        raise MethodError(f"auto: top_k_max must lie in [0.125, 1), got {top_k_max!r}")
     if not pass_budget > 0:
         raise MethodError(f"auto: pass_budget must be positive, got {pass_budget!r}")
     for name, value in (("soup_steps", soup_steps), ("judge_finalists", judge_finalists), ("refit_steps", refit_steps)):
@@ -574,7 +579,8 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
                 "soup_steps": soup_steps, "refit": bool(refit), "prefer": prefer,
                 "loss_tie_break": bool(loss_tie_break), "judge_finalists": judge_finalists,
                 "judge_multiple": float(judge_multiple), "refit_at_k": bool(refit_at_k),
-                "fitted_multiple": float(fitted_multiple), "refit_steps": refit_steps}
+                "fitted_multiple": float(fitted_multiple), "refit_steps": refit_steps,
+                "top_k_max": float(top_k_max)}
     return Method("auto", _frozen(settings), _rule, evaluates=True)
 
 
