@@ -22,7 +22,7 @@ from sewa import _auto_scores
 from sewa import auto as auto_module
 from sewa.compare import run_compare
 from sewa.io import trajectory_from_files
-from sewa.methods import METHODS, Evaluator, create, settings_of
+from sewa.methods import METHODS, Evaluator, MethodError, create, settings_of
 from sewa.task import load_task
 
 D = 8  # features
@@ -393,3 +393,37 @@ def test_a_judge_must_score_the_same_units_on_every_call() -> None:
         create("auto", **FAST).weights(traj, dataclasses.replace(ev, judge=lambda model: torch.zeros(next(calls))))
     with pytest.raises(ValueError, match="one finite score per unit"):
         create("auto", **FAST).weights(traj, dataclasses.replace(ev, judge=lambda model: [float("nan")]))
+
+
+def test_a_sewa_refit_runs_at_the_chosen_sets_size_and_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``refit_at_k`` the refit of a SeWA set of size K (or of the set under a learned soup)
+    is SeWA(K), not a top-K of auto's shared budget, and runs ``refit_steps`` steps."""
+    calls: list[dict[str, Any]] = []
+    select = auto_module.select
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return select(*args, **kwargs)
+
+    monkeypatch.setattr(auto_module, "select", recording)
+    traj, ev = _damaged(0)
+    info = create("auto", refit_at_k=True, refit_steps=33, sewa_fraction=0.5, greedy=False, **FAST).weights(traj, ev).info
+    assert info["chosen_family"] in ("sewa", "learned_soup") and "refitted" in info
+    under = info["chosen"] if info["chosen_family"] == "sewa" else info["chosen_params"]["on"]
+    k = _candidate(info, under)["params"]["top_k"]
+    assert [c["top_k"] for c in calls[:2]] == [round(K * 0.5)] * 2 and [c["steps"] for c in calls[:2]] == [20, 20]  # the halves
+    assert calls[-1]["top_k"] == k and calls[-1]["steps"] == 33
+
+
+def test_top_k_max_bounds_the_sewa_sets_and_fitted_multiple_widens_only_the_fitted() -> None:
+    traj, ev = _damaged(1)
+    info = create("auto", top_k_max=0.25, **FAST).weights(traj, ev).info
+    assert sorted(c["params"]["top_k"] for c in info["candidates"] if c["family"] == "sewa") == [2, 3]  # K/8, K/4 of 12
+    with pytest.raises(MethodError, match="top_k_max"):
+        create("auto", top_k_max=1.0)
+    # se_multiple=0 leaves only the best within noise; fitted_multiple lets every fitted candidate
+    # within 1000 SEs be chosen, so the choice is the best-scoring fitted one.
+    info = create("auto", se_multiple=0.0, fitted_multiple=1000.0, **FAST).weights(*_past_optimum(0)).info
+    fitted = [c for c in info["candidates"] if c["family"] in ("sewa", "greedy_soup", "learned_soup", "shrunk")]
+    assert info["chosen"] == max(fitted, key=lambda c: c["score"])["name"]
+    assert [c["name"] for c in info["candidates"] if c["within_one_se"]] == [info["best"]]
