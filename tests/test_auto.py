@@ -204,7 +204,8 @@ def test_auto_is_deterministic_and_its_record_is_strict_json() -> None:
     for c in info["candidates"]:
         assert len(c["fold_scores"]) == info["folds_used"] == 5 and c["se"] > 0
         assert c["score"] == pytest.approx(sum(c["fold_scores"]) / 5)
-    assert [c["crossfit"] for c in info["candidates"] if c["family"] not in ("tail", "ema")] == [True] * 7
+    # Two SeWA sets (K = 3, 2 of 12), greedy soup, the learned soup and the shrunk selection.
+    assert [c["crossfit"] for c in info["candidates"] if c["family"] not in ("tail", "ema")] == [True] * 5
     # Two SeWA fits (steps x samples) and two learned soups, then the chosen family once more
     # on the whole split with both halves' steps.
     refit = {"tail": 0, "ema": 0, "greedy_soup": 0, "sewa": 2 * 20 * 4, "learned_soup": 2 * (20 * 4 + 30)}
@@ -328,7 +329,8 @@ def test_greedy_thin_runs_greedy_soup_over_every_mth_snapshot_when_the_whole_win
     assert plan["greedy"] and plan["greedy_stride"] == 2 and plan["planned_mixes"] <= 0.5 * plan["sewa_default_mixes"]
     assert auto_module._pool(10, 4) == [1, 5, 9]  # the newest always in
     # A budget that would fit a pool of one snapshot (the last iterate under another name) but not of two: no greedy soup.
-    tight = auto_module.auto(sewa_steps=25, soup_steps=25, pass_budget=0.338, refit=False, greedy_thin=True).settings
+    tight = auto_module.auto(sewa_steps=25, soup_steps=25, pass_budget=0.338, refit=False, greedy_thin=True,
+                             top_k_max=0.75).settings  # four SeWA sets: the budget left is a pool of one
     assert not auto_module._plan(100, 2, tight)["greedy"]
     traj, ev = _damaged(0)
     info = create("auto", pass_budget=0.7, greedy_thin=True, **FAST).weights(traj, ev).info
