@@ -286,9 +286,10 @@ def auto_table(entries: dict[Key, dict[str, Any]]) -> list[str]:
         test = _avg([x - y for x, y in zip(ms["auto"]["test_metric"], ms["uniform"]["test_metric"], strict=True)]
                     if "uniform" in ms and None not in ms["auto"]["test_metric"] + ms["uniform"]["test_metric"] else [None])
         n = len(a["chosen"])
-        order = ", ".join(sorted({f"{p}{' + refit' if r else ''}{' + loss tie-break' if b else ''}"
-                                  for p, r, b in zip(a.get("prefer") or ["simple"] * n, a.get("refit") or [False] * n,
-                                                     a.get("loss_tie_break") or [False] * n, strict=True)}))
+        order = ", ".join(sorted({f"{p}{' + refit' if r else ''}{' + loss tie-break' if b else ''}{' + SeWA(K) sets' if k else ''}"
+                                  for p, r, b, k in zip(a.get("prefer") or ["simple"] * n, a.get("refit") or [False] * n,
+                                                        a.get("loss_tie_break") or [False] * n, a.get("sets_at_k") or [False] * n,
+                                                        strict=True)}))
         judged = [m for m in a.get("judge_moved") or [] if m is not None]
         moved = f"{sum(judged)} of {len(judged)}" if judged else "—"
         lines.append(f"| {_title(key)} | {order} | {', '.join(str(c) for c in a['chosen'])} | {sum(bool(f) for f in a['fell_back'])} of "
@@ -417,7 +418,9 @@ def render(root: Path, out: Path, summary_path: Path | None = None, allow_mixed:
            "scoring one, chosen within noise of it by the one-standard-error rule and auto's `prefer` order (see each "
            "run's settings: \"simple\", or from commit c065994 on \"fitted\", whose fitted choice is then refitted on the "
            "whole split; \"loss tie-break\": uniform also yields to a fitted candidate within noise whose loss is lower "
-           "beyond noise; \"judge moved it\": for BC from commit 92e0754 on, validation rollouts of auto's finalists moved "
+           "beyond noise; \"SeWA(K) sets\": from commit 41c992f on, SeWA sets of k/8 and k/4 from a budget of k/8, a "
+           "chosen one refitted as SeWA(K), and fitted candidates chosen within 2.5 SEs; \"judge moved it\": for BC from "
+           "commit 92e0754 on, validation rollouts of auto's finalists moved "
            "its choice to another finalist); the estimated gain is on the selection split, the mean over seeds ± the mean "
            "of its per-seed standard errors, in the table's units for an accuracy objective and in the loss's raw units "
            "(a decrease) for a loss, next to the gain realised on test in the table's units.", ""] + auto + [""] if auto else []

@@ -328,6 +328,8 @@ def auto_record(recs: list[dict[str, Any]]) -> dict[str, Any] | None:
             # ("simple" and no refit before commit c065994)
             "prefer": [x.get("prefer", "simple") for x in settings], "refit": [bool(x.get("refit", False)) for x in settings],
             "loss_tie_break": [bool(x.get("loss_tie_break", False)) for x in settings],
+            # SeWA sets of k/8 and k/4 refitted as SeWA(K) (the defaults from commit 41c992f)
+            "sets_at_k": [bool(x.get("refit_at_k", False)) for x in settings],
             "fell_back": each("fell_back"), "crossfit": each("crossfit"), "folds_used": each("folds_used"),
             "gain_vs_uniform": [_r(x) for x in each("gain_vs_uniform", "mean")],
             "gain_vs_uniform_se": [_r(x) for x in each("gain_vs_uniform", "se")],
