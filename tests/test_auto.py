@@ -132,7 +132,8 @@ def test_the_one_se_rule_moves_the_choice_on_a_plateau() -> None:
 
 def _expected_choice(info: dict[str, Any], prefer: str) -> str:
     within = [c for c in info["candidates"] if c["within_one_se"]]
-    fitted = [c for c in within if c["family"] in ("sewa", "greedy_soup", "learned_soup", "shrunk")]
+    # A fitted candidate is eligible up to fitted_multiple SEs (2.5 by default), the others within se_multiple.
+    fitted = [c for c in info["candidates"] if c["eligible"] and c["family"] in ("sewa", "greedy_soup", "learned_soup", "shrunk")]
     if prefer == "fitted":
         if info["uniform_kept"]:
             return "uniform"
@@ -154,6 +155,8 @@ def test_the_choice_follows_the_one_se_rule_from_the_record(rule: str, info_mult
     for c in info["candidates"]:
         se = info["best_se"] if rule == "best" else c["gap_to_best"]["se"]
         assert c["within_one_se"] == (c["name"] == info["best"] or c["gap_to_best"]["mean"] <= info_multiple * se)
+        wide = c["family"] in ("sewa", "greedy_soup", "learned_soup", "shrunk") and c["gap_to_best"]["mean"] <= 2.5 * se
+        assert c["eligible"] == (c["within_one_se"] or wide)
     assert info["uniform_kept"] == _candidate(info, "uniform")["within_one_se"]  # the objective is the loss
     assert info["chosen"] == _expected_choice(info, prefer)
     assert info["fell_back"] == (info["chosen"] != info["best"])

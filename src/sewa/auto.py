@@ -44,7 +44,9 @@ keeps one that is not worse than the best beyond noise (uniform first, then a fi
    the batches are the units. Among the candidates within noise, ``prefer="fitted"`` (the
    default) takes uniform over the window if it is *kept*; else the best-scoring fitted candidate
    within noise (its score is out of fold, so over-fitting needs no simplicity penalty, and it
-   comes from a half fit, so it understates the refit); else the simplest fixed rule. Uniform is
+   comes from a half fit, so it understates the refit, so a fitted candidate counts as within
+   noise up to ``fitted_multiple=2.5`` SEs: ``info["candidates"][i]["eligible"]``); else the
+   simplest fixed rule. Uniform is
    kept when it is within noise, unless the objective is a metric and a fitted candidate within
    noise has a lower loss beyond noise (``se_multiple`` paired SEs): the loss breaks the metric's
    tie (``loss_tie_break``). On AG News unstable-shard development seeds the damaged uniform
@@ -382,7 +384,7 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
                         "complexity": list(c.complexity),
                         "score": stats[c.name]["key"][0], "fold_scores": fold.tolist(), "se": mean_se(fold)["se"],
                         "loss": stats[c.name]["loss"], "metric": stats[c.name]["metric"], "gap_to_best": gap,
-                        "within_one_se": within, "crossfit": c.fits is not None})
+                        "within_one_se": within, "eligible": within or wide, "crossfit": c.fits is not None})
     uniform_kept = any(c.name == "uniform" for c in eligible)
     if objective == "metric" and uniform_kept:
         # The loss breaks the metric's tie: under prefer="fitted", uniform loses its precedence to
@@ -565,6 +567,8 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         raise MethodError(f"auto: shrink must lie in [0, 1), got {shrink!r}")
     if not (isinstance(se_multiple, (int, float)) and not isinstance(se_multiple, bool) and se_multiple >= 0):
         raise MethodError(f"auto: se_multiple must be a non-negative number, got {se_multiple!r}")
+    if not (isinstance(fitted_multiple, (int, float)) and not isinstance(fitted_multiple, bool) and fitted_multiple >= 0):
+        raise MethodError(f"auto: fitted_multiple must be a non-negative number, got {fitted_multiple!r}")
     if not 0.125 <= top_k_max < 1.0:
         raise MethodError(f"auto: top_k_max must lie in [0.125, 1), got {top_k_max!r}")
     if not pass_budget > 0:
