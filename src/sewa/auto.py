@@ -197,7 +197,7 @@ def _greedy(n: int, stride: int, cost: Callable[[Tensor], Any]) -> Tensor:
     return full(rules.greedy_soup(len(pool), lambda w: cost(full(w))))
 
 
-def _top_ks(n: int, largest: float = 0.75) -> list[int]:
+def _top_ks(n: int, largest: float) -> list[int]:
     """The sizes K of the SeWA sets: ``k/8, k/4, k/2, 3k/4`` up to ``largest * k``."""
     return sorted({k for k in (round(n * f) for f in (0.75, 0.5, 0.25, 0.125) if f <= largest) if 1 <= k < n}, reverse=True)
 
@@ -245,6 +245,7 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
 
     # SeWA: one budget K, fitted on each half; each K's top-K set comes from the same ranking.
     budget_k = min(n - 1, max(1, round(n * s["sewa_fraction"]))) if n > 1 else 1
+    sizes_k = _top_ks(n, s["top_k_max"])
     probs: list[Tensor] = []
     steps = s["sewa_steps"] if crossfit else 2 * s["sewa_steps"]
 
@@ -256,12 +257,12 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
                           steps=steps, seed=seed, **ev.engine_options()).probabilities.double()
 
     try:
-        for side, part in enumerate(parts if _top_ks(n, s["top_k_max"]) else []):
+        for side, part in enumerate(parts if sizes_k else []):
             probs.append(sewa_fit(part, steps, s["seed"] + side, budget_k))
     except SelectionError as e:  # e.g. a snapshot whose loss overflows: the rules that avoid it remain
         skipped.append(f"sewa: {e}")
         probs = []
-    for k in _top_ks(n, s["top_k_max"]) if probs else []:
+    for k in sizes_k if probs else []:
         w = _top(torch.stack(probs).mean(0), k)  # the ranking of both halves
         add(f"sewa_top({k})", "sewa", (4, n - k), w, {"top_k": k, "indices": w.nonzero().flatten().tolist()},
             (_top(probs[0], k), _top(probs[-1], k)))

@@ -319,7 +319,6 @@ class Trained:
 
     spec: T.Spec
     data: T.TaskData
-    model: nn.Module
     full: Trajectory
     main: Trajectory
     task: Task
@@ -381,7 +380,7 @@ def train(name: str, preset: str, seed: int, data_path: str | None = None, progr
     x_val, y_val = _selection_split(spec, data)
     sel_batches = list(T.loader((x_val, y_val), spec.sel_batch, False, 0))
     task = _task(spec, model, score.bn, sel_batches, data, seed)
-    return Trained(spec, data, model, traj, main, task, score, branch, reg, start, total, epoch_seconds,
+    return Trained(spec, data, traj, main, task, score, branch, reg, start, total, epoch_seconds,
                    int(len(y_val)), len(sel_batches))
 
 
