@@ -426,9 +426,13 @@ def test_top_k_max_bounds_the_sewa_sets_and_fitted_multiple_widens_only_the_fitt
     assert sorted(c["params"]["top_k"] for c in info["candidates"] if c["family"] == "sewa") == [2, 3]  # K/8, K/4 of 12
     with pytest.raises(MethodError, match="top_k_max"):
         create("auto", top_k_max=1.0)
-    # se_multiple=0 leaves only the best within noise; fitted_multiple lets every fitted candidate
-    # within 1000 SEs be chosen, so the choice is the best-scoring fitted one.
-    info = create("auto", se_multiple=0.0, fitted_multiple=1000.0, **FAST).weights(*_past_optimum(0)).info
+    # On plateau seed 0 a fixed rule (an EMA) scores best. se_multiple=0 leaves only it within
+    # noise, so it is chosen; fitted_multiple=1000 makes every fitted candidate eligible, so the
+    # best-scoring fitted one is chosen instead.
+    narrow = create("auto", se_multiple=0.0, fitted_multiple=0.0, **FAST).weights(*_plateau(0)).info
+    assert narrow["best"].startswith("ema") and narrow["chosen"] == narrow["best"]
+    info = create("auto", se_multiple=0.0, fitted_multiple=1000.0, **FAST).weights(*_plateau(0)).info
     fitted = [c for c in info["candidates"] if c["family"] in ("sewa", "greedy_soup", "learned_soup", "shrunk")]
-    assert info["chosen"] == max(fitted, key=lambda c: c["score"])["name"]
+    assert info["chosen"] == max(fitted, key=lambda c: c["score"])["name"] != info["best"]
     assert [c["name"] for c in info["candidates"] if c["within_one_se"]] == [info["best"]]
+    assert [c["name"] for c in info["candidates"] if c["eligible"]] == [info["best"]] + [c["name"] for c in fitted]
