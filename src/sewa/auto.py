@@ -377,8 +377,8 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
         within = c is best or (s["one_se"] and se is not None and gap["mean"] <= s["se_multiple"] * se)
         # A fitted candidate's score is out of fold from a half fit, so it understates the refit
         # returned: with ``fitted_multiple`` it may trail the best by that many SEs.
-        wide = (s["fitted_multiple"] > 0 and c.family in _FITTED and s["one_se"] and se is not None
-                and gap["mean"] <= s["fitted_multiple"] * se)
+        wide = (s["fitted_multiple"] > 0 and c.family in _FITTED and (s["shrunk_wide"] or c.family != "shrunk")
+                and s["one_se"] and se is not None and gap["mean"] <= s["fitted_multiple"] * se)
         if within or wide:
             eligible.append(c)
         records.append({"name": c.name, "family": c.family, "params": c.params, "weights": c.weights.tolist(),
@@ -502,7 +502,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
          se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True,
          prefer: str = "fitted", loss_tie_break: bool = True, judge_finalists: int = 4,
          judge_multiple: float = 0.0, refit_at_k: bool = True, fitted_multiple: float = 2.5,
-         refit_steps: int = 0, top_k_max: float = 0.25) -> Method:
+         refit_steps: int = 0, top_k_max: float = 0.25, shrunk_wide: bool = True) -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
@@ -557,6 +557,9 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
             the corrupted stretch with those after it, and scored 88.8 on test (mean) against
             91.3 for the table's SeWA(10); on the 315-example split it was often within noise
             of the best and was chosen (docs/AUTO.md).
+        shrunk_wide: The shrunk selection gets ``fitted_multiple``'s wider margin like the other
+            fitted candidates (False: only ``se_multiple``'s). Shrinking towards uniform brings
+            back every snapshot, the damaged ones too.
     """
     for name, value in (("folds", folds), ("sewa_steps", sewa_steps), ("sewa_samples", sewa_samples)):
         _positive_int(name, "auto", value)
@@ -590,7 +593,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
                 "loss_tie_break": bool(loss_tie_break), "judge_finalists": judge_finalists,
                 "judge_multiple": float(judge_multiple), "refit_at_k": bool(refit_at_k),
                 "fitted_multiple": float(fitted_multiple), "refit_steps": refit_steps,
-                "top_k_max": float(top_k_max)}
+                "top_k_max": float(top_k_max), "shrunk_wide": bool(shrunk_wide)}
     return Method("auto", _frozen(settings), _rule, evaluates=True)
 
 
