@@ -436,3 +436,8 @@ def test_top_k_max_bounds_the_sewa_sets_and_fitted_multiple_widens_only_the_fitt
     assert info["chosen"] == max(fitted, key=lambda c: c["score"])["name"] != info["best"]
     assert [c["name"] for c in info["candidates"] if c["within_one_se"]] == [info["best"]]
     assert [c["name"] for c in info["candidates"] if c["eligible"]] == [info["best"]] + [c["name"] for c in fitted]
+    # shrunk_wide=False keeps the shrunk selection out of the wider margin, and only it.
+    assert any(c["family"] == "shrunk" for c in fitted)
+    kept = create("auto", se_multiple=0.0, fitted_multiple=1000.0, shrunk_wide=False, **FAST).weights(*_plateau(0)).info
+    assert [c["name"] for c in kept["candidates"] if c["eligible"]] == [info["best"]] + [
+        c["name"] for c in fitted if c["family"] != "shrunk"]
