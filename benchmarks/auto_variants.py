@@ -76,7 +76,20 @@ def table_of(record: dict[str, Any], source: str) -> str:
     settings = "; ".join(f"{n}: `{json.dumps(v)}`" for n, v in record["variants"].items())
     head = (f"{record['task']} — {record['regime']}, seeds {_seed_list(sorted(int(k) for k in record['seeds']))} (commit {record['git_commit'][:10]}"
             f"{', dirty' if record['dirty'] else ''}; `{source}`). auto's settings over the runner's: {settings}.")
-    return head + "\n\n" + bench.table(["method", "test (mean)", f"vs {first}", "seconds"], rows)
+    return head + "\n\n" + bench.table(["method", "test (mean)", f"vs {first}", "seconds"], rows) + by_choice(seeds, first, names)
+
+
+def by_choice(seeds: list[dict[str, Any]], first: str, names: list[str]) -> str:
+    """The first variant's seeds grouped by what it chose (a SeWA set by its K, else the
+    candidate's family), each group's mean test difference to the table's methods."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in seeds:
+        chosen = r[first]["chosen"] or "?"
+        groups.setdefault(chosen if chosen.startswith("sewa_top") else chosen.split("(")[0], []).append(r)
+    tables = [n for n in names if n.startswith("table ")]
+    parts = [f"{c} on {len(rs)}: " + ", ".join(f"{sum(r[first]['test'] - r[t]['test'] for r in rs) / len(rs):+.2f} vs {t}" for t in tables)
+             for c, rs in sorted(groups.items(), key=lambda g: -len(g[1]))]
+    return f"\n\nBy {first}'s choice (seeds; mean test difference): " + "; ".join(parts) + "."
 
 
 def main() -> None:
