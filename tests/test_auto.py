@@ -441,3 +441,8 @@ def test_top_k_max_bounds_the_sewa_sets_and_fitted_multiple_widens_only_the_fitt
     kept = create("auto", se_multiple=0.0, fitted_multiple=1000.0, shrunk_wide=False, **FAST).weights(*_plateau(0)).info
     assert [c["name"] for c in kept["candidates"] if c["eligible"]] == [info["best"]] + [
         c["name"] for c in fitted if c["family"] != "shrunk"]
+    # soup_first: the learned soup is chosen whenever eligible, though another fitted candidate scores higher.
+    soup = next(c for c in fitted if c["family"] == "learned_soup")
+    assert soup["score"] < max(c["score"] for c in fitted)
+    first = create("auto", se_multiple=0.0, fitted_multiple=1000.0, soup_first=True, **FAST).weights(*_plateau(0)).info
+    assert first["chosen"] == soup["name"] and first["chosen_family"] == "learned_soup"
