@@ -147,13 +147,18 @@ def _plan(n: int, batches: int, s: Mapping[str, Any]) -> dict[str, Any]:
     sewa_default = defaults["steps"] * defaults["samples"] * unit
     # The two half fits, and (with ``refit``) the chosen fitted family once more on the whole
     # split with both halves' steps: planned in full, though it runs only when a fitted family wins.
-    half = s["sewa_steps"] * s["sewa_samples"] + s["soup_steps"]
-    fits = 2 * half + ((_refit_steps(s) * s["sewa_samples"] + 2 * s["soup_steps"]) if s["refit"] else 0)
+    soups = {"sewa": 1, "window": 1, "both": 2}[s["soup_support"]]
+    half = s["sewa_steps"] * s["sewa_samples"] + soups * s["soup_steps"]
+    sewa_refit = _refit_steps(s) * s["sewa_samples"]
+    soup_refit = _soup_refit_steps(s) if s["soup_steps"] > 0 else 0
+    # The costliest refit: the learned soup on a refitted SeWA set's support, or on the window.
+    refit = max(sewa_refit + (soup_refit if s["soup_support"] != "window" else 0), soup_refit)
+    fits = 2 * half + (refit if s["refit"] else 0)
     sewa_own = fits * unit
     mixes_default = 2 * defaults["steps"] * defaults["samples"]  # a mix and a gradient mix per sample
     mixes_own = 2 * fits
     # Cross-fitted candidates score each half once: one pass over the split each, and two mixes.
-    core = len(_fixed(n)) + len(_top_ks(n, s["top_k_max"])) + (1 if s["shrink"] > 0 else 0) + (1 if s["soup_steps"] > 0 else 0)
+    core = len(_fixed(n)) + len(_top_ks(n, s["top_k_max"])) + (1 if s["shrink"] > 0 else 0) + (soups if s["soup_steps"] > 0 else 0)
     budget = s["pass_budget"] * sewa_default - sewa_own
     mix_budget = s["pass_budget"] * mixes_default - mixes_own - 2 * core
     scored = batches if core * batches <= budget else min(batches, max(2, int(budget // max(core, 1))))
@@ -173,6 +178,11 @@ def _plan(n: int, batches: int, s: Mapping[str, Any]) -> dict[str, Any]:
     return {"sewa_default_passes": sewa_default, "scored_batches": scored, "greedy": with_greedy, "greedy_stride": stride,
             "planned_passes": sewa_own + (core + (greedy if with_greedy else 0)) * scored,
             "planned_mixes": mixes_own + 2 * core + (2 * greedy if with_greedy else 0), "sewa_default_mixes": mixes_default}
+
+
+def _soup_refit_steps(s: Mapping[str, Any]) -> int:
+    """Steps of the learned soup's refit on the whole split: ``soup_refit_steps``, or both halves' (0)."""
+    return int(s["soup_refit_steps"]) or 2 * int(s["soup_steps"])
 
 
 def _refit_steps(s: Mapping[str, Any]) -> int:
@@ -277,8 +287,9 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
         if c.family == "greedy_soup":
             return _greedy(n, int(c.params["stride"]), greedy_cost(scorer, objective))
         if c.family == "learned_soup":
-            backward += 2 * s["soup_steps"]
-            return _learned(trajectory, ev, all_batches, refit(named[c.params["on"]]), 2 * s["soup_steps"])
+            backward += _soup_refit_steps(s)
+            support = torch.ones(n) if c.params["on"] == "window" else refit(named[c.params["on"]])
+            return _learned(trajectory, ev, all_batches, support, _soup_refit_steps(s))
         assert c.family == "shrunk"
         a, u = float(c.params["a"]), rules.uniform(n)
         return a * refit(named[c.params["of"]]) + (1 - a) * u
@@ -295,7 +306,17 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
 
     stats = statistics(candidates, sizes, ids, folds, objective)
     sets = [c for c in candidates if c.family == "sewa" and c.fits is not None]
-    if s["soup_steps"] > 0 and sets and hasattr(trajectory, "subset"):
+    if s["soup_steps"] > 0 and crossfit and s["soup_support"] in ("window", "both"):
+        # A learned convex soup over the whole window, fitted on each half (as the learned_soup method).
+        backward += 2 * s["soup_steps"]
+        try:
+            whole = torch.ones(n, dtype=torch.float64)
+            soups = (_learned(trajectory, ev, parts[0], whole, s["soup_steps"]), _learned(trajectory, ev, parts[1], whole, s["soup_steps"]))
+            add("learned_soup(window)", "learned_soup", (6, 1), (soups[0] + soups[1]) / 2, {"on": "window"}, soups)
+            stats = statistics(candidates, sizes, ids, folds, objective)
+        except SelectionError as e:
+            skipped.append(f"learned_soup(window): {e}")
+    if s["soup_steps"] > 0 and s["soup_support"] in ("sewa", "both") and sets and hasattr(trajectory, "subset"):
         # A learned convex soup on the best SeWA set's support, fitted on each half.
         base = max(sets, key=lambda c: stats[c.name]["key"])
         assert base.fits is not None
@@ -309,7 +330,7 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
             stats = statistics(candidates, sizes, ids, folds, objective)
         except SelectionError as e:
             skipped.append(f"learned_soup: {e}")
-    elif s["soup_steps"] > 0 and crossfit:
+    elif s["soup_steps"] > 0 and crossfit and s["soup_support"] in ("sewa", "both"):
         skipped.append("learned_soup: needs a cross-fitted SeWA set and a trajectory with subset()")
     selected = [c for c in candidates if c.family in ("sewa", "greedy_soup", "learned_soup")]
     if s["shrink"] > 0 and selected and crossfit:
@@ -348,7 +369,8 @@ def _learned(trajectory: Trajectory, ev: Evaluator, batches: list[Any], support:
     """Dense convex weights learned on ``batches`` over the snapshots where ``support > 0``
     (:func:`sewa.trainable_average` on that subset), zero elsewhere."""
     idx = support.nonzero().flatten().tolist()
-    learned = trainable_average(trajectory.subset(idx), ev.model, ev.loss_fn, batches, steps=steps, **ev.engine_options())
+    sub = trajectory if len(idx) == len(trajectory) else trajectory.subset(idx)
+    learned = trainable_average(sub, ev.model, ev.loss_fn, batches, steps=steps, **ev.engine_options())
     w = torch.zeros(len(trajectory), dtype=torch.float64)
     w[idx] = learned.double()
     return w / w.sum()
@@ -504,7 +526,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
          prefer: str = "fitted", loss_tie_break: bool = True, judge_finalists: int = 4,
          judge_multiple: float = 0.0, refit_at_k: bool = True, fitted_multiple: float = 2.5,
          refit_steps: int = 0, top_k_max: float = 0.25, shrunk_wide: bool = True,
-         soup_first: bool = False) -> Method:
+         soup_first: bool = False, soup_support: str = "sewa", soup_refit_steps: int = 0) -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
@@ -527,6 +549,10 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         se_multiple: How many standard errors below the best still count as within noise (1: the
             classic one-SE rule; 2 allows for the best of many candidates being lucky).
         soup_steps: Steps of the learned convex soup on the best SeWA set's support, per half (0: none).
+        soup_support: Where the learned soup is learned: "sewa" (on the best SeWA set's
+            support), "window" (over the whole window, as the ``learned_soup`` method), or
+            "both" (two candidates).
+        soup_refit_steps: Steps of the learned soup's refit on the whole split (0: ``2 * soup_steps``).
         refit: Fit the chosen family (a SeWA set, greedy soup, the learned soup or the shrunk
             selection) once more on the whole split, with both halves' steps, and return that fit;
             cross-fitting then serves only the choice. Else the two halves' fits are averaged.
@@ -583,7 +609,10 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         raise MethodError(f"auto: top_k_max must lie in [0.125, 1), got {top_k_max!r}")
     if not pass_budget > 0:
         raise MethodError(f"auto: pass_budget must be positive, got {pass_budget!r}")
-    for name, value in (("soup_steps", soup_steps), ("judge_finalists", judge_finalists), ("refit_steps", refit_steps)):
+    if soup_support not in ("sewa", "window", "both"):
+        raise MethodError(f"auto: soup_support must be 'sewa', 'window' or 'both', got {soup_support!r}")
+    for name, value in (("soup_steps", soup_steps), ("judge_finalists", judge_finalists), ("refit_steps", refit_steps),
+                        ("soup_refit_steps", soup_refit_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise MethodError(f"auto: {name} must be a non-negative integer, got {value!r}")
     if not (isinstance(judge_multiple, (int, float)) and not isinstance(judge_multiple, bool) and judge_multiple >= 0):
@@ -600,7 +629,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
                 "judge_multiple": float(judge_multiple), "refit_at_k": bool(refit_at_k),
                 "fitted_multiple": float(fitted_multiple), "refit_steps": refit_steps,
                 "top_k_max": float(top_k_max), "shrunk_wide": bool(shrunk_wide),
-                "soup_first": bool(soup_first)}
+                "soup_first": bool(soup_first), "soup_support": soup_support, "soup_refit_steps": soup_refit_steps}
     return Method("auto", _frozen(settings), _rule, evaluates=True)
 
 
