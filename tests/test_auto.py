@@ -441,33 +441,3 @@ def test_top_k_max_bounds_the_sewa_sets_and_fitted_multiple_widens_only_the_fitt
     kept = create("auto", se_multiple=0.0, fitted_multiple=1000.0, shrunk_wide=False, **FAST).weights(*_plateau(0)).info
     assert [c["name"] for c in kept["candidates"] if c["eligible"]] == [info["best"]] + [
         c["name"] for c in fitted if c["family"] != "shrunk"]
-    # soup_first: the learned soup is chosen whenever eligible, though another fitted candidate scores higher.
-    soup = next(c for c in fitted if c["family"] == "learned_soup")
-    assert soup["score"] < max(c["score"] for c in fitted)
-    first = create("auto", se_multiple=0.0, fitted_multiple=1000.0, soup_first=True, **FAST).weights(*_plateau(0)).info
-    assert first["chosen"] == soup["name"] and first["chosen_family"] == "learned_soup"
-
-
-def test_soup_support_learns_a_soup_over_the_whole_window_and_refits_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``soup_support="window"`` replaces the soup on a SeWA set's support by one over the whole
-    window ("both": two candidates); chosen, it is refitted with ``soup_refit_steps`` steps."""
-    calls: list[dict[str, Any]] = []
-    learn = auto_module.trainable_average
-
-    def recording(traj: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append({"snapshots": len(traj), "steps": kwargs["steps"]})
-        return learn(traj, *args, **kwargs)
-
-    monkeypatch.setattr(auto_module, "trainable_average", recording)
-    soups = {support: [c for c in create("auto", soup_support=support, **FAST).weights(*_damaged(1)).info["candidates"]
-                       if c["family"] == "learned_soup"] for support in ("sewa", "window", "both")}
-    assert [c["name"] for c in soups["window"]] == ["learned_soup(window)"]
-    assert all(w > 0 for w in soups["window"][0]["weights"])
-    assert len(soups["both"]) == 2 and soups["sewa"][0]["name"] in [c["name"] for c in soups["both"]]
-    with pytest.raises(MethodError, match="soup_support"):
-        create("auto", soup_support="all")
-    calls.clear()
-    info = create("auto", soup_support="window", soup_first=True, se_multiple=0.0, fitted_multiple=1000.0, soup_refit_steps=17,
-                  **FAST).weights(*_damaged(1)).info
-    assert info["chosen"] == "learned_soup(window)" and len(info["refitted"]["indices"]) == K
-    assert calls == [{"snapshots": K, "steps": 30}] * 2 + [{"snapshots": K, "steps": 17}]

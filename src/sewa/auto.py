@@ -147,18 +147,13 @@ def _plan(n: int, batches: int, s: Mapping[str, Any]) -> dict[str, Any]:
     sewa_default = defaults["steps"] * defaults["samples"] * unit
     # The two half fits, and (with ``refit``) the chosen fitted family once more on the whole
     # split with both halves' steps: planned in full, though it runs only when a fitted family wins.
-    soups = {"sewa": 1, "window": 1, "both": 2}[s["soup_support"]]
-    half = s["sewa_steps"] * s["sewa_samples"] + soups * s["soup_steps"]
-    sewa_refit = _refit_steps(s) * s["sewa_samples"]
-    soup_refit = _soup_refit_steps(s) if s["soup_steps"] > 0 else 0
-    # The costliest refit: the learned soup on a refitted SeWA set's support, or on the window.
-    refit = max(sewa_refit + (soup_refit if s["soup_support"] != "window" else 0), soup_refit)
-    fits = 2 * half + (refit if s["refit"] else 0)
+    half = s["sewa_steps"] * s["sewa_samples"] + s["soup_steps"]
+    fits = 2 * half + ((_refit_steps(s) * s["sewa_samples"] + 2 * s["soup_steps"]) if s["refit"] else 0)
     sewa_own = fits * unit
     mixes_default = 2 * defaults["steps"] * defaults["samples"]  # a mix and a gradient mix per sample
     mixes_own = 2 * fits
     # Cross-fitted candidates score each half once: one pass over the split each, and two mixes.
-    core = len(_fixed(n)) + len(_top_ks(n, s["top_k_max"])) + (1 if s["shrink"] > 0 else 0) + (soups if s["soup_steps"] > 0 else 0)
+    core = len(_fixed(n)) + len(_top_ks(n, s["top_k_max"])) + (1 if s["shrink"] > 0 else 0) + (1 if s["soup_steps"] > 0 else 0)
     budget = s["pass_budget"] * sewa_default - sewa_own
     mix_budget = s["pass_budget"] * mixes_default - mixes_own - 2 * core
     scored = batches if core * batches <= budget else min(batches, max(2, int(budget // max(core, 1))))
@@ -178,11 +173,6 @@ def _plan(n: int, batches: int, s: Mapping[str, Any]) -> dict[str, Any]:
     return {"sewa_default_passes": sewa_default, "scored_batches": scored, "greedy": with_greedy, "greedy_stride": stride,
             "planned_passes": sewa_own + (core + (greedy if with_greedy else 0)) * scored,
             "planned_mixes": mixes_own + 2 * core + (2 * greedy if with_greedy else 0), "sewa_default_mixes": mixes_default}
-
-
-def _soup_refit_steps(s: Mapping[str, Any]) -> int:
-    """Steps of the learned soup's refit on the whole split: ``soup_refit_steps``, or both halves' (0)."""
-    return int(s["soup_refit_steps"]) or 2 * int(s["soup_steps"])
 
 
 def _refit_steps(s: Mapping[str, Any]) -> int:
@@ -287,9 +277,8 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
         if c.family == "greedy_soup":
             return _greedy(n, int(c.params["stride"]), greedy_cost(scorer, objective))
         if c.family == "learned_soup":
-            backward += _soup_refit_steps(s)
-            support = torch.ones(n) if c.params["on"] == "window" else refit(named[c.params["on"]])
-            return _learned(trajectory, ev, all_batches, support, _soup_refit_steps(s))
+            backward += 2 * s["soup_steps"]
+            return _learned(trajectory, ev, all_batches, refit(named[c.params["on"]]), 2 * s["soup_steps"])
         assert c.family == "shrunk"
         a, u = float(c.params["a"]), rules.uniform(n)
         return a * refit(named[c.params["of"]]) + (1 - a) * u
@@ -306,17 +295,7 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
 
     stats = statistics(candidates, sizes, ids, folds, objective)
     sets = [c for c in candidates if c.family == "sewa" and c.fits is not None]
-    if s["soup_steps"] > 0 and crossfit and s["soup_support"] in ("window", "both"):
-        # A learned convex soup over the whole window, fitted on each half (as the learned_soup method).
-        backward += 2 * s["soup_steps"]
-        try:
-            whole = torch.ones(n, dtype=torch.float64)
-            soups = (_learned(trajectory, ev, parts[0], whole, s["soup_steps"]), _learned(trajectory, ev, parts[1], whole, s["soup_steps"]))
-            add("learned_soup(window)", "learned_soup", (6, 1), (soups[0] + soups[1]) / 2, {"on": "window"}, soups)
-            stats = statistics(candidates, sizes, ids, folds, objective)
-        except SelectionError as e:
-            skipped.append(f"learned_soup(window): {e}")
-    if s["soup_steps"] > 0 and s["soup_support"] in ("sewa", "both") and sets and hasattr(trajectory, "subset"):
+    if s["soup_steps"] > 0 and sets and hasattr(trajectory, "subset"):
         # A learned convex soup on the best SeWA set's support, fitted on each half.
         base = max(sets, key=lambda c: stats[c.name]["key"])
         assert base.fits is not None
@@ -330,7 +309,7 @@ def _rule(trajectory: Trajectory, ev: Evaluator | None, s: Mapping[str, Any]) ->
             stats = statistics(candidates, sizes, ids, folds, objective)
         except SelectionError as e:
             skipped.append(f"learned_soup: {e}")
-    elif s["soup_steps"] > 0 and crossfit and s["soup_support"] in ("sewa", "both"):
+    elif s["soup_steps"] > 0 and crossfit:
         skipped.append("learned_soup: needs a cross-fitted SeWA set and a trajectory with subset()")
     selected = [c for c in candidates if c.family in ("sewa", "greedy_soup", "learned_soup")]
     if s["shrink"] > 0 and selected and crossfit:
@@ -369,8 +348,7 @@ def _learned(trajectory: Trajectory, ev: Evaluator, batches: list[Any], support:
     """Dense convex weights learned on ``batches`` over the snapshots where ``support > 0``
     (:func:`sewa.trainable_average` on that subset), zero elsewhere."""
     idx = support.nonzero().flatten().tolist()
-    sub = trajectory if len(idx) == len(trajectory) else trajectory.subset(idx)
-    learned = trainable_average(sub, ev.model, ev.loss_fn, batches, steps=steps, **ev.engine_options())
+    learned = trainable_average(trajectory.subset(idx), ev.model, ev.loss_fn, batches, steps=steps, **ev.engine_options())
     w = torch.zeros(len(trajectory), dtype=torch.float64)
     w[idx] = learned.double()
     return w / w.sum()
@@ -418,7 +396,7 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
         uniform_kept = not (s["prefer"] == "fitted" and s["loss_tie_break"] and any(
             r["within_one_se"] and r["family"] in _FITTED and r["loss_gap_to_uniform"]["se"] is not None
             and r["loss_gap_to_uniform"]["mean"] > s["se_multiple"] * r["loss_gap_to_uniform"]["se"] for r in records))
-    chosen = min(eligible, key=lambda c: _preference(c, s["prefer"], stats[c.name]["key"][0], uniform_kept, s["soup_first"]))
+    chosen = min(eligible, key=lambda c: _preference(c, s["prefer"], stats[c.name]["key"][0], uniform_kept))
 
     def gain(name: str) -> dict[str, Any] | None:
         return _split_gain(stats, chosen, name, s, sizes)
@@ -501,7 +479,7 @@ def _split_gain(stats: dict[str, dict[str, Any]], chosen: Candidate, name: str, 
     return mean_se(stats[chosen.name]["fold"] - stats[name]["fold"])
 
 
-def _preference(c: Candidate, prefer: str, score: float, uniform_kept: bool, soup_first: bool = False) -> tuple[float, float, float]:
+def _preference(c: Candidate, prefer: str, score: float, uniform_kept: bool) -> tuple[float, float, float]:
     """Order of preference among the candidates within noise (the first is chosen).
 
     ``"simple"``: by complexity (uniform, narrower tails, EMA, SeWA sets, greedy soup, the
@@ -509,14 +487,13 @@ def _preference(c: Candidate, prefer: str, score: float, uniform_kept: bool, sou
     first if it is kept (within noise, and no fitted candidate within noise beats its loss beyond
     noise when the objective is a metric); then the best-scoring fitted
     candidate, whose score is out of fold, so it needs no simplicity penalty (and comes from a
-    fit on half the split, so it understates the refit), the learned soup before the others with
-    ``soup_first``; then the fixed rules by complexity.
+    fit on half the split, so it understates the refit); then the fixed rules by complexity.
     """
     if prefer == "fitted":
         if c.name == "uniform":  # first if kept, else the widest of the tails after the fitted candidates
             return (-1.0, 0.0, 0.0) if uniform_kept else (1.0, 0.0, -score)
         if c.family in _FITTED:
-            return (0.4 if soup_first and c.family == "learned_soup" else 0.5, -score, 0.0)
+            return (0.5, -score, 0.0)
     return (float(c.complexity[0]), float(c.complexity[1]), -score)
 
 
@@ -525,8 +502,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
          se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True,
          prefer: str = "fitted", loss_tie_break: bool = True, judge_finalists: int = 4,
          judge_multiple: float = 0.0, refit_at_k: bool = True, fitted_multiple: float = 2.5,
-         refit_steps: int = 0, top_k_max: float = 0.25, shrunk_wide: bool = True,
-         soup_first: bool = False, soup_support: str = "sewa", soup_refit_steps: int = 0) -> Method:
+         refit_steps: int = 0, top_k_max: float = 0.25, shrunk_wide: bool = True) -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
@@ -549,10 +525,6 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         se_multiple: How many standard errors below the best still count as within noise (1: the
             classic one-SE rule; 2 allows for the best of many candidates being lucky).
         soup_steps: Steps of the learned convex soup on the best SeWA set's support, per half (0: none).
-        soup_support: Where the learned soup is learned: "sewa" (on the best SeWA set's
-            support), "window" (over the whole window, as the ``learned_soup`` method), or
-            "both" (two candidates).
-        soup_refit_steps: Steps of the learned soup's refit on the whole split (0: ``2 * soup_steps``).
         refit: Fit the chosen family (a SeWA set, greedy soup, the learned soup or the shrunk
             selection) once more on the whole split, with both halves' steps, and return that fit;
             cross-fitting then serves only the choice. Else the two halves' fits are averaged.
@@ -588,10 +560,6 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         shrunk_wide: The shrunk selection gets ``fitted_multiple``'s wider margin like the other
             fitted candidates (False: only ``se_multiple``'s). Shrinking towards uniform brings
             back every snapshot, the damaged ones too.
-        soup_first: With ``prefer="fitted"``, the learned soup is chosen before the other fitted
-            candidates whenever it is eligible, whatever their scores: it starts from its SeWA
-            set's uniform average and learns on the loss from there, so the scores of the two on
-            one half of a small split say little about which is better.
     """
     for name, value in (("folds", folds), ("sewa_steps", sewa_steps), ("sewa_samples", sewa_samples)):
         _positive_int(name, "auto", value)
@@ -609,10 +577,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         raise MethodError(f"auto: top_k_max must lie in [0.125, 1), got {top_k_max!r}")
     if not pass_budget > 0:
         raise MethodError(f"auto: pass_budget must be positive, got {pass_budget!r}")
-    if soup_support not in ("sewa", "window", "both"):
-        raise MethodError(f"auto: soup_support must be 'sewa', 'window' or 'both', got {soup_support!r}")
-    for name, value in (("soup_steps", soup_steps), ("judge_finalists", judge_finalists), ("refit_steps", refit_steps),
-                        ("soup_refit_steps", soup_refit_steps)):
+    for name, value in (("soup_steps", soup_steps), ("judge_finalists", judge_finalists), ("refit_steps", refit_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise MethodError(f"auto: {name} must be a non-negative integer, got {value!r}")
     if not (isinstance(judge_multiple, (int, float)) and not isinstance(judge_multiple, bool) and judge_multiple >= 0):
@@ -628,8 +593,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
                 "loss_tie_break": bool(loss_tie_break), "judge_finalists": judge_finalists,
                 "judge_multiple": float(judge_multiple), "refit_at_k": bool(refit_at_k),
                 "fitted_multiple": float(fitted_multiple), "refit_steps": refit_steps,
-                "top_k_max": float(top_k_max), "shrunk_wide": bool(shrunk_wide),
-                "soup_first": bool(soup_first), "soup_support": soup_support, "soup_refit_steps": soup_refit_steps}
+                "top_k_max": float(top_k_max), "shrunk_wide": bool(shrunk_wide)}
     return Method("auto", _frozen(settings), _rule, evaluates=True)
 
 
