@@ -194,16 +194,6 @@ def test_auto_chooses_on_the_metric_when_the_task_has_one() -> None:
     assert by_loss.info["objective"] == "loss" and by_metric.info["objective"] == "metric"
     index = torch.arange(K, dtype=torch.float64)
     assert float((by_metric.weights * index).sum()) < K / 4 < 3 * K / 4 < float((by_loss.weights * index).sum())
-    # fitted_by="loss": among the eligible fitted candidates (all of them here), the lowest loss
-    # is chosen, not the best metric.
-    wide = {"se_multiple": 0.0, "fitted_multiple": 1000.0, **FAST}
-    scored = create("auto", **wide).weights(*_problem(thetas, star=new, extra=old, metric=metric)).info
-    lossy = create("auto", fitted_by="loss", **wide).weights(*_problem(thetas, star=new, extra=old, metric=metric)).info
-    fitted = [c for c in scored["candidates"] if c["family"] in ("sewa", "greedy_soup", "learned_soup", "shrunk")]
-    assert scored["chosen"] == max(fitted, key=lambda c: c["score"])["name"]
-    assert lossy["chosen"] == min(fitted, key=lambda c: c["loss"])["name"] != scored["chosen"]
-    with pytest.raises(MethodError, match="fitted_by"):
-        create("auto", fitted_by="metric")
 
 
 def test_auto_is_deterministic_and_its_record_is_strict_json() -> None:

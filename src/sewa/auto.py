@@ -396,8 +396,7 @@ def _choose(candidates: list[Candidate], stats: dict[str, dict[str, Any]], s: Ma
         uniform_kept = not (s["prefer"] == "fitted" and s["loss_tie_break"] and any(
             r["within_one_se"] and r["family"] in _FITTED and r["loss_gap_to_uniform"]["se"] is not None
             and r["loss_gap_to_uniform"]["mean"] > s["se_multiple"] * r["loss_gap_to_uniform"]["se"] for r in records))
-    chosen = min(eligible, key=lambda c: _preference(c, s["prefer"], stats[c.name]["key"][0], uniform_kept,
-                                                     stats[c.name]["loss"] if s["fitted_by"] == "loss" else None))
+    chosen = min(eligible, key=lambda c: _preference(c, s["prefer"], stats[c.name]["key"][0], uniform_kept))
 
     def gain(name: str) -> dict[str, Any] | None:
         return _split_gain(stats, chosen, name, s, sizes)
@@ -480,8 +479,7 @@ def _split_gain(stats: dict[str, dict[str, Any]], chosen: Candidate, name: str, 
     return mean_se(stats[chosen.name]["fold"] - stats[name]["fold"])
 
 
-def _preference(c: Candidate, prefer: str, score: float, uniform_kept: bool,
-                loss: float | None = None) -> tuple[float, float, float]:
+def _preference(c: Candidate, prefer: str, score: float, uniform_kept: bool) -> tuple[float, float, float]:
     """Order of preference among the candidates within noise (the first is chosen).
 
     ``"simple"``: by complexity (uniform, narrower tails, EMA, SeWA sets, greedy soup, the
@@ -489,14 +487,13 @@ def _preference(c: Candidate, prefer: str, score: float, uniform_kept: bool,
     first if it is kept (within noise, and no fitted candidate within noise beats its loss beyond
     noise when the objective is a metric); then the best-scoring fitted
     candidate, whose score is out of fold, so it needs no simplicity penalty (and comes from a
-    fit on half the split, so it understates the refit), or with ``loss`` given the fitted
-    candidate of the lowest loss; then the fixed rules by complexity.
+    fit on half the split, so it understates the refit); then the fixed rules by complexity.
     """
     if prefer == "fitted":
         if c.name == "uniform":  # first if kept, else the widest of the tails after the fitted candidates
             return (-1.0, 0.0, 0.0) if uniform_kept else (1.0, 0.0, -score)
         if c.family in _FITTED:
-            return (0.5, -score if loss is None else loss, 0.0)
+            return (0.5, -score, 0.0)
     return (float(c.complexity[0]), float(c.complexity[1]), -score)
 
 
@@ -505,8 +502,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
          se_rule: str = "paired", se_multiple: float = 1.5, soup_steps: int = 30, refit: bool = True,
          prefer: str = "fitted", loss_tie_break: bool = True, judge_finalists: int = 4,
          judge_multiple: float = 0.0, refit_at_k: bool = True, fitted_multiple: float = 2.5,
-         refit_steps: int = 0, top_k_max: float = 0.25, shrunk_wide: bool = True,
-         fitted_by: str = "score") -> Method:
+         refit_steps: int = 0, top_k_max: float = 0.25, shrunk_wide: bool = True) -> Method:
     """Chooses the average for the user among uniform tails, EMAs, SeWA top-K sets, a shrunk
     selection and greedy soup, cross-fitted over folds of the selection split, with a
     one-standard-error rule towards the simplest (see :mod:`sewa.auto`).
@@ -564,10 +560,6 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         shrunk_wide: The shrunk selection gets ``fitted_multiple``'s wider margin like the other
             fitted candidates (False: only ``se_multiple``'s). Shrinking towards uniform brings
             back every snapshot, the damaged ones too.
-        fitted_by: With ``prefer="fitted"``, which eligible fitted candidate is chosen: the best
-            "score" (the objective), or the lowest "loss" (out of fold, like the score): with a
-            metric objective the eligible candidates are tied on the metric within noise, and the
-            loss, a finer measure on a small split, breaks the tie.
     """
     for name, value in (("folds", folds), ("sewa_steps", sewa_steps), ("sewa_samples", sewa_samples)):
         _positive_int(name, "auto", value)
@@ -592,8 +584,6 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
         raise MethodError(f"auto: judge_multiple must be a non-negative number, got {judge_multiple!r}")
     if prefer not in ("fitted", "simple"):
         raise MethodError(f"auto: prefer must be 'fitted' or 'simple', got {prefer!r}")
-    if fitted_by not in ("score", "loss"):
-        raise MethodError(f"auto: fitted_by must be 'score' or 'loss', got {fitted_by!r}")
     if se_rule not in ("best", "paired"):
         raise MethodError(f"auto: se_rule must be 'best' or 'paired', got {se_rule!r}")
     settings = {"folds": folds, "seed": seed, "one_se": bool(one_se), "sewa_steps": sewa_steps, "sewa_samples": sewa_samples,
@@ -603,8 +593,7 @@ def auto(folds: int = 5, seed: int = 0, one_se: bool = True, sewa_steps: int = 3
                 "loss_tie_break": bool(loss_tie_break), "judge_finalists": judge_finalists,
                 "judge_multiple": float(judge_multiple), "refit_at_k": bool(refit_at_k),
                 "fitted_multiple": float(fitted_multiple), "refit_steps": refit_steps,
-                "top_k_max": float(top_k_max), "shrunk_wide": bool(shrunk_wide),
-                "fitted_by": fitted_by}
+                "top_k_max": float(top_k_max), "shrunk_wide": bool(shrunk_wide)}
     return Method("auto", _frozen(settings), _rule, evaluates=True)
 
 
