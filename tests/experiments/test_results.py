@@ -74,6 +74,19 @@ def test_a_format_1_run_still_renders(tmp_path) -> None:
     assert t["methods"]["greedy_soup"]["selected_on"] == "val" and t["methods"]["greedy_soup"]["choice_by"] == "loss"
 
 
+def test_each_machine_a_table_ran_on_is_named_with_its_seeds(tmp_path) -> None:
+    from sewa.experiments.results import render
+
+    for seed, platform in ((0, "box-a"), (1, "box-b"), (2, "box-a")):
+        run = _v1_run(seed, "c" * 40)
+        run["machine"]["platform"] = platform
+        path = tmp_path / "runs" / "ag_news" / "full" / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(run))
+    md = render(tmp_path / "runs", tmp_path / "docs", tmp_path / "summary.json").read_text()
+    assert "Machines: box-a, 2 CPUs, torch x (seeds 0, 2); box-b, 2 CPUs, torch x (seeds 1)." in md
+
+
 def test_sewa_report_renders_a_folder_of_runs_as_the_results_document(tmp_path) -> None:
     """One renderer: ``sewa report RUNS_DIR`` writes what ``python -m sewa.experiments.results`` writes."""
     import json as _json

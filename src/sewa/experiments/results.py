@@ -211,7 +211,14 @@ def describe(recs: list[dict[str, Any]], entry: dict[str, Any]) -> str:
         flags.append("format-1 runs (no reference, no dirty flag; which split a method selects on is inferred from that runner)")
     if entry["dirty"]:
         flags.append("**at least one run from a tree with uncommitted changes**")
-    m = r0["machine"]
+    machines: dict[str, list[int]] = {}
+    for r in recs:
+        m = r["machine"]
+        desc = (f"{m.get('platform')}, {m.get('cpus', m.get('cpu_count'))} CPUs, torch {m.get('torch')}"
+                f"{', ' + str(m['device']) if m.get('device') else ''}")
+        machines.setdefault(desc, []).append(r["seed"])
+    machine = (f"Machine: {next(iter(machines))}." if len(machines) == 1 else
+               "Machines: " + "; ".join(f"{d} (seeds {_seed_list(sorted(s))})" for d, s in machines.items()) + ".")
     split = r0.get("selection_split")
     where = f" Selection split: {split['name']} ({split['items']} items)." if split else ""
     note = f" Note: {r0['measure_note']}." if r0.get("measure_note") else ""
@@ -219,8 +226,7 @@ def describe(recs: list[dict[str, Any]], entry: dict[str, Any]) -> str:
     return (f"Data: {data_source(r0['data_source'])}.{f' Training used a fixed subset of {subset} items.' if subset else ''}"
             f"{episodes} Seeds: {_seed_list(entry['seeds'])}. Window k={entry['window']}{every}"
             f"{steps}: {entry['window_note'] or 'placement not recorded'}. Test metric in {entry['unit']}, mean ± std over "
-            f"{len(recs)} seed{'s' if len(recs) != 1 else ''}; equivalence margin ±{entry['margin']:g}.{where}{note} Machine: {m.get('platform')}, "
-            f"{m.get('cpus', m.get('cpu_count'))} CPUs, torch {m.get('torch')}{', ' + str(m['device']) if m.get('device') else ''}. "
+            f"{len(recs)} seed{'s' if len(recs) != 1 else ''}; equivalence margin ±{entry['margin']:g}.{where}{note} {machine} "
             f"Provenance: {'; '.join(flags)}.")
 
 
