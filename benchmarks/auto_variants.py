@@ -76,7 +76,8 @@ def table_of(record: dict[str, Any], source: str) -> str:
     settings = "; ".join(f"{n}: `{json.dumps(v)}`" for n, v in record["variants"].items())
     head = (f"{record['task']} — {record['regime']}, seeds {_seed_list(sorted(int(k) for k in record['seeds']))} (commit {record['git_commit'][:10]}"
             f"{', dirty' if record['dirty'] else ''}; `{source}`). auto's settings over the runner's: {settings}.")
-    return head + "\n\n" + bench.table(["method", "test (mean)", f"vs {first}", "seconds"], rows) + by_choice(seeds, first, names)
+    return (head + "\n\n" + bench.table(["method", "test (mean)", f"vs {first}", "seconds"], rows) + by_choice(seeds, first, names)
+            + changed_picks(seeds, first, names))
 
 
 def by_choice(seeds: list[dict[str, Any]], first: str, names: list[str]) -> str:
@@ -90,6 +91,19 @@ def by_choice(seeds: list[dict[str, Any]], first: str, names: list[str]) -> str:
     parts = [f"{c} on {len(rs)}: " + ", ".join(f"{sum(r[first]['test'] - r[t]['test'] for r in rs) / len(rs):+.2f} vs {t}" for t in tables)
              for c, rs in sorted(groups.items(), key=lambda g: -len(g[1]))]
     return f"\n\nBy {first}'s choice (seeds; mean test difference): " + "; ".join(parts) + "."
+
+
+def changed_picks(seeds: list[dict[str, Any]], first: str, names: list[str]) -> str:
+    """For each other variant, on how many seeds it chose differently from the first, and the
+    range of its test differences on those seeds."""
+    parts = []
+    for name in names[1:]:
+        if name.startswith("table "):
+            continue
+        diffs = [r[name]["test"] - r[first]["test"] for r in seeds if r[name]["chosen"] != r[first]["chosen"]]
+        span = f" (test difference {min(diffs):+.2f} to {max(diffs):+.2f})" if diffs else ""
+        parts.append(f"{name} on {len(diffs)} of {len(seeds)}{span}")
+    return f"\n\nPicks that differ from {first}'s: " + "; ".join(parts) + "." if parts else ""
 
 
 def main() -> None:

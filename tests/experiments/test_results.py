@@ -144,3 +144,27 @@ def test_losses_near_1e_4_keep_their_digits_in_the_summary_and_the_tables(tmp_pa
     assert "| 1.234e-04 | 2.346e-04 |" in md and "| 1.247e-04 | 2.369e-04 |" in md and "| 0.0001 |" not in md
     t = json.loads((tmp_path / "summary.json").read_text())["tasks"][0]
     assert t["methods"]["uniform"]["val_loss"] == [pytest.approx(2.3456e-4 * 1.01, rel=1e-5)] * 2
+
+
+def test_the_auto_variants_doc_lines_are_computed_from_the_record() -> None:
+    """benchmarks/auto_variants.py --doc: the breakdown by the first variant's choice and the
+    count of picks that differ come from the record's seeds."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "auto_variants.py"
+    spec = importlib.util.spec_from_file_location("auto_variants", path)
+    assert spec is not None and spec.loader is not None
+    av = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(av)
+
+    def row(a: tuple[float, str], b: tuple[float, str], table: float) -> dict:
+        return {"default": {"test": a[0], "seconds": 1.0, "chosen": a[1]}, "other": {"test": b[0], "seconds": 1.0, "chosen": b[1]},
+                "table sewa": {"test": table, "seconds": 1.0, "chosen": None}}
+
+    record = {"task": "bbc_news", "regime": "constant", "variants": {"default": {}, "other": {"x": 1}}, "git_commit": "a" * 40,
+              "dirty": False, "seeds": {"10": row((90.0, "sewa_top(12)"), (91.0, "uniform"), 89.0),
+                                        "11": row((92.0, "sewa_top(12)"), (92.0, "sewa_top(12)"), 91.0),
+                                        "12": row((88.0, "learned_soup(sewa_top(12))"), (87.5, "tail(50)"), 90.0)}}
+    md = av.table_of(record, "record.json")
+    assert "By default's choice (seeds; mean test difference): sewa_top(12) on 2: +1.00 vs table sewa; learned_soup on 1: -2.00 vs table sewa." in md
+    assert "Picks that differ from default's: other on 2 of 3 (test difference -0.50 to +1.00)." in md
