@@ -168,3 +168,40 @@ def test_the_auto_variants_doc_lines_are_computed_from_the_record() -> None:
     md = av.table_of(record, "record.json")
     assert "By default's choice (seeds; mean test difference): sewa_top(12) on 2: +1.00 vs table sewa; learned_soup on 1: -2.00 vs table sewa." in md
     assert "Picks that differ from default's: other on 2 of 3 (test difference -0.50 to +1.00)." in md
+
+
+def test_rerun_diff_pairs_auto_only_on_seeds_whose_other_methods_reproduced(tmp_path: Path) -> None:
+    """benchmarks/rerun_diff.py: a seed whose other methods moved (another machine type) is listed
+    but left out of auto's paired difference; the earlier records are read from git."""
+    import importlib.util
+    import subprocess
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "rerun_diff.py"
+    spec = importlib.util.spec_from_file_location("rerun_diff", path)
+    assert spec is not None and spec.loader is not None
+    rd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rd)
+
+    folder = tmp_path / "results" / "full"
+    folder.mkdir(parents=True)
+
+    def write(seed: int, platform: str, last: float, auto: float, chosen: str) -> None:
+        rec = {"seed": seed, "git_commit": "c" * 40, "machine": {"platform": platform}, "metric": "normalized_score",
+               "methods": {"last": {"test_metric": last}, "auto": {"test_metric": auto, "chosen": chosen}}}
+        (folder / f"seed{seed}.json").write_text(json.dumps(rec))
+
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git[:3], "init", "-q"], check=True)
+    for seed in (0, 1, 2):
+        write(seed, "box-a", 50.0 + seed, 40.0, "last")
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "before"], check=True)
+    write(0, "box-a", 50.0, 41.0, "uniform")   # same machine type, others reproduced
+    write(1, "box-a", 51.0, 43.0, "uniform")   # same
+    write(2, "box-b", 60.0, 10.0, "last")      # another machine type: last moved
+    rs = rd.rows(folder, "HEAD", root=tmp_path)
+    assert [r["moved"] for r in rs] == [[], [], ["last"]]
+    md = rd.render(rs, 1.0)
+    assert "| 2 | other | 1 moved | 40.00 | 10.00 | last | last |" in md
+    assert "on the 2 seeds whose other methods reproduced: +2.00 [" in md
+    assert "2 of 2 seeds changed." in md
