@@ -20,7 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sewa.experiments.stats import t_interval
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as bench  # noqa: E402
+
+from sewa.experiments.stats import t_interval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,17 +44,14 @@ def rows(folder: Path, commit: str, root: Path = ROOT) -> list[dict[str, Any]]:
         moved = sorted(m for m in old["methods"] if m != "auto" and old["methods"][m].get("test_metric") != new["methods"].get(m, {}).get("test_metric"))
         out.append({"seed": new["seed"], "same_machine": old["machine"]["platform"] == new["machine"]["platform"], "moved": moved,
                     "auto": (old["methods"]["auto"]["test_metric"], new["methods"]["auto"]["test_metric"]),
-                    "chosen": (old["methods"]["auto"].get("chosen"), new["methods"]["auto"].get("chosen")),
-                    "commits": (old["git_commit"][:10], new["git_commit"][:10])})
+                    "chosen": (old["methods"]["auto"].get("chosen"), new["methods"]["auto"].get("chosen"))})
     return out
 
 
 def render(rs: list[dict[str, Any]], scale: float) -> str:
-    lines = ["| seed | machine type | other methods | auto before | auto now | chosen before | chosen now |", "|---|---|---|---|---|---|---|"]
-    for r in rs:
-        others = "identical" if not r["moved"] else f"{len(r['moved'])} moved"
-        lines.append(f"| {r['seed']} | {'same' if r['same_machine'] else 'other'} | {others} | {scale * r['auto'][0]:.2f} | "
-                     f"{scale * r['auto'][1]:.2f} | {r['chosen'][0]} | {r['chosen'][1]} |")
+    lines = [bench.table(["seed", "machine type", "other methods", "auto before", "auto now", "chosen before", "chosen now"],
+                         [(r["seed"], "same" if r["same_machine"] else "other", f"{len(r['moved'])} moved" if r["moved"] else "identical",
+                           f"{scale * r['auto'][0]:.2f}", f"{scale * r['auto'][1]:.2f}", r["chosen"][0], r["chosen"][1]) for r in rs])]
     paired = [scale * (r["auto"][1] - r["auto"][0]) for r in rs if not r["moved"]]
     if len(paired) >= 2:
         lo, hi = t_interval(paired)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,16 +147,21 @@ def test_losses_near_1e_4_keep_their_digits_in_the_summary_and_the_tables(tmp_pa
     assert t["methods"]["uniform"]["val_loss"] == [pytest.approx(2.3456e-4 * 1.01, rel=1e-5)] * 2
 
 
+def _benchmark(name: str) -> Any:
+    """A script of benchmarks/ loaded as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_auto_variants_doc_lines_are_computed_from_the_record() -> None:
     """benchmarks/auto_variants.py --doc: the breakdown by the first variant's choice and the
     count of picks that differ come from the record's seeds."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "auto_variants.py"
-    spec = importlib.util.spec_from_file_location("auto_variants", path)
-    assert spec is not None and spec.loader is not None
-    av = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(av)
+    av = _benchmark("auto_variants")
 
     def row(a: tuple[float, str], b: tuple[float, str], table: float) -> dict:
         return {"default": {"test": a[0], "seconds": 1.0, "chosen": a[1]}, "other": {"test": b[0], "seconds": 1.0, "chosen": b[1]},
@@ -173,14 +179,9 @@ def test_the_auto_variants_doc_lines_are_computed_from_the_record() -> None:
 def test_rerun_diff_pairs_auto_only_on_seeds_whose_other_methods_reproduced(tmp_path: Path) -> None:
     """benchmarks/rerun_diff.py: a seed whose other methods moved (another machine type) is listed
     but left out of auto's paired difference; the earlier records are read from git."""
-    import importlib.util
     import subprocess
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "rerun_diff.py"
-    spec = importlib.util.spec_from_file_location("rerun_diff", path)
-    assert spec is not None and spec.loader is not None
-    rd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rd)
+    rd = _benchmark("rerun_diff")
 
     folder = tmp_path / "results" / "full"
     folder.mkdir(parents=True)
