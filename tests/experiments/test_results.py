@@ -129,6 +129,23 @@ def test_the_cost_claim_counts_task_regimes_and_seeds_over_the_bound() -> None:
     assert cost_claim([]) == []
 
 
+def test_the_compute_table_shows_the_judges_share_of_autos_time_and_the_highest_seed() -> None:
+    """Where auto's time goes on behaviour cloning (its judge's validation rollouts), and the seed
+    furthest over SeWA's time next to the mean ratio."""
+    from sewa.experiments.results import compute_table
+
+    rec = {"window": 100, "compute": {"epoch_seconds": 2.0, "selection_seconds": 10.0, "params": 1000, "trajectory_bytes": 2**20,
+                                      "selection_forward_backward": 800}}
+    methods = {"auto": {"seconds": [12.0, 18.0]}, "sewa": {"seconds": [10.0, 10.0]}}
+    bc = {"methods": methods, "auto": {"judge_seconds": [6.0, 9.0]}}
+    text = {"methods": methods, "auto": {"judge_seconds": [None, None]}}
+    lines = compute_table({("hopper", "constant", "full"): [rec, rec], ("ag_news", "constant", "full"): [rec, rec]},
+                          {("hopper", "constant", "full"): bc, ("ag_news", "constant", "full"): text})
+    assert "of it, judge s" in lines[0] and "highest seed" in lines[0]
+    assert lines[2].endswith("| 800 | 15.0 | — | 1.50 | 1.80 |") and lines[2].startswith("| ag_news")
+    assert lines[3].endswith("| 800 | 15.0 | 7.5 | 1.50 | 1.80 |")
+
+
 def test_losses_near_1e_4_keep_their_digits_in_the_summary_and_the_tables(tmp_path) -> None:
     """Behaviour cloning's action losses are near 1e-4: fixed decimals printed every method as 0.0001 and tied the
     K-curves, so the best K came out of rounding."""

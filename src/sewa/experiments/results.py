@@ -240,20 +240,24 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 def compute_table(groups: dict[Key, list[dict[str, Any]]], entries: dict[Key, dict[str, Any]]) -> list[str]:
-    """Training epoch time against SeWA's selection time, auto's time against SeWA's, and memory."""
+    """Training epoch time against SeWA's selection time, auto's time against SeWA's (with the part
+    its judge's validation rollouts took, for BC), and memory."""
     lines = ["| task — regime (preset) | params | window | trajectory MB | epoch s | SeWA(10) selection s | selection / epoch | "
-             "fwd+bwd passes | auto s | auto / SeWA (mean per seed) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "fwd+bwd passes | auto s | of it, judge s | auto / SeWA (mean per seed) | highest seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, recs in sorted(groups.items()):
         c = [r.get("compute", {}) for r in recs]
         ep, sel = _avg([x.get("epoch_seconds") for x in c]), _avg([x.get("selection_seconds") for x in c])
         methods = entries[key]["methods"]
         auto = _avg(methods["auto"]["seconds"]) if "auto" in methods else None
+        judge = _avg((entries[key].get("auto") or {}).get("judge_seconds") or [None])
         ratios = auto_time_ratios(methods)
         mb = c[0].get("trajectory_bytes")
         lines.append(f"| {_title(key)} | {_num(c[0].get('params'), ',')} | {recs[0]['window']} | "
                      f"{_num(None if mb is None else mb / 2**20, '.1f')} | {_num(ep, '.1f')} | {_num(sel, '.1f')} | "
                      f"{_num(sel / ep if sel is not None and ep else None, '.2f')} | {c[0].get('selection_forward_backward', '—')} | "
-                     f"{_num(auto, '.1f')} | {_num(sum(ratios) / len(ratios) if ratios else None, '.2f')} |")
+                     f"{_num(auto, '.1f')} | {_num(judge, '.1f')} | {_num(sum(ratios) / len(ratios) if ratios else None, '.2f')} | "
+                     f"{_num(max(ratios) if ratios else None, '.2f')} |")
     return lines
 
 
@@ -431,7 +435,8 @@ def render(root: Path, out: Path, summary_path: Path | None = None, allow_mixed:
            "of its per-seed standard errors, in the table's units for an accuracy objective and in the loss's raw units "
            "(a decrease) for a loss, next to the gain realised on test in the table's units.", ""] + auto + [""] if auto else []
     md += ["## Compute", "", "Wall-clock on the machines named above; passes count SeWA's forward and backward passes "
-           "(steps × samples).", ""] + compute_table(groups, entries) + [""]
+           "(steps × samples). \"of it, judge s\": the part of auto's time its judge spent on validation rollouts "
+           "(behaviour cloning); \"highest seed\": the largest per-seed auto / SeWA ratio.", ""] + compute_table(groups, entries) + [""]
     md += ["## Selection split against test split", "", "The method best on the selection (validation) metric and where it "
            "ranks on test, and the reverse: a method that leads on validation but not on test has over-fitted the "
            "selection split, or the split does not track the test metric.", ""] + selection_table(entries) + [""]
