@@ -9,12 +9,22 @@ sample and only the table as a whole compares. This script says which case each 
 gives auto's paired difference (95% t interval) on the seeds where the others reproduced::
 
     python benchmarks/rerun_diff.py results/experiments/walker2d/constant/full --before 2b5a1d6
+
+``--land SRC`` first puts a rerun in place: SRC holds the new seed records (``sewa experiment
+... --out DIR`` writes them to DIR/TASK/REGIME/PRESET), the same seeds as the table, all from one
+clean commit without ``--set`` overrides; they replace the table's files, and the comparison is
+against ``--before`` (default HEAD, the table as committed)::
+
+    for s in 0 1 2; do sewa experiment hopper --preset full --regime cosine --seeds 1 --first-seed $s \
+        --no-ablations --out /tmp/rerun; done
+    python benchmarks/rerun_diff.py results/experiments/hopper/cosine/full --land /tmp/rerun/hopper/cosine/full
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +58,33 @@ def rows(folder: Path, commit: str, root: Path = ROOT) -> list[dict[str, Any]]:
     return out
 
 
+def land(src: Path, folder: Path) -> str:
+    """Copy a rerun's seed records over the table's, after checking that they can replace it whole:
+    the same seeds and task-regime, one clean commit, no overrides. Returns that commit; raises
+    ValueError naming what is wrong (nothing is copied then)."""
+    def seeds(d: Path) -> dict[str, Path]:
+        return {p.name: p for p in d.glob("seed*.json")}
+
+    new, old = seeds(src), seeds(folder)
+    if not new or new.keys() != old.keys():
+        raise ValueError(f"{src} must hold the same seed records as {folder} (a rerun replaces the table whole); "
+                         f"only in the rerun: {sorted(new.keys() - old.keys())}, only in the table: {sorted(old.keys() - new.keys())}")
+    recs = {n: json.loads(p.read_text()) for n, p in new.items()}
+    commits = {r.get("git_commit") for r in recs.values()}
+    bad = sorted(n for n, r in recs.items() if r.get("dirty") is not False or r.get("overrides"))
+    if len(commits) != 1 or bad:
+        raise ValueError(f"a rerun must come from one clean commit without --set overrides: commits {sorted(map(str, commits))}, "
+                         f"dirty or overridden: {bad}")
+    for n, r in recs.items():
+        was = json.loads(old[n].read_text())
+        if (r["task"], r["regime"], r["preset"]) != (was["task"], was["regime"], was["preset"]):
+            raise ValueError(f"{n}: the rerun is {r['task']}/{r['regime']}/{r['preset']}, the table "
+                             f"{was['task']}/{was['regime']}/{was['preset']}")
+    for n, p in new.items():
+        shutil.copyfile(p, old[n])
+    return str(commits.pop())
+
+
 def render(rs: list[dict[str, Any]], scale: float) -> str:
     lines = [bench.table(["seed", "machine type", "other methods", "auto before", "auto now", "chosen before", "chosen now"],
                          [(r["seed"], "same" if r["same_machine"] else "other", f"{len(r['moved'])} moved" if r["moved"] else "identical",
@@ -66,11 +103,23 @@ def render(rs: list[dict[str, Any]], scale: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder", type=Path, help="a table's seed records, e.g. results/experiments/hopper/cosine/full")
-    ap.add_argument("--before", required=True, help="the commit whose version of those files to compare with")
+    ap.add_argument("--before", help="the commit whose version of those files to compare with (default with --land: HEAD)")
+    ap.add_argument("--land", type=Path, metavar="SRC", help="first replace the table's seed records with a rerun's, from SRC")
     args = ap.parse_args(argv)
-    rs = rows(args.folder, args.before)
+    before = args.before or ("HEAD" if args.land else None)
+    if before is None:
+        ap.error("--before is required without --land")
+    if args.land:
+        try:
+            commit = land(args.land, args.folder)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"Landed {len(list(args.folder.glob('seed*.json')))} seed records from commit {commit[:10]}; "
+              "regenerate the tables with `python -m sewa.experiments.results` and `python benchmarks/make_performance_doc.py`.\n")
+    rs = rows(args.folder, before)
     if not rs:
-        print(f"error: no seed records in {args.folder} that also exist at {args.before}", file=sys.stderr)
+        print(f"error: no seed records in {args.folder} that also exist at {before}", file=sys.stderr)
         return 2
     metric = json.loads(next(args.folder.glob("seed*.json")).read_text())["metric"]
     print(render(rs, 100.0 if metric == "accuracy" else 1.0))

@@ -223,3 +223,37 @@ def test_rerun_diff_pairs_auto_only_on_seeds_whose_other_methods_reproduced(tmp_
     assert "| 2 | other | 1 moved | 40.00 | 10.00 | last | last |" in md
     assert "on the 2 seeds whose other methods reproduced: +2.00 [" in md
     assert "2 of 2 seeds changed." in md
+
+
+def test_rerun_diff_lands_a_rerun_only_when_it_can_replace_the_table_whole(tmp_path: Path) -> None:
+    """``rerun_diff.py --land SRC``: the same seeds and task-regime, one clean commit, no overrides;
+    anything else is refused with the reason and nothing is copied."""
+    rd = _benchmark("rerun_diff")
+    table, src = tmp_path / "table", tmp_path / "rerun"
+    table.mkdir()
+    src.mkdir()
+
+    def write(folder: Path, seed: int, **over: Any) -> None:
+        rec = {"seed": seed, "task": "hopper", "regime": "cosine", "preset": "full", "git_commit": "c" * 40, "dirty": False,
+               "overrides": {}} | over
+        (folder / f"seed{seed}.json").write_text(json.dumps(rec))
+
+    for seed in (0, 1):
+        write(table, seed, git_commit="a" * 40)
+    write(src, 0)
+    with pytest.raises(ValueError, match=r"same seed records.*only in the table: \['seed1.json'\]"):
+        rd.land(src, table)
+    write(src, 1, git_commit="d" * 40)
+    with pytest.raises(ValueError, match="one clean commit"):
+        rd.land(src, table)
+    write(src, 1, overrides={"judge_episodes": 30})
+    with pytest.raises(ValueError, match=r"overridden: \['seed1.json'\]"):
+        rd.land(src, table)
+    write(src, 1, regime="constant")
+    with pytest.raises(ValueError, match="the rerun is hopper/constant/full, the table hopper/cosine/full"):
+        rd.land(src, table)
+    assert all(json.loads(p.read_text())["git_commit"] == "a" * 40 for p in table.glob("seed*.json"))  # nothing copied
+    write(src, 1)
+    assert rd.land(src, table) == "c" * 40
+    assert all(json.loads(p.read_text())["git_commit"] == "c" * 40 for p in table.glob("seed*.json"))
+    assert rd.main([str(table), "--land", str(tmp_path / "missing")]) == 2
