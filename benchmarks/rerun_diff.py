@@ -15,8 +15,8 @@ gives auto's paired difference (95% t interval) on the seeds where the others re
 clean commit without ``--set`` overrides; they replace the table's files, and the comparison is
 against ``--before`` (default HEAD, the table as committed)::
 
-    for s in 0 1 2; do sewa experiment hopper --preset full --regime cosine --seeds 1 --first-seed $s \
-        --no-ablations --out /tmp/rerun; done
+    for s in $(seq 0 9) $(seq 20 29); do sewa experiment hopper --preset full --regime cosine --seeds 1 \
+        --first-seed $s --no-ablations --out /tmp/rerun; done  # every seed of the table
     python benchmarks/rerun_diff.py results/experiments/hopper/cosine/full --land /tmp/rerun/hopper/cosine/full
 """
 
