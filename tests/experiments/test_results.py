@@ -225,6 +225,34 @@ def test_rerun_diff_pairs_auto_only_on_seeds_whose_other_methods_reproduced(tmp_
     assert "2 of 2 seeds changed." in md
 
 
+def test_cost_recheck_puts_a_seeds_two_timings_side_by_side_and_counts_those_over_the_bound(tmp_path: Path) -> None:
+    """benchmarks/cost_recheck.py: auto / SeWA from the table's record and from a recheck of the
+    same seed; seeds the table lacks are left out, and an empty match is an error."""
+    cr = _benchmark("cost_recheck")
+    table, recheck = tmp_path / "table", tmp_path / "recheck"
+    table.mkdir()
+    recheck.mkdir()
+
+    def write(folder: Path, seed: int, auto: float, sewa: float, judge: float | None) -> None:
+        rec = {"seed": seed, "git_commit": "c" * 40, "dirty": False, "machine": {"platform": "box-a"},
+               "methods": {"auto": {"seconds": auto} | ({"judge": {"seconds": judge}} if judge is not None else {}),
+                           "sewa": {"seconds": sewa}}}
+        (folder / f"seed{seed}.json").write_text(json.dumps(rec))
+
+    write(table, 5, auto=29.0, sewa=16.0, judge=18.0)
+    write(table, 8, auto=12.0, sewa=10.0, judge=None)
+    write(recheck, 5, auto=14.0, sewa=10.0, judge=7.5)
+    write(recheck, 8, auto=16.0, sewa=10.0, judge=None)
+    write(recheck, 9, auto=99.0, sewa=1.0, judge=None)  # not in the table: left out
+    rs = cr.rows(table, recheck)
+    assert [r["seed"] for r in rs] == [5, 8]
+    md = cr.render(rs)
+    assert "| 5 | 1.81 | 1.40 | 18.0 | 7.5 | 16.0 | 10.0 | yes |" in md
+    assert "| 8 | 1.20 | 1.60 | — | — | 10.0 | 10.0 | yes |" in md
+    assert "Over 1.5x: 1 of 2 seeds in the table, 1 of 2 in the recheck (from commit cccccccccc; on box-a)." in md
+    assert cr.main([str(table), str(tmp_path / "missing")]) == 2
+
+
 def test_rerun_diff_lands_a_rerun_only_when_it_can_replace_the_table_whole(tmp_path: Path) -> None:
     """``rerun_diff.py --land SRC``: the same seeds and task-regime, one clean commit, no overrides;
     anything else is refused with the reason and nothing is copied."""
