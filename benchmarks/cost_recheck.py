@@ -22,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as bench  # noqa: E402
 
-BOUND = 1.5  # the limit: auto at most 1.5x one default SeWA selection
+from sewa.auto import COST_LIMIT  # noqa: E402
 
 
 def _timing(rec: dict[str, Any]) -> dict[str, Any]:
@@ -53,9 +53,9 @@ def render(rs: list[dict[str, Any]]) -> str:
         [(r["seed"], f"{r['table']['ratio']:.2f}", f"{r['recheck']['ratio']:.2f}", s(r["table"]["judge"]), s(r["recheck"]["judge"]),
           s(r["table"]["sewa"]), s(r["recheck"]["sewa"]), "yes" if r["table"]["platform"] == r["recheck"]["platform"] else "no")
          for r in rs])]
-    over = {k: sum(r[k]["ratio"] > BOUND for r in rs) for k in ("table", "recheck")}
+    over = {k: sum(r[k]["ratio"] > COST_LIMIT for r in rs) for k in ("table", "recheck")}
     commits = sorted({f"{r['recheck']['commit']}"[:10] + (" (dirty)" if r["recheck"]["dirty"] else "") for r in rs})
-    lines.append(f"\nOver {BOUND}x: {over['table']} of {len(rs)} seeds in the table, {over['recheck']} of {len(rs)} in the "
+    lines.append(f"\nOver {COST_LIMIT:g}x: {over['table']} of {len(rs)} seeds in the table, {over['recheck']} of {len(rs)} in the "
                  f"recheck (from commit {', '.join(commits)}; on {rs[0]['recheck']['platform']}).")
     return "\n".join(lines)
 
